@@ -1,0 +1,172 @@
+// Input checks shared by every compiled backend's launchers (CPU and CUDA), so that bad input gets
+// the same clear message whichever backend runs. Torch-facing (unlike csrc/include/skiplayers/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "skiplayers/visibility.h"
+
+namespace skiplayers {
+
+struct AttentionShape {
+  int64_t batch;
+  int64_t num_queries;  // packed query rows
+  int64_t heads;
+  int64_t kv_heads;
+  int64_t head_dim;
+};
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but q is on ", ref.device());
+}
+
+inline void check_int32_vector(const at::Tensor& t, int64_t length, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape [", length, "], got ",
+              t.sizes());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+}
+
+inline void check_rule(int64_t rule, const char* op) {
+  TORCH_CHECK((rule & ~kRuleAllBits) == 0, op, ": unknown bits in rule ", rule);
+}
+
+// The last dimension must be dense; rows and heads may be strided (views of a fused projection).
+inline at::Tensor dense_last_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline AttentionShape check_query(const at::Tensor& q, const at::Tensor& cu_seqlens_q, const at::Tensor& q_pos,
+                                  const std::optional<at::Tensor>& q_tag, int64_t kv_heads, int64_t head_dim,
+                                  const char* op) {
+  check_float_dtype(q, op, "q");
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [total_q, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(q.size(2) == head_dim, op, ": q head_dim ", q.size(2), " differs from the keys' ", head_dim);
+  TORCH_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, op, ": query heads (", q.size(1),
+              ") must be a multiple of KV heads (", kv_heads, ")");
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op, ": cu_seqlens_q must be [B + 1]");
+  check_int32_vector(cu_seqlens_q, cu_seqlens_q.size(0), op, "cu_seqlens_q");
+  check_int32_vector(q_pos, q.size(0), op, "q_pos");
+  if (q_tag) check_int32_vector(*q_tag, q.size(0), op, "q_tag");
+  for (const at::Tensor* t : {&cu_seqlens_q, &q_pos}) check_same_device(q, *t, op, "metadata");
+  if (q_tag) check_same_device(q, *q_tag, op, "q_tag");
+  return AttentionShape{cu_seqlens_q.size(0) - 1, q.size(0), q.size(1), kv_heads, head_dim};
+}
+
+inline AttentionShape check_varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                             const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                             const std::optional<at::Tensor>& q_tag,
+                                             const std::optional<at::Tensor>& k_tag, int64_t rule) {
+  const char* op = "skiplayers::varlen_attention";
+  check_rule(rule, op);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), op, ": k and v must both be [total_k, kv_heads, head_dim], got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  AttentionShape s = check_query(q, cu_seqlens_q, q_pos, q_tag, k.size(1), k.size(2), op);
+  check_int32_vector(cu_seqlens_k, s.batch + 1, op, "cu_seqlens_k");
+  check_int32_vector(k_pos, k.size(0), op, "k_pos");
+  if (k_tag) check_int32_vector(*k_tag, k.size(0), op, "k_tag");
+  for (const at::Tensor* t : {&k, &v, &cu_seqlens_k, &k_pos}) check_same_device(q, *t, op, "k/v/metadata");
+  if (k_tag) check_same_device(q, *k_tag, op, "k_tag");
+  return s;
+}
+
+inline AttentionShape check_cache_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                            const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens,
+                                            const at::Tensor& q_pos, const at::Tensor& pos_cache,
+                                            const std::optional<at::Tensor>& q_tag,
+                                            const std::optional<at::Tensor>& tag_cache, int64_t rule,
+                                            int64_t num_splits) {
+  const char* op = "skiplayers::cache_attention";
+  check_rule(rule, op);
+  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
+              ": k_cache and v_cache must both be [B, S_cap, kv_heads, head_dim], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
+              ": q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, op, ": cache head_dim must be contiguous");
+  AttentionShape s = check_query(q, cu_seqlens_q, q_pos, q_tag, k_cache.size(2), k_cache.size(3), op);
+  TORCH_CHECK(k_cache.size(0) == s.batch, op, ": caches hold ", k_cache.size(0), " sequences, cu_seqlens_q ", s.batch);
+  check_int32_vector(cache_seqlens, s.batch, op, "cache_seqlens");
+  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.dim() == 2 && pos_cache.size(0) == s.batch &&
+                  pos_cache.size(1) == k_cache.size(1),
+              op, ": pos_cache must be int32 [B, S_cap], got ", pos_cache.scalar_type(), " ", pos_cache.sizes());
+  if (tag_cache) {
+    TORCH_CHECK(tag_cache->scalar_type() == at::kInt && tag_cache->sizes() == pos_cache.sizes(), op,
+                ": tag_cache must be int32 [B, S_cap]");
+    check_same_device(q, *tag_cache, op, "tag_cache");
+  }
+  for (const at::Tensor* t : {&k_cache, &v_cache, &cache_seqlens, &pos_cache}) check_same_device(q, *t, op, "cache");
+  return s;
+}
+
+inline void check_compact_rows(const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep) {
+  const char* op = "skiplayers::compact_rows";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a row dimension");
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.size(0) == x.size(0), op,
+              ": keep must be bool [", x.size(0), "], got ", keep.scalar_type(), " ", keep.sizes());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op, ": cu_seqlens must be [B + 1]");
+  check_int32_vector(cu_seqlens, cu_seqlens.size(0), op, "cu_seqlens");
+  check_same_device(x, keep, op, "keep");
+  check_same_device(x, cu_seqlens, op, "cu_seqlens");
+}
+
+inline void check_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                               const at::Tensor& tag_cache, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& pos, const at::Tensor& tag, const at::Tensor& cu_seqlens,
+                               const at::Tensor& cache_seqlens) {
+  const char* op = "skiplayers::cache_append";
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim]");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
+              op, ": k and v must be [total, kv_heads, head_dim] matching the cache, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              op, ": k, v and the caches must share a dtype");
+  const int64_t batch = k_cache.size(0);
+  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
+                  pos_cache.size(0) == batch && pos_cache.size(1) == k_cache.size(1) &&
+                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
+                  tag_cache.is_contiguous(),
+              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
+  check_int32_vector(pos, k.size(0), op, "pos");
+  check_int32_vector(tag, k.size(0), op, "tag");
+  check_int32_vector(cu_seqlens, batch + 1, op, "cu_seqlens");
+  check_int32_vector(cache_seqlens, batch, op, "cache_seqlens");
+  for (const at::Tensor* t : {&v_cache, &pos_cache, &tag_cache, &k, &v, &pos, &tag, &cu_seqlens, &cache_seqlens})
+    check_same_device(k_cache, *t, op, "input");
+}
+
+inline void check_cache_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                                const at::Tensor& tag_cache, const at::Tensor& cache_seqlens, const at::Tensor& keep,
+                                int64_t capacity) {
+  const char* op = "skiplayers::cache_compact";
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
+              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim] of one dtype");
+  const int64_t batch = k_cache.size(0);
+  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
+                  pos_cache.size(0) == batch && pos_cache.size(1) == k_cache.size(1) &&
+                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
+                  tag_cache.is_contiguous(),
+              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.sizes() == pos_cache.sizes() && keep.is_contiguous(), op,
+              ": keep must be contiguous bool [B, S_cap]");
+  check_int32_vector(cache_seqlens, batch, op, "cache_seqlens");
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
+  for (const at::Tensor* t : {&v_cache, &pos_cache, &tag_cache, &cache_seqlens, &keep})
+    check_same_device(k_cache, *t, op, "input");
+}
+
+}  // namespace skiplayers

@@ -1,0 +1,170 @@
+// The CPU attention engine shared by both attention ops: one query tile (a few tokens x the query
+// heads that share one KV head) against a range of key rows of one sequence, flash-attention
+// style: key blocks the predicate rules out are skipped, scores of visible blocks come from a
+// GEMM, the softmax is online (base 2), and the output accumulates in float32.
+//
+// Packed keys (varlen_attention) and cache slots (cache_attention) are both "a strided run of key
+// rows", so one engine serves both; the launchers only enumerate tiles and splits.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "gemm.h"
+#include "skiplayers/ragged.h"
+#include "softmax_rows.h"
+
+namespace skiplayers::cpu {
+
+constexpr int64_t kKeyBlock = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Query tile: `count` tokens, `group` consecutive heads starting at `q` (token 0, head 0 of the group).
+template <typename scalar_t>
+struct QueryTile {
+  const scalar_t* q;
+  int64_t token_stride;
+  int64_t head_stride;
+  const int32_t* pos;
+  const int32_t* tag;  // nullptr: all tags 0
+  int64_t count;
+  int64_t group;
+};
+
+// Key rows [begin, end) of one sequence and one KV head.
+template <typename scalar_t>
+struct KeyRun {
+  const scalar_t* k;
+  const scalar_t* v;
+  int64_t k_stride;
+  int64_t v_stride;
+  const int32_t* pos;
+  const int32_t* tag;  // nullptr: all tags 0
+  int64_t begin;
+  int64_t end;
+};
+
+// Unnormalised result of a tile: rows r = g * count + i (head-major), acc [rows, head_dim],
+// running max m and sum l of the base-2 softmax. Valid input: m = -inf, l = 0, acc = 0.
+struct PartialResult {
+  float* acc;
+  float* m;
+  float* l;
+};
+
+// Scratch buffers, one set per worker thread, grown on demand.
+struct Scratch {
+  std::vector<float> q;       // [rows, D]
+  std::vector<float> scores;  // [rows, kKeyBlock]
+  std::vector<float> k;       // [kKeyBlock, D], the key block as float (low-precision inputs)
+  std::vector<float> k_t;     // [D, kKeyBlock], GEMM scratch (see gemm.h)
+  std::vector<float> v;       // [kKeyBlock, D], the value block as float (low-precision inputs)
+  std::vector<uint8_t> visible;  // [count, kKeyBlock]
+
+  void reserve(int64_t rows, int64_t count, int64_t head_dim) {
+    q.resize(rows * head_dim);
+    scores.resize(rows * kKeyBlock);
+    k.resize(kKeyBlock * head_dim);
+    k_t.resize(head_dim * kKeyBlock);
+    v.resize(kKeyBlock * head_dim);
+    visible.resize(count * kKeyBlock);
+  }
+};
+
+inline void init_partial(PartialResult p, int64_t rows, int64_t head_dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    p.m[r] = -INFINITY;
+    p.l[r] = 0.f;
+  }
+  std::fill(p.acc, p.acc + rows * head_dim, 0.f);
+}
+
+// Float rows of a key or value block: the rows themselves for float inputs, else converted into
+// `buffer` ([n, D], dense).
+template <typename scalar_t>
+const float* as_float_rows(const scalar_t* rows, int64_t stride, int64_t n, int64_t D, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return rows;
+  } else {
+    for (int64_t j = 0; j < n; ++j) load_scaled(rows + j * stride, buffer + j * D, D, 1.f);
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t head_dim, int64_t rule, float scale,
+            PartialResult out, Scratch& ws) {
+  const int64_t rows = qt.group * qt.count;
+  const int64_t D = head_dim;
+  ws.reserve(rows, qt.count, D);
+  float* qbuf = ws.q.data();
+  float* scores = ws.scores.data();
+
+  // Queries scaled by scale * log2(e), so the softmax runs in base 2.
+  BlockSummary qsum = block_summary_empty();
+  for (int64_t i = 0; i < qt.count; ++i) {
+    block_summary_add(qsum, qt.pos[i], qt.tag ? qt.tag[i] : 0);
+    for (int64_t g = 0; g < qt.group; ++g) {
+      load_scaled(qt.q + i * qt.token_stride + g * qt.head_stride, qbuf + (g * qt.count + i) * D, D,
+                  scale * kLog2e);
+    }
+  }
+
+  for (int64_t kb = kr.begin; kb < kr.end; kb += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, kr.end - kb);
+    BlockSummary ksum = block_summary_empty();
+    for (int64_t j = 0; j < n; ++j) block_summary_add(ksum, kr.pos[kb + j], kr.tag ? kr.tag[kb + j] : 0);
+    if (!block_may_be_visible(rule, qsum, ksum)) continue;  // skipped: never loaded, never computed
+
+    // scores[rows, n] = qbuf[rows, D] . K_block^T
+    const float* kblock = as_float_rows(kr.k + kb * kr.k_stride, kr.k_stride, n, D, ws.k.data());
+    const int64_t k_ld = std::is_same_v<scalar_t, float> ? kr.k_stride : D;
+    gemm_abt(rows, n, D, qbuf, D, kblock, k_ld, scores, n, ws.k_t.data());
+
+    if (!block_fully_visible(rule, qsum, ksum)) {
+      uint8_t* vis = ws.visible.data();
+      for (int64_t i = 0; i < qt.count; ++i) {
+        const int32_t qp = qt.pos[i], qtag = qt.tag ? qt.tag[i] : 0;
+        for (int64_t j = 0; j < n; ++j)
+          vis[i * n + j] = key_visible(rule, qp, qtag, kr.pos[kb + j], kr.tag ? kr.tag[kb + j] : 0);
+      }
+      for (int64_t g = 0; g < qt.group; ++g)
+        for (int64_t i = 0; i < qt.count; ++i) {
+          float* s = scores + (g * qt.count + i) * n;
+          const uint8_t* vrow = vis + i * n;
+          for (int64_t j = 0; j < n; ++j) s[j] = vrow[j] ? s[j] : -INFINITY;
+        }
+    }
+
+    // Online softmax: scores become probabilities relative to the new running max.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores + r * n;
+      const float m_new = row_max(s, n, out.m[r]);
+      if (m_new == -INFINITY) {  // nothing visible to this row yet
+        std::fill(s, s + n, 0.f);
+        continue;
+      }
+      const float alpha = exp2f(out.m[r] - m_new);  // 0 when m was -inf
+      const float sum = exp2_shifted_inplace(s, n, m_new);
+      out.l[r] = out.l[r] * alpha + sum;
+      out.m[r] = m_new;
+      if (alpha != 1.f) scale_row(out.acc + r * D, D, alpha);
+    }
+
+    // acc[rows, D] += P[rows, n] . V_block[n, D]
+    const float* vblock = as_float_rows(kr.v + kb * kr.v_stride, kr.v_stride, n, D, ws.v.data());
+    const int64_t v_ld = std::is_same_v<scalar_t, float> ? kr.v_stride : D;
+    gemm_ab_accumulate(rows, D, n, scores, n, vblock, v_ld, out.acc, D);
+  }
+}
+
+// out_row[d] = acc[d] / l (zeros when no key was visible).
+template <typename scalar_t>
+void write_normalised(const float* acc, float l, int64_t head_dim, scalar_t* out_row) {
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int64_t d = 0; d < head_dim; ++d) out_row[d] = static_cast<scalar_t>(acc[d] * inv);
+}
+
+}  // namespace skiplayers::cpu

@@ -1,0 +1,72 @@
+// Index math for packed ragged batches and per-sequence caches, shared by the CPU and CUDA kernels.
+//
+// Conventions (flash-attn's):
+//   packed activations  [total_tokens, H, D], sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1
+//   caches              [B, S_cap, H_kv, D], sequence b owns slots 0 .. cache_seqlens[b]-1
+// Query head h reads KV head h / (H / H_kv) (grouped-query attention, no repeat_kv).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "skiplayers/visibility.h"
+
+namespace skiplayers {
+
+SKIPLAYERS_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+SKIPLAYERS_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// The sequence that owns packed row `row`: the largest b with cu_seqlens[b] <= row.
+// Empty sequences (cu_seqlens[b] == cu_seqlens[b+1]) never own a row.
+SKIPLAYERS_HD int32_t sequence_of_row(const int32_t* cu_seqlens, int32_t batch, int64_t row) {
+  int32_t lo = 0, hi = batch;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
+  while (hi - lo > 1) {
+    const int32_t mid = (lo + hi) / 2;
+    if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// The KV head that query head `q_head` reads.
+SKIPLAYERS_HD int32_t kv_head_of(int32_t q_head, int32_t num_q_heads, int32_t num_kv_heads) {
+  return q_head / (num_q_heads / num_kv_heads);
+}
+
+// Split-K (flash-decoding): key range [0, length) cut into `num_splits` pieces whose boundaries
+// fall on multiples of `block`. Piece `split` is [*begin, *end); trailing pieces may be empty.
+SKIPLAYERS_HD void split_key_range(int64_t length, int64_t num_splits, int64_t split, int64_t block,
+                                   int64_t* begin, int64_t* end) {
+  const int64_t blocks = ceil_div(length, block);
+  const int64_t per_split = ceil_div(blocks, num_splits);
+  int64_t b = split * per_split * block;
+  int64_t e = (split + 1) * per_split * block;
+  b = b < length ? b : length;
+  e = e < length ? e : length;
+  *begin = b;
+  *end = e;
+}
+
+// Online-softmax merge of two partial results over disjoint key sets, in base 2:
+// (m, l) are the running max of the log2-scaled scores and the sum of exp2(score - m).
+// Returns the factors that rescale each side's accumulator; writes the merged (m, l).
+struct MergeFactors {
+  float a;
+  float b;
+};
+
+SKIPLAYERS_HD MergeFactors merge_softmax_stats(float m_a, float l_a, float m_b, float l_b, float* m_out,
+                                               float* l_out) {
+  const float m = m_a > m_b ? m_a : m_b;
+  if (m == -INFINITY) {  // neither side saw a visible key
+    *m_out = m;
+    *l_out = 0.f;
+    return MergeFactors{0.f, 0.f};
+  }
+  const MergeFactors f{exp2f(m_a - m), exp2f(m_b - m)};
+  *m_out = m;
+  *l_out = l_a * f.a + l_b * f.b;
+  return f;
+}
+
+}  // namespace skiplayers

@@ -1,0 +1,90 @@
+"""Builds skiplayers and its one compiled extension, ``skiplayers._C``.
+
+* C++ CPU kernels (csrc/cpu) are always built.
+* CUDA kernels (csrc/cuda/*.cu) are built when the installed torch is a CUDA build and a CUDA
+  toolkit (nvcc) is found. No GPU is needed or queried: this is decided from torch's build and the
+  toolkit on disk. ``SKIPLAYERS_NO_CUDA=1`` forces a CPU-only build.
+* Architectures: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
+installed (build isolation would download another torch into a temporary environment).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+
+# torch locates the toolkit when cpp_extension is imported; the `nvcc` on PATH may be a wrapper,
+# so point CUDA_HOME at the toolkit's standard root before that import if the user has not.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def cuda_wanted() -> bool:
+    if os.environ.get("SKIPLAYERS_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(rel("csrc/cuda/*.cu"))
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """Headers such as cusparse.h, which ATen/cuda/CUDAContext.h pulls in, ship in the nvidia-* wheels."""
+    site = sysconfig.get_paths()["purelib"]
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
+def extension():
+    sources = rel("csrc/skiplayers.cpp") + rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # -fopenmp: at::parallel_for is header-inline OpenMP; without the flag it silently runs serially.
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    link_flags = ["-fopenmp"]
+    if not cuda_wanted():
+        return cpp_extension.CppExtension(
+            "skiplayers._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    nvcc_flags = [
+        "-O3",
+        "-std=c++20",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        # Register / shared-memory / spill figures for every kernel, in the build log.
+        "-Xptxas=-v" if os.environ.get("SKIPLAYERS_PTXAS_VERBOSE") == "1" else "-Xptxas=-O3",
+    ]
+    return cpp_extension.CUDAExtension(
+        "skiplayers._C",
+        sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
+        include_dirs=include_dirs + nvidia_wheel_includes(),
+        extra_compile_args={"cxx": cxx_flags + ["-DSKIPLAYERS_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
+    )
+
+
+setup(
+    name="skiplayers",
+    version="0.1.0",
+    description="Kernels that make LLaMA-family models skip work they do not need",
+    python_requires=">=3.10",
+    packages=["skiplayers", "skiplayers.patching", "skiplayers.triton_kernels"],
+    package_dir={"skiplayers.triton_kernels": "triton_kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["skiplayers=skiplayers.cli:main"]},
+    install_requires=["torch", "transformers", "safetensors", "tqdm"],
+)
