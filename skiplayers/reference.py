@@ -61,11 +61,17 @@ def masked_attention(
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule: int, scale: float,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Attention of packed ragged queries ``[Nq, H, D]`` over packed keys ``[Nk, Hkv, D]``."""
+    """Attention of packed ragged queries ``[Nq, H, D]`` over packed keys ``[Nk, Hkv, D]``.
+
+    Computed in float32 and returned in q's dtype; with ``compute_dtype`` given, computed and
+    returned in that dtype instead (tests use float64 for the truth and q's own dtype to measure
+    how far a plain low-precision computation strays)."""
     q_tag = _tags_or_zeros(q_tag, q_pos)
     k_tag = _tags_or_zeros(k_tag, k_pos)
+    out_dtype = q.dtype if compute_dtype is None else compute_dtype
+    compute_dtype = compute_dtype or torch.float32
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
@@ -74,21 +80,24 @@ def varlen_attention(
             continue
         vis = visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], k_pos[ks:ke], k_tag[ks:ke])
         out[qs:qe] = masked_attention(q[qs:qe], k[ks:ke], v[ks:ke], vis, scale, compute_dtype)
-    return out.to(q.dtype) if compute_dtype == torch.float32 else out
+    return out.to(out_dtype)
 
 
 def cache_attention(
     q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule: int,
-    scale: float, num_splits: int = 0, compute_dtype: torch.dtype = torch.float32,
+    scale: float, num_splits: int = 0, compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries ``[Nq, H, D]`` over caches ``[B, S_cap, Hkv, D]``.
 
     Sequence b's keys are slots ``0 .. cache_seqlens[b] - 1``. ``num_splits`` only changes how
-    backends parallelise; the result does not depend on it.
+    backends parallelise; the result does not depend on it. ``compute_dtype`` as in
+    :func:`varlen_attention`.
     """
     del num_splits
     q_tag = _tags_or_zeros(q_tag, q_pos)
     tag_cache = _tags_or_zeros(tag_cache, pos_cache)
+    out_dtype = q.dtype if compute_dtype is None else compute_dtype
+    compute_dtype = compute_dtype or torch.float32
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     cq, lens = cu_seqlens_q.tolist(), cache_seqlens.tolist()
     for b, n in enumerate(lens):
@@ -97,7 +106,7 @@ def cache_attention(
             continue
         vis = visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], pos_cache[b, :n], tag_cache[b, :n])
         out[qs:qe] = masked_attention(q[qs:qe], k_cache[b, :n], v_cache[b, :n], vis, scale, compute_dtype)
-    return out.to(q.dtype) if compute_dtype == torch.float32 else out
+    return out.to(out_dtype)
 
 
 def compact_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor):

@@ -1,0 +1,263 @@
+"""The skiplayers ops: typed, documented wrappers, their fake implementations, and backend choice.
+
+The schemas live in ``csrc/skiplayers.cpp`` (one ``TORCH_LIBRARY`` block); the compiled backends
+register kernels for them (``cpu`` always, ``cuda`` when built with CUDA). ``torch`` runs the
+pure-PyTorch semantics of ``skiplayers/reference.py``; ``triton`` runs ``skiplayers.triton_kernels``.
+
+Conventions shared by every op:
+
+* packed activations ``[total_tokens, heads, head_dim]``; sequence ``b`` owns rows
+  ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` (``cu_seqlens`` int32 ``[B + 1]``, flash-attn's layout);
+* caches ``[B, S_cap, kv_heads, head_dim]``; sequence ``b`` owns slots ``0 .. cache_seqlens[b] - 1``;
+* ``pos`` int32 absolute positions, ``tag`` int32 flag/sentence words (``skiplayers/meta.py``);
+* query head ``h`` reads KV head ``h // (heads // kv_heads)`` (GQA, no ``repeat_kv``);
+* a query that sees no key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+OP_NAMES = ("varlen_attention", "cache_attention", "compact_rows", "cache_append", "cache_compact")
+
+
+def _load_extension() -> None:
+    try:
+        importlib.import_module("skiplayers._C")
+    except ImportError as err:  # never fall back silently: the compiled ops are the point
+        raise ImportError(
+            "skiplayers' compiled extension (skiplayers._C) failed to load: "
+            f"{err}. Build it with `pip install --no-build-isolation -e .` in the repository "
+            "(see README.md); the torch it was built against must be the torch installed now."
+        ) from err
+
+
+_load_extension()
+_ops = torch.ops.skiplayers
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, for torch.compile and FakeTensor tracing.
+
+
+@torch.library.register_fake("skiplayers::varlen_attention")
+def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("skiplayers::cache_attention")
+def _cache_attention_fake(
+    q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits=0
+):
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("skiplayers::compact_rows")
+def _compact_rows_fake(x, cu_seqlens, keep):
+    kept = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((kept, *x.shape[1:])), cu_seqlens.new_empty(cu_seqlens.shape)
+
+
+@torch.library.register_fake("skiplayers::cache_append")
+def _cache_append_fake(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
+    return None
+
+
+@torch.library.register_fake("skiplayers::cache_compact")
+def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity):
+    batch = k_cache.shape[0]
+    return (
+        k_cache.new_empty((batch, capacity, *k_cache.shape[2:])),
+        v_cache.new_empty((batch, capacity, *v_cache.shape[2:])),
+        pos_cache.new_empty((batch, capacity)),
+        tag_cache.new_empty((batch, capacity)),
+        cache_seqlens.new_empty(cache_seqlens.shape),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The five ops of one backend; each takes the arguments of the schema, in order."""
+
+    name: str
+    varlen_attention: Callable
+    cache_attention: Callable
+    compact_rows: Callable
+    cache_append: Callable
+    cache_compact: Callable
+
+
+def _compiled_op_set(name: str) -> OpSet:
+    return OpSet(name, *(getattr(_ops, op) for op in OP_NAMES))
+
+
+def _reference_op_set() -> OpSet:
+    return OpSet("torch", *(getattr(reference, op) for op in OP_NAMES))
+
+
+def has_compiled_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``skiplayers::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"skiplayers::{op}", dispatch_key)
+
+
+def cuda_kernels_built() -> bool:
+    return all(has_compiled_kernel(op, "CUDA") for op in OP_NAMES)
+
+
+def get_ops(backend: str) -> OpSet:
+    """The ops of ``backend`` (one of ``BACKENDS``); raises if that backend cannot run here."""
+    if backend == "torch":
+        return _reference_op_set()
+    if backend == "cpu":
+        return _compiled_op_set("cpu")
+    if backend == "cuda":
+        if not cuda_kernels_built():
+            raise NotImplementedError(
+                "backend='cuda': skiplayers._C was built without CUDA kernels (it needs a CUDA build of torch "
+                "and nvcc at install time, and the kernels of csrc/cuda). Use backend='triton' or 'torch'."
+            )
+        return _compiled_op_set("cuda")
+    if backend == "triton":
+        from . import triton_kernels  # noqa: PLC0415  (imports triton; only when asked for)
+
+        return triton_kernels.op_set()
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest backend available for tensors on ``device``."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "cuda" if cuda_kernels_built() else "triton"
+    raise NotImplementedError(f"skiplayers has no backend for device type {device.type!r} (cpu and cuda only)")
+
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """Raises a clear error when ``backend`` cannot run on tensors of ``device``."""
+    wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(backend)
+    if wanted is not None and device.type != wanted:
+        raise ValueError(f"backend={backend!r} runs on {wanted} tensors, but the model is on {device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Documented wrappers (the compiled ops by default; pass ops=get_ops(...) for another backend)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_tag: torch.Tensor | None = None,
+    k_tag: torch.Tensor | None = None,
+    rule: int = 0,
+    scale: float | None = None,
+    ops: OpSet | None = None,
+) -> torch.Tensor:
+    """Attention of packed ragged queries over packed ragged keys (the prefill op).
+
+    Args:
+        q: ``[Nq, H, D]`` float32/float16/bfloat16 (rows and heads may be strided; ``D`` dense).
+        k, v: ``[Nk, H_kv, D]``, same dtype; ``H % H_kv == 0``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``; sequence b's queries and keys.
+        q_pos, k_pos: int32 ``[Nq]``, ``[Nk]`` absolute positions.
+        q_tag, k_tag: int32 tags or None (all zero).
+        rule: ``meta.RULE_*`` bits. 0 is plain causal attention by position.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns ``[Nq, H, D]`` in q's dtype. Query i of sequence b attends to key j of sequence b iff
+    ``visible(rule, q_pos[i], q_tag[i], k_pos[j], k_tag[j])``; for rule 0 that is
+    ``k_pos[j] <= q_pos[i]``, e.g. for positions 0..3 (x = visible)::
+
+        q\\k 0 1 2 3
+         0   x . . .
+         1   x x . .
+         2   x x x .
+         3   x x x x
+    """
+    ops = ops or _compiled_op_set("compiled")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule, scale)
+
+
+def cache_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    q_pos: torch.Tensor,
+    pos_cache: torch.Tensor,
+    q_tag: torch.Tensor | None = None,
+    tag_cache: torch.Tensor | None = None,
+    rule: int = 0,
+    scale: float | None = None,
+    num_splits: int = 0,
+    ops: OpSet | None = None,
+) -> torch.Tensor:
+    """Attention of a few new queries per sequence over per-sequence KV caches (the decode op).
+
+    Args:
+        q: ``[Nq, H, D]`` packed by ``cu_seqlens_q`` int32 ``[B + 1]``.
+        k_cache, v_cache: ``[B, S_cap, H_kv, D]``; sequence b's keys are its first
+            ``cache_seqlens[b]`` slots (int32 ``[B]``, each may differ). The new tokens' own K/V
+            must already be in the cache (``cache_append``) for them to see themselves.
+        q_pos: int32 ``[Nq]``; pos_cache, tag_cache: int32 ``[B, S_cap]`` per slot.
+        num_splits: split-K factor over the keys (0: the backend chooses); the result does not
+            depend on it.
+
+    Returns ``[Nq, H, D]`` in q's dtype, with the visibility rule of :func:`varlen_attention`.
+    """
+    ops = ops or _compiled_op_set("compiled")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ops.cache_attention(
+        q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits
+    )
+
+
+def compact_rows(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor, ops: OpSet | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the packed batch ``x`` ``[N, ...]`` where ``keep`` (bool ``[N]``), order preserved.
+
+    Returns ``(x[keep], new_cu_seqlens)``: e.g. the hidden states at the context-stop layer with
+    the context rows dropped, every sequence shrinking by its own amount.
+    """
+    ops = ops or _compiled_op_set("compiled")
+    return ops.compact_rows(x, cu_seqlens, keep)
+
+
+def cache_append(
+    k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens, ops: OpSet | None = None
+) -> None:
+    """Writes the packed new rows of sequence b (``k, v [N, H_kv, D]``, ``pos, tag [N]``) into its
+    cache slots ``cache_seqlens[b] ..`` in place. ``cache_seqlens`` is not changed (the caller adds
+    the counts); the caller guarantees the capacity."""
+    ops = ops or _compiled_op_set("compiled")
+    ops.cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens)
+
+
+def cache_compact(
+    k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity: int, ops: OpSet | None = None
+):
+    """Keeps, per sequence, the slots ``s < cache_seqlens[b]`` with ``keep[b, s]`` (bool ``[B, S_cap]``),
+    moved to the front of new buffers of ``capacity`` slots. Returns the new
+    ``(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens)``; slots past each new length are
+    unspecified."""
+    ops = ops or _compiled_op_set("compiled")
+    return ops.cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity)

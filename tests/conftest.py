@@ -1,0 +1,28 @@
+"""Test configuration: markers and shared fixtures.
+
+Markers (registered here, used with -m):
+  cuda    needs a CUDA GPU; skipped with a reason elsewhere
+  triton  runs Triton kernels (under TRITON_INTERPRET=1 on machines without a GPU)
+  slow    loads the real SmolLM2 model or runs long; part of the default suite
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/cases.py, tests/op_contract.py
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where there is none)")
+    config.addinivalue_line("markers", "triton: runs Triton kernels (interpreter without a GPU)")
+    config.addinivalue_line("markers", "slow: loads SmolLM2 or runs long")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)

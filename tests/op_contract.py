@@ -1,0 +1,83 @@
+"""What every backend's ops must satisfy, as assertions each backend's test file calls.
+
+Tolerance policy for the attention ops (flash-attention's rule, against a float64 truth):
+
+    max |out - ref64|  <=  2 * max |ref_low - ref64|  +  ATOL[dtype]
+
+where ``ref_low`` is the same reference computed in plain low precision (float32 for float32
+inputs, the input dtype for float16/bfloat16). A kernel may thus be at most twice as far from
+the truth as the naive computation in its own precision, plus a small absolute floor that covers
+the rounding of the output itself. Row-moving ops (compaction, cache writes) must be exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from skiplayers import reference
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _to_cpu(case: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:
+    cpu_case = _to_cpu(case)
+    dtype = case["q"].dtype
+    assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
+    assert out.shape == case["q"].shape
+    truth = reference_fn(**cpu_case, compute_dtype=torch.float64)
+    low = reference_fn(**cpu_case, compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+    baseline = (low.double() - truth).abs().max().item() if truth.numel() else 0.0
+    err = (out.cpu().double() - truth).abs().max().item() if truth.numel() else 0.0
+    bound = 2 * baseline + ATOL[dtype]
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive {dtype} error {baseline:.3g})"
+
+
+def check_varlen_attention(ops, case: dict) -> None:
+    out = ops.varlen_attention(*[case[k] for k in _VARLEN_ARGS])
+    assert_attention_close(out, case, reference.varlen_attention)
+
+
+def check_cache_attention(ops, case: dict) -> None:
+    out = ops.cache_attention(*[case[k] for k in _CACHE_ARGS])
+    assert_attention_close(out, case, reference.cache_attention)
+
+
+def check_compact_rows(ops, case: dict) -> None:
+    out, cu = ops.compact_rows(case["x"], case["cu_seqlens"], case["keep"])
+    ref_out, ref_cu = reference.compact_rows(**_to_cpu(case))
+    assert torch.equal(out.cpu(), ref_out) and torch.equal(cu.cpu(), ref_cu)
+
+
+def check_cache_append(ops, case: dict) -> None:
+    mine = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    ref = _to_cpu({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    ops.cache_append(*[mine[k] for k in _APPEND_ARGS])
+    reference.cache_append(*[ref[k] for k in _APPEND_ARGS])
+    for name in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
+        assert torch.equal(mine[name].cpu(), ref[name]), f"{name} differs"
+    assert torch.equal(mine["cache_seqlens"].cpu(), case["cache_seqlens"].cpu()), "cache_seqlens must not change"
+
+
+def check_cache_compact(ops, case: dict) -> None:
+    outs = ops.cache_compact(*[case[k] for k in _COMPACT_ARGS])
+    refs = reference.cache_compact(*[_to_cpu(case)[k] for k in _COMPACT_ARGS])
+    lengths = refs[4]
+    assert torch.equal(outs[4].cpu(), lengths), "new cache_seqlens differ"
+    for name, o, r in zip(("k_cache", "v_cache", "pos_cache", "tag_cache"), outs[:4], refs[:4]):
+        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        for b, n in enumerate(lengths.tolist()):
+            assert torch.equal(o[b, :n].cpu(), r[b, :n]), f"{name} of sequence {b} differs"
+
+
+_VARLEN_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag", "rule", "scale")
+_CACHE_ARGS = (
+    "q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag", "tag_cache", "rule",
+    "scale", "num_splits",
+)
+_APPEND_ARGS = ("k_cache", "v_cache", "pos_cache", "tag_cache", "k", "v", "pos", "tag", "cu_seqlens", "cache_seqlens")
+_COMPACT_ARGS = ("k_cache", "v_cache", "pos_cache", "tag_cache", "cache_seqlens", "keep", "capacity")
