@@ -55,6 +55,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   const AttentionShape s = check_cache_attention(q_in, k_cache_in, v_cache_in, cu_seqlens_q, cache_seqlens_in,
                                                  q_pos_in, pos_cache_in, q_tag_in, tag_cache_in, rule, num_splits);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  check_head_dim(s.head_dim, kOp);
   check_compute_capability(kOp);
   const int64_t capacity = k_cache_in.size(1);
   TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && capacity < (1ll << 31), kOp,

@@ -32,31 +32,37 @@ void dispatch_float(at::ScalarType dtype, const char* op, Fn&& fn) {
 }
 
 // The attention kernels are instantiated for these head dims only (a bounded set of templates).
-template <typename Fn>
-void dispatch_head_dim(int64_t head_dim, const char* op, Fn&& fn) {
-  switch (head_dim) {
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    case 128: fn(std::integral_constant<int, 128>{}); break;
-    default: TORCH_CHECK(false, op, " (CUDA): head_dim must be 64 or 128, got ", head_dim);
-  }
+inline void check_head_dim(int64_t head_dim, const char* op) {
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, op, " (CUDA): head_dim must be 64 or 128, got ", head_dim);
 }
 
-// Largest power of two <= 16 that divides the address and every byte stride (dims of size > 1).
-inline int64_t byte_alignment(const at::Tensor& t) {
+template <typename Fn>
+void dispatch_head_dim(int64_t head_dim, const char* op, Fn&& fn) {
+  check_head_dim(head_dim, op);
+  if (head_dim == 64) fn(std::integral_constant<int, 64>{});
+  else fn(std::integral_constant<int, 128>{});
+}
+
+// Largest power of two <= 16 that divides the address of every row of a tensor with a dense last
+// dimension: the data pointer, the byte strides of the other dims (those of size > 1) and the
+// byte size of a row.
+inline int64_t row_alignment(const at::Tensor& t) {
   int64_t a = 16;
   auto fold = [&](uint64_t x) {
     while (a > 1 && x % a != 0) a /= 2;
   };
   fold(reinterpret_cast<uintptr_t>(t.data_ptr()));
-  for (int64_t d = 0; d < t.dim(); ++d)
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if (t.size(d) > 1) fold(static_cast<uint64_t>(t.stride(d) * t.element_size()));
+  fold(static_cast<uint64_t>(t.size(-1) * t.element_size()));
   return a;
 }
 
-// The attention kernels read rows with 16-byte vector loads: a tensor whose rows are not 16-byte
-// aligned (an odd view) is copied into a fresh, aligned, contiguous buffer first.
+// The attention kernels read rows (last dim dense) with 16-byte vector loads: a tensor whose rows
+// are not 16-byte aligned (an odd view) is copied into a fresh, aligned, contiguous buffer first.
 inline at::Tensor aligned16(const at::Tensor& t) {
-  if (t.numel() == 0 || byte_alignment(t) == 16) return t;
+  TORCH_INTERNAL_ASSERT(t.stride(-1) == 1 || t.size(-1) <= 1);
+  if (t.numel() == 0 || row_alignment(t) == 16) return t;
   return t.clone(at::MemoryFormat::Contiguous);  // a new allocation: aligned
 }
 

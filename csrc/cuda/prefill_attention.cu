@@ -55,6 +55,7 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const AttentionShape s =
       check_varlen_attention(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, q_pos_in, k_pos_in, q_tag_in, k_tag_in, rule);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  check_head_dim(s.head_dim, kOp);
   check_compute_capability(kOp);
   TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && k_in.size(0) < (1ll << 31), kOp,
               " (CUDA): at most 2^31 - 1 sequences and rows");
