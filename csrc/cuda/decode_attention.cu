@@ -60,6 +60,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   const int64_t capacity = k_cache_in.size(1);
   TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && capacity < (1ll << 31), kOp,
               " (CUDA): at most 2^31 - 1 sequences, rows and slots");
+  TORCH_CHECK(s.kv_heads <= 65535, kOp, " (CUDA): at most 65535 KV heads, got ", s.kv_heads);
   const at::Tensor q = aligned16(dense_last_dim(q_in));
   const at::Tensor k_cache = aligned16(k_cache_in), v_cache = aligned16(v_cache_in);
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();

@@ -59,6 +59,7 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   check_compute_capability(kOp);
   TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && k_in.size(0) < (1ll << 31), kOp,
               " (CUDA): at most 2^31 - 1 sequences and rows");
+  TORCH_CHECK(s.kv_heads <= 65535, kOp, " (CUDA): at most 65535 KV heads, got ", s.kv_heads);
   const at::Tensor q = aligned16(dense_last_dim(q_in));
   const at::Tensor k = aligned16(dense_last_dim(k_in));
   const at::Tensor v = aligned16(dense_last_dim(v_in));

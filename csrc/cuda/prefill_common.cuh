@@ -37,9 +37,12 @@ struct PrefillTile {
   int32_t kv_head;
 };
 
+// Blocks take tiles in reverse order: under causality a sequence's later tiles see more keys, so
+// the heaviest start first (and the blocks past the last tile, which exit at once, come first).
 template <typename T>
 __device__ __forceinline__ bool prefill_tile(const PrefillParams<T>& p, int32_t tile_rows, PrefillTile* t) {
-  const TileCoord tc = locate_tile(p.cu_seqlens_q, p.batch, p.group, tile_rows, blockIdx.x, p.total_q);
+  const int64_t tile = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const TileCoord tc = locate_tile(p.cu_seqlens_q, p.batch, p.group, tile_rows, tile, p.total_q);
   if (tc.seq < 0) return false;
   t->first_token = p.cu_seqlens_q[tc.seq];
   t->rows_in_seq = (p.cu_seqlens_q[tc.seq + 1] - t->first_token) * p.group;
