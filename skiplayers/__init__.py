@@ -10,6 +10,7 @@
     sk.unpatch(model)
 """
 
+from .anchors import anchor_ids
 from .cache import SkipCache
 from .masked import masked_forward, masked_generate
 from .models import load_default_model, load_default_tokenizer
@@ -18,6 +19,7 @@ from .policy import SkipPolicy
 from .prompts import fewshot_batch
 
 __all__ = [
+    "anchor_ids",
     "SkipCache",
     "SkipPolicy",
     "fewshot_batch",
