@@ -72,6 +72,22 @@ def test_reduced_precision_forward(model, batch, dtype, floor):
     assert_reduced_precision_matches(low, model, sk.SkipPolicy(context_stop_layer=2), "cuda", batch, floor)
 
 
+ANCHORS = tuple(range(3, 13))  # ~10% of the tiny vocabulary ends a sentence
+
+
+@pytest.mark.parametrize("stop", [None, 2])
+@pytest.mark.parametrize("keep_first", [0, 1])
+def test_anchors_match_masked_model(model, batch, stop, keep_first):
+    """AnSAN attention (prefill and decode) and the anchor-only cache (cache_compact) on the GPU."""
+    policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=ANCHORS, anchor_keep_first=keep_first)
+    for use_cache in (False, True):
+        assert_forward_matches_masked(model, policy, "cuda", batch, use_cache=use_cache)
+    new_tokens = 12
+    cache = assert_generate_matches_masked(model, policy, "cuda", batch, new_tokens=new_tokens)
+    seen = batch[1].sum(1).cpu() + new_tokens
+    assert (cache.layer_lengths().cpu() < seen).any(), "finished sentences were not dropped from the cache"
+
+
 def test_default_backend_on_cuda_is_cuda():
     assert sk.ops.default_backend(torch.device(DEV)) == "cuda"
 
