@@ -31,13 +31,15 @@ run() {  # name, command...
   summary+=("$name: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/$name.log" | tail -1)")
 }
 
-run cuda_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py tests/test_model_cuda.py
+run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "not rejects and not device_side"
+run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "rejects or device_side"
+run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py
 if [ "${1:-}" != "quick" ]; then
   if ls tests/test_triton_gpu.py >/dev/null 2>&1; then
     run triton_gpu_tests "$PY" -m pytest -q -rs tests/test_triton_gpu.py
   fi
   run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
-    tests/test_ops_cuda.py -k "varlen_attention_ragged and float16 or cache_attention_decode and bfloat16 or compact_rows or cache_append"
+    tests/test_ops_cuda.py -k "(varlen_attention_ragged and float16 or cache_attention_decode and bfloat16 or compact_rows or cache_append) and not rejects"
   run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x \
     tests/test_ops_cuda.py -k "varlen_attention_gqa_and_head_dims and bfloat16 and 9-3-64 or cache_attention_decode and float32 and 3"
   run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
