@@ -11,6 +11,10 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+# Build host code with the system compiler whose libstdc++ the process loads. (On the lent GPU
+# image, CC points to /opt/gcc, a different gcc: torch passes it to nvcc as -ccbin, and host code of
+# the .cu files then formats error messages with another libstdc++'s templates and crashes.)
+export CC="${GPU_CHECK_CC:-/usr/bin/gcc}" CXX="${GPU_CHECK_CXX:-/usr/bin/g++}"
 summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -56,7 +56,7 @@ def test_generate_matches_masked_model(model, batch, stop):
     [
         dict(heads=8, kv_heads=1, tie_word_embeddings=False),  # GQA 8
         dict(heads=2, kv_heads=2, head_dim=128, attention_bias=True, mlp_bias=True),  # head dim 128, MHA
-        dict(heads=9, kv_heads=3),  # SmolLM2's GQA 3
+        dict(heads=9, kv_heads=3, hidden_size=144),  # SmolLM2's GQA 3 (hidden size a multiple of 9)
     ],
 )
 def test_llama_config_variants(batch, config):
