@@ -128,7 +128,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
     labels, values, colors = [], [], []
     palette = {}
     for r in rows:
@@ -140,7 +140,10 @@ def plot(rows, path):
     ax.set_yticks(range(len(values)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("speed relative to the case's SDPA baseline (higher is faster)")
+    ax.set_xscale("log")
+    for i, value in enumerate(values):
+        ax.text(value, i, f" x{value:.2f}", va="center", fontsize=7)
+    ax.set_xlabel("speed relative to the case's SDPA baseline (log scale, higher is faster)")
     ax.set_title(f"CPU attention, float32, {HEADS}/{KV_HEADS} heads, D={DIM} ({len(cases)} cases, interleaved medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -74,6 +74,17 @@ def check_cache_compact(ops, case: dict) -> None:
             assert torch.equal(o[b, :n].cpu(), r[b, :n]), f"{name} of sequence {b} differs"
 
 
+# Inputs every backend must refuse with a clear message: (changes to a make_varlen_attention([4, 6])
+# case, a regular expression of the message). Tensors here are CPU tensors; backends move them.
+BAD_VARLEN_INPUTS = [
+    (dict(q=torch.randn(10, 6, 32)), "head_dim"),
+    (dict(q=torch.randn(10, 5, 64)), "multiple of KV heads"),
+    (dict(k=torch.randn(10, 2, 64, dtype=torch.float64), v=torch.randn(10, 2, 64, dtype=torch.float64)), "dtype"),
+    (dict(q_pos=torch.arange(10)), "int32"),
+    (dict(rule=64), "unknown bits"),
+    (dict(q_tag=torch.zeros(3, dtype=torch.int32)), "q_tag"),
+]
+
 _VARLEN_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag", "rule", "scale")
 _CACHE_ARGS = (
     "q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag", "tag_cache", "rule",

@@ -120,26 +120,32 @@ inline void check_compact_rows(const at::Tensor& x, const at::Tensor& cu_seqlens
   check_same_device(x, cu_seqlens, op, "cu_seqlens");
 }
 
+// A cache layer's buffers: K/V contiguous [B, S_cap, kv_heads, head_dim] of one dtype, slot
+// positions and tags contiguous int32 [B, S_cap].
+inline void check_cache_buffers(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                                const at::Tensor& tag_cache, const char* op) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
+              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim] of one dtype");
+  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
+                  pos_cache.size(0) == k_cache.size(0) && pos_cache.size(1) == k_cache.size(1) &&
+                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
+                  tag_cache.is_contiguous(),
+              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
+}
+
 inline void check_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
                                const at::Tensor& tag_cache, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& pos, const at::Tensor& tag, const at::Tensor& cu_seqlens,
                                const at::Tensor& cache_seqlens) {
   const char* op = "skiplayers::cache_append";
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous(),
-              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim]");
+  check_cache_buffers(k_cache, v_cache, pos_cache, tag_cache, op);
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
               op, ": k and v must be [total, kv_heads, head_dim] matching the cache, got ", k.sizes(), " and ",
               v.sizes());
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              op, ": k, v and the caches must share a dtype");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), op,
+              ": k, v and the caches must share a dtype");
   const int64_t batch = k_cache.size(0);
-  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
-                  pos_cache.size(0) == batch && pos_cache.size(1) == k_cache.size(1) &&
-                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
-                  tag_cache.is_contiguous(),
-              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
   check_int32_vector(pos, k.size(0), op, "pos");
   check_int32_vector(tag, k.size(0), op, "tag");
   check_int32_vector(cu_seqlens, batch + 1, op, "cu_seqlens");
@@ -152,15 +158,8 @@ inline void check_cache_compact(const at::Tensor& k_cache, const at::Tensor& v_c
                                 const at::Tensor& tag_cache, const at::Tensor& cache_seqlens, const at::Tensor& keep,
                                 int64_t capacity) {
   const char* op = "skiplayers::cache_compact";
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
-              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim] of one dtype");
+  check_cache_buffers(k_cache, v_cache, pos_cache, tag_cache, op);
   const int64_t batch = k_cache.size(0);
-  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
-                  pos_cache.size(0) == batch && pos_cache.size(1) == k_cache.size(1) &&
-                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
-                  tag_cache.is_contiguous(),
-              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
   TORCH_CHECK(keep.scalar_type() == at::kBool && keep.sizes() == pos_cache.sizes() && keep.is_contiguous(), op,
               ": keep must be contiguous bool [B, S_cap]");
   check_int32_vector(cache_seqlens, batch, op, "cache_seqlens");
