@@ -31,6 +31,13 @@ def sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_placeholder(device: torch.device) -> torch.Tensor:
+    """A float32 tensor to pass for pointer arguments a launch never touches: always the same
+    pointer type, so such launches reuse the compiled kernel instead of specialising a new one."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def dense_last_dim(t: torch.Tensor) -> torch.Tensor:
     """Rows and heads may be strided (views of a fused projection); the last dimension must be dense,
     so a tensor whose last dimension is not is copied (as the C++ launchers do)."""

@@ -8,7 +8,7 @@ import torch
 from . import checks
 from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
-from .host import LOG2_E, cdiv, dense_last_dim, device_guard, sm_count
+from .host import LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
 from .prefill_attention import prefill_attention_kernel
 
 MAX_AUTO_SPLITS = 64
@@ -117,7 +117,7 @@ def cache_attention(
         part_m = torch.empty((splits, q.shape[0], heads), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:
-        part_acc = part_m = part_l = out  # never touched with one split
+        part_acc = part_m = part_l = fp32_placeholder(q.device)  # never touched with one split
     with device_guard(q):
         decode_attention_kernel[(batch, head_programs, splits)](
             q, k_cache, v_cache, out, part_acc, part_m, part_l,
