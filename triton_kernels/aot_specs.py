@@ -44,12 +44,12 @@ def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = (
 
 
 _PKG = "skiplayers.triton_kernels"
-_ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "USE_TAGS", "DOT_PRECISION")
+_ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "USE_TAGS", "DOT_PRECISION", "UPCAST_DOT")
 
 
 def _attention_constexprs(cfg, dtype, head_dim, use_tags) -> dict:
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
-                DOT_PRECISION=configs.dot_precision(dtype))
+                DOT_PRECISION=configs.dot_precision(dtype), UPCAST_DOT=False)  # True only under the interpreter
 
 
 def attention_specs() -> list[CompileSpec]:

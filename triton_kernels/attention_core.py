@@ -47,11 +47,23 @@ def load_query_tile(
 
 
 @triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. ``UPCAST_DOT`` is for the interpreter only: it stores bfloat16
+    as uint16 and its ``tl.dot`` multiplies the bit patterns (triton-lang/triton#11584, unsupported in
+    3.8), so the launchers set it for bfloat16 under ``TRITON_INTERPRET=1``. The upcast computes the
+    same products of bf16 values in fp32 as the tensor cores do; compiled kernels never set it."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def attend_key_range(
     acc, m_i, l_i, q, q_pos, q_tag, q_valid,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, stride_meta,
     key_begin, key_end, rule, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Folds keys ``[key_begin, key_end)`` into the running ``(acc, m_i, l_i)`` of the query tile.
 
@@ -73,7 +85,7 @@ def attend_key_range(
         if key_block_may_be_visible(rule, q_max_pos, q_min_sentence, q_max_sentence, k_pos, k_tag, k_valid, USE_TAGS):
             rows = offs_n.to(tl.int64)[:, None]
             k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
             visible = key_visible(rule, q_pos[:, None], q_tag[:, None], k_pos[None, :], k_tag[None, :], USE_TAGS)
             s = tl.where(visible & k_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,7 +94,7 @@ def attend_key_range(
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
             m_i = m_new
     return acc, m_i, l_i
 

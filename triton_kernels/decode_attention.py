@@ -29,7 +29,7 @@ def decode_attention_kernel(
     stride_om, stride_oh, stride_pb, stride_ps,
     num_queries, heads, capacity, num_splits, group, gsub, rule, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """q/out ``[Nq, H, D]``; caches ``[B, S_cap, H_kv, D]``; pos/tag caches int32 ``[B, S_cap]`` (same
     strides, ``stride_pb``/``stride_ps``); partials fp32 ``[num_splits, Nq, H, D]`` and
@@ -64,7 +64,7 @@ def decode_attention_kernel(
             k_base, v_base, stride_ks, stride_vs,
             pos_cache_ptr + meta_offset, tag_cache_ptr + meta_offset, stride_ps,
             key_begin, key_end, rule, qk_scale,
-            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
         if num_splits == 1:
             store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)

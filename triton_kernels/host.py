@@ -6,7 +6,9 @@ import contextlib
 import functools
 
 import torch
+import triton
 
+INTERPRETED = bool(triton.knobs.runtime.interpret)  # as when the kernels were decorated (import time)
 LOG2_E = 1.4426950408889634
 INTERPRETER_SM_COUNT = 8  # the interpreter has no SMs; any count is correct (results never depend on it)
 

@@ -8,10 +8,15 @@ import torch
 from . import checks
 from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
-from .host import LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
+from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
 from .prefill_attention import prefill_attention_kernel
 
 MAX_AUTO_SPLITS = 64
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """bfloat16 dots under the interpreter go through fp32 (see ``attention_core.mma``)."""
+    return INTERPRETED and dtype == torch.bfloat16
 
 
 def resolve_tags(rule: int, q_tag, k_tag, q_pos, k_pos):
@@ -74,7 +79,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, batch.bit_length(), group, gsub, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], USE_TAGS=use_tags,
-            DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
 
@@ -127,7 +133,8 @@ def cache_attention(
             pos_cache.stride(0), pos_cache.stride(1),
             q.shape[0], heads, capacity, splits, group, gsub, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
-            DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if splits > 1:
             combine_splits_kernel[(q.shape[0], heads)](

@@ -25,7 +25,7 @@ def prefill_attention_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_om, stride_oh,
     batch, search_steps, group, gsub, rule, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """q ``[Nq, H, D]``, k/v ``[Nk, H_kv, D]``, out ``[Nq, H, D]`` (head dim dense, other strides free);
     cu_seqlens int32 ``[batch + 1]``; positions and tags int32 per packed row."""
@@ -55,6 +55,6 @@ def prefill_attention_kernel(
             k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kn, stride_vn,
             k_pos_ptr, k_tag_ptr, 1,
             k_begin, k_end, rule, qk_scale,
-            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
         store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)

@@ -21,14 +21,13 @@ tensors get the dispatcher's usual "no kernel for CPU" error rather than a silen
 from __future__ import annotations
 
 import torch
-import triton
 
 from skiplayers import ops as sk_ops
 
+from .host import INTERPRETED
 from .launchers import LAUNCHERS
 
 NAMESPACE = "skiplayers_triton"
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # the kernels were decorated under the same setting
 
 
 def schema_of(op: str) -> str:
