@@ -1,0 +1,232 @@
+"""SkipCache: a `transformers` Cache whose stored length differs per layer and per sequence.
+
+Per layer it keeps K/V buffers ``[B, S_cap, H_kv, D]``, the absolute position and tag of every
+stored slot (``[B, S_cap]`` int32) and the stored length of each sequence (``[B]`` int32, on the
+model's device, with a host mirror so capacity decisions never wait on the device).
+
+Two lengths, both exposed:
+
+* the **logical** length (``get_seq_length()``): token columns seen so far, padding included —
+  what ``generate()`` uses to slice the next input ids;
+* the **physical** lengths (``layer_lengths()``): slots actually stored per (layer, sequence). With
+  context stop, layers >= ℓ store no context token, so their lengths do not depend on the context.
+
+Buffers are allocated for what is stored plus a small growth margin for decoding; at layers >= ℓ
+the context never enters them, not even during prefill (the rows are dropped before layer ℓ).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ops import OpSet
+
+
+def _grown_capacity(needed: int) -> int:
+    """Capacity for ``needed`` slots: room for some decoding steps, rounded to 16 slots."""
+    margin = min(256, max(16, needed // 8))
+    return -(-(needed + margin) // 16) * 16
+
+
+class SkipCacheLayer(CacheLayerMixin):
+    """One layer's buffers. Written only through :meth:`SkipCache.append`."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, owner: "SkipCache"):
+        super().__init__()
+        self._owner = owner
+        self.pos: torch.Tensor | None = None  # int32 [B, S_cap]
+        self.tag: torch.Tensor | None = None  # int32 [B, S_cap]
+        self.lengths: torch.Tensor | None = None  # int32 [B], device
+        self.host_lengths: torch.Tensor | None = None  # int64 [B], cpu mirror
+
+    # --- the transformers CacheLayerMixin interface ---
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise TypeError(_NOT_HF_WRITABLE)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError(_NOT_HF_WRITABLE)
+
+    def get_seq_length(self) -> int:
+        return self._owner.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = int(self.host_lengths.max()) if self.host_lengths is not None and self.host_lengths.numel() else 0
+        return stored + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.pos = self.tag = self.lengths = self.host_lengths = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        dev = indices.to(self.keys.device)
+        self.keys, self.values = self.keys[dev], self.values[dev]
+        self.pos, self.tag, self.lengths = self.pos[dev], self.tag[dev], self.lengths[dev]
+        self.host_lengths = self.host_lengths[indices.cpu()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "pos", "tag", "lengths", "host_lengths"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("SkipCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    # --- skiplayers ---
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def nbytes(self, include_metadata: bool = False) -> int:
+        if self.keys is None:
+            return 0
+        total = self.keys.nbytes + self.values.nbytes
+        if include_metadata:
+            total += self.pos.nbytes + self.tag.nbytes + self.lengths.nbytes
+        return total
+
+    def _allocate(self, batch: int, capacity: int, like: torch.Tensor) -> None:
+        kv_shape = (batch, capacity, *like.shape[1:])
+        keys = like.new_empty(kv_shape)
+        values = like.new_empty(kv_shape)
+        pos = torch.zeros((batch, capacity), dtype=torch.int32, device=like.device)
+        tag = torch.zeros((batch, capacity), dtype=torch.int32, device=like.device)
+        if self.keys is not None:  # grow: keep what is stored
+            old = self.capacity
+            keys[:, :old], values[:, :old] = self.keys, self.values
+            pos[:, :old], tag[:, :old] = self.pos, self.tag
+        else:
+            self.lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
+            self.host_lengths = torch.zeros(batch, dtype=torch.int64)
+        self.keys, self.values, self.pos, self.tag = keys, values, pos, tag
+        self.is_initialized = True
+
+    def replace(self, keys, values, pos, tag, lengths, host_lengths) -> None:
+        """Installs new buffers (after a compaction)."""
+        self.keys, self.values, self.pos, self.tag = keys, values, pos, tag
+        self.lengths, self.host_lengths = lengths, host_lengths
+
+
+_NOT_HF_WRITABLE = (
+    "SkipCache is written by models patched with skiplayers.patch(); an unpatched model cannot use it "
+    "(pass past_key_values=None or a DynamicCache to an unpatched model)"
+)
+
+
+class SkipCache(Cache):
+    """KV cache for a model patched by :func:`skiplayers.patch`; see the module docstring."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[SkipCacheLayer(self) for _ in range(num_layers)])
+        self.logical_length = 0
+        # Per sequence: context tokens and non-context tokens seen so far (host int64 [B]).
+        self.context_counts: torch.Tensor | None = None
+        self.noncontext_counts: torch.Tensor | None = None
+        self.policy = None  # the SkipPolicy that wrote the cache; a later call must use the same one
+
+    # --- writing ---
+
+    def append(self, layer_idx: int, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
+        """Stores sequence b's ``counts[b]`` new rows (packed ``k, v [N, H_kv, D]``, ``pos, tag [N]``
+        int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]`` on the host)."""
+        layer = self.layers[layer_idx]
+        batch = counts.shape[0]
+        if layer.keys is None:
+            needed = int(counts.max()) if batch else 0
+            layer._allocate(batch, _grown_capacity(needed), k)
+        else:
+            if layer.keys.shape[0] != batch:
+                raise ValueError(f"SkipCache holds {layer.keys.shape[0]} sequences, the input has {batch}")
+            needed = int((layer.host_lengths + counts).max()) if batch else 0
+            if needed > layer.capacity:
+                layer._allocate(batch, _grown_capacity(needed), k)
+        ops.cache_append(layer.keys, layer.values, layer.pos, layer.tag, k, v, pos, tag, cu_seqlens, layer.lengths)
+        layer.host_lengths += counts
+        layer.lengths += counts.to(device=layer.lengths.device, dtype=torch.int32)
+
+    def stored(self, layer_idx: int):
+        """``(keys, values, pos, tag, lengths)`` of a layer, the layout of ``cache_attention``."""
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values, layer.pos, layer.tag, layer.lengths
+
+    def is_empty(self, layer_idx: int) -> bool:
+        layer = self.layers[layer_idx]
+        return layer.host_lengths is None or bool((layer.host_lengths == 0).all())
+
+    def advance(self, columns: int) -> None:
+        """Counts ``columns`` more token columns (padding included) as seen."""
+        self.logical_length += columns
+
+    # --- reading ---
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.logical_length
+
+    def layer_lengths(self) -> torch.LongTensor:
+        """LongTensor ``[L, B]``: slots stored per layer and sequence (0 where nothing is stored)."""
+        batch = self.batch_size if self.batch_size > 0 else 0
+        rows = [
+            layer.host_lengths if layer.host_lengths is not None else torch.zeros(batch, dtype=torch.int64)
+            for layer in self.layers
+        ]
+        return torch.stack(rows) if rows else torch.zeros(0, batch, dtype=torch.int64)
+
+    def nbytes(self, include_metadata: bool = False) -> int:
+        """Bytes the K/V buffers occupy (allocated capacity, not only the used slots); with
+        ``include_metadata`` also the position, tag and length buffers."""
+        return sum(layer.nbytes(include_metadata) for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            if layer.keys is not None:
+                return layer.keys.shape[0]
+        return -1 if self.context_counts is None else self.context_counts.shape[0]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("SkipCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    def reset(self) -> None:
+        super().reset()
+        self.logical_length = 0
+        self.context_counts = self.noncontext_counts = None
+
+    def _select(self, fn) -> None:
+        if self.context_counts is not None:
+            self.context_counts = fn(self.context_counts)
+            self.noncontext_counts = fn(self.noncontext_counts)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select(lambda t: t[beam_idx.cpu()])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select(lambda t: t[indices.cpu()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def __repr__(self) -> str:
+        return f"SkipCache(layers={len(self.layers)}, logical_length={self.logical_length}, nbytes={self.nbytes()})"

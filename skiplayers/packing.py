@@ -1,0 +1,75 @@
+"""From Hugging Face's padded ``[B, T]`` inputs to skiplayers' packed ragged rows, and back.
+
+Padding tokens (attention_mask 0) are dropped: they are never computed and never stored. Rows are
+packed sequence by sequence, so sequence b owns rows ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .meta import TAG_CONTEXT
+from .ops import OpSet
+
+
+@dataclass
+class PackedRows:
+    """The tokens of one forward call that are computed, packed.
+
+    Attributes:
+        index: int64 ``[N]``, each row's flat index into the ``[B * T]`` input columns.
+        cu_seqlens: int32 ``[B + 1]`` on the model's device.
+        counts: int64 ``[B]`` on the host (rows per sequence).
+        pos: int32 ``[N]`` absolute positions; tag: int32 ``[N]`` tag words (``meta.py``).
+    """
+
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    counts: torch.Tensor
+    pos: torch.Tensor
+    tag: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.shape[0]
+
+    def is_context(self) -> torch.Tensor:
+        return (self.tag & TAG_CONTEXT) != 0
+
+
+def pack(valid: torch.Tensor, positions: torch.Tensor, tags: torch.Tensor) -> PackedRows:
+    """Packs the columns where ``valid`` (bool ``[B, T]``, host) of ``positions`` / ``tags`` (``[B, T]``)."""
+    device = positions.device
+    counts = valid.sum(dim=1, dtype=torch.int64)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    cu = torch.zeros(counts.shape[0] + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=cu[1:])
+    index_dev = index.to(device)
+    return PackedRows(
+        index=index_dev,
+        cu_seqlens=cu.to(device),
+        counts=counts,
+        pos=positions.reshape(-1)[index_dev].to(torch.int32),
+        tag=tags.reshape(-1)[index_dev].to(torch.int32),
+    )
+
+
+def drop_rows(rows: PackedRows, keep: torch.Tensor, tensors: list[torch.Tensor], ops: OpSet):
+    """Drops the rows where ``keep`` (bool ``[N]``, device) is False from ``rows`` and from each of
+    ``tensors`` (all ``[N, ...]``), with the backend's compaction kernel. Returns the new
+    ``PackedRows`` and the compacted tensors."""
+    compacted = [ops.compact_rows(t, rows.cu_seqlens, keep)[0] for t in tensors]
+    index, cu = ops.compact_rows(rows.index, rows.cu_seqlens, keep)
+    pos = ops.compact_rows(rows.pos, rows.cu_seqlens, keep)[0]
+    tag = ops.compact_rows(rows.tag, rows.cu_seqlens, keep)[0]
+    counts = cu.diff().cpu().to(torch.int64)
+    return PackedRows(index, cu, counts, pos, tag), compacted
+
+
+def unpack(rows: PackedRows, values: torch.Tensor, batch: int, columns: int, fill: float) -> torch.Tensor:
+    """Scatters ``values`` ``[N, ...]`` back to ``[batch, columns, ...]``; other columns get ``fill``."""
+    out = values.new_full((batch * columns, *values.shape[1:]), fill)
+    out[rows.index] = values
+    return out.view(batch, columns, *values.shape[1:])

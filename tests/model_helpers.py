@@ -1,0 +1,120 @@
+"""Model-level checks shared by every backend's tests: the patched model against the slow masked
+model (``skiplayers.masked``), on tiny random LLaMAs and on SmolLM2.
+
+Tolerance policy at the model level: float32 logits must match within ``FP32_LOGIT_ATOL`` on tiny
+models; for reduced precision, the patched model may be at most twice as far from the float32
+masked model as the masked model computed in the same reduced precision is, plus an absolute floor.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import skiplayers as sk
+
+FP32_LOGIT_ATOL = 1e-4
+
+
+def tiny_llama(
+    seed: int = 0,
+    dtype=torch.float32,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    device="cpu",
+    **config,
+) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM small enough for interpreters, with GQA by default."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **config,
+    )
+    return LlamaForCausalLM(cfg).to(dtype=dtype, device=device).eval()
+
+
+def ragged_batch(vocab: int = 101, device="cpu", seed: int = 0):
+    """Three left-padded sequences with different context lengths (first token never context).
+
+    Returns ``input_ids, attention_mask, context_mask, position_ids`` (positions as generate()
+    makes them: cumsum of the mask - 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, width = 3, 21
+    ids = torch.randint(3, vocab, (batch, width), generator=gen)
+    attn = torch.ones(batch, width, dtype=torch.long)
+    attn[1, :4] = 0
+    attn[2, :9] = 0
+    ctx = torch.zeros(batch, width, dtype=torch.bool)
+    ctx[0, 1:12] = True  # 11 context tokens
+    ctx[1, 5:9] = True  # 4
+    ctx[2, 10:17] = True  # 7
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), ctx.to(device), pos.to(device)
+
+
+def computed_columns(attn: torch.Tensor, ctx: torch.Tensor, policy: sk.SkipPolicy, layers: int) -> torch.Tensor:
+    """Columns whose logits exist: real tokens, minus the context when it stops before the end."""
+    stop = policy.context_stop_layer
+    dropped = ctx if stop is not None and stop < layers else torch.zeros_like(ctx)
+    return attn.bool() & ~dropped
+
+
+@torch.no_grad()
+def patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache: bool) -> torch.Tensor:
+    sk.patch(model, policy, backend=backend)
+    try:
+        return model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=use_cache).logits
+    finally:
+        sk.unpatch(model)
+
+
+def assert_forward_matches_masked(model, policy, backend, batch, use_cache=False, atol=FP32_LOGIT_ATOL):
+    ids, attn, ctx, pos = batch
+    out = patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache)
+    truth = sk.masked_forward(model, ids, attn, ctx, policy, pos)
+    keep = computed_columns(attn, ctx, policy, model.config.num_hidden_layers)
+    assert torch.isnan(out[~keep]).all(), "columns that are not computed must be NaN"
+    err = (out.float() - truth.float())[keep].abs().max().item()
+    assert err <= atol, f"patched vs masked logits differ by {err:.3g} (> {atol})"
+    return err
+
+
+def assert_reduced_precision_matches(model_lp, model_fp32, policy, backend, batch, floor: float):
+    """Reduced-precision patched model vs the float32 masked model, relative to how far the masked
+    model itself strays in the same precision."""
+    ids, attn, ctx, pos = batch
+    out = patched_logits(model_lp, policy, backend, ids, attn, ctx, pos, use_cache=False).float()
+    truth = sk.masked_forward(model_fp32, ids, attn, ctx, policy, pos).float()
+    naive = sk.masked_forward(model_lp, ids, attn, ctx, policy, pos).float()
+    keep = computed_columns(attn, ctx, policy, model_fp32.config.num_hidden_layers)
+    err = (out - truth)[keep].abs().max().item()
+    baseline = (naive - truth)[keep].abs().max().item()
+    assert err <= 2 * baseline + floor, f"error {err:.3g} > 2 x {baseline:.3g} + {floor}"
+
+
+@torch.no_grad()
+def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: int):
+    ids, attn, ctx, _ = batch
+    sk.patch(model, policy, backend=backend)
+    try:
+        out = model.generate(
+            ids, attention_mask=attn, context_mask=ctx, max_new_tokens=new_tokens, do_sample=False,
+            return_dict_in_generate=True,
+        )
+    finally:
+        sk.unpatch(model)
+    truth = sk.masked_generate(model, ids, attn, ctx, policy, new_tokens)
+    assert torch.equal(out.sequences, truth), f"greedy tokens differ:\n{out.sequences}\n{truth}"
+    return out.past_key_values
