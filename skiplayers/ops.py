@@ -161,6 +161,11 @@ def default_backend(device: torch.device) -> str:
 def check_backend_device(backend: str, device: torch.device) -> None:
     """Raises a clear error when ``backend`` cannot run on tensors of ``device``."""
     wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(backend)
+    if backend == "triton" and device.type == "cpu":
+        from . import triton_kernels  # noqa: PLC0415  (imports triton; only when asked for)
+
+        if triton_kernels.interpreted():  # TRITON_INTERPRET=1: the Triton ops also run on CPU tensors
+            return
     if wanted is not None and device.type != wanted:
         raise ValueError(f"backend={backend!r} runs on {wanted} tensors, but the model is on {device}")
 

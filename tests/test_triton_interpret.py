@@ -23,6 +23,8 @@ import triton.language as tl  # noqa: E402
 
 import cases  # noqa: E402
 import op_contract  # noqa: E402
+import skiplayers as sk  # noqa: E402
+from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama  # noqa: E402
 from skiplayers import aot, reference  # noqa: E402
 from skiplayers import ops as sk_ops  # noqa: E402
 from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, make_tags  # noqa: E402
@@ -386,6 +388,38 @@ def test_value_errors():
     case = cases.make_cache_compact([30], capacity=30, new_capacity=2, keep_fraction=0.9)
     with pytest.raises(RuntimeError, match="new capacity 2"):
         TRITON.cache_compact(*_args(case, op_contract._COMPACT_ARGS))
+
+
+# --- model level: patch(model, policy, backend="triton") against the masked model ----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_llama(device=DEVICE)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    return ragged_batch(device=DEVICE)
+
+
+def test_triton_op_set_runs_on_this_device():
+    sk_ops.check_backend_device("triton", torch.device(DEVICE))  # CPU only under the interpreter
+    assert TRITON.name == "triton"
+    assert all(getattr(TRITON, op).namespace == "skiplayers_triton" for op in sk_ops.OP_NAMES)
+
+
+@pytest.mark.parametrize("stop", [None, 0, 2, 4])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_model_forward_matches_masked_model(tiny_model, tiny_batch, stop, use_cache):
+    assert_forward_matches_masked(tiny_model, sk.SkipPolicy(context_stop_layer=stop), "triton", tiny_batch,
+                                  use_cache=use_cache)
+
+
+@pytest.mark.parametrize("stop", [None, 2])
+def test_model_generate_matches_masked_model(tiny_model, tiny_batch, stop):
+    assert_generate_matches_masked(tiny_model, sk.SkipPolicy(context_stop_layer=stop), "triton", tiny_batch,
+                                   new_tokens=8)
 
 
 # --- ahead-of-time compilation for sm_80 and sm_90 -----------------------------------------------------

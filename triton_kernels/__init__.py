@@ -12,6 +12,14 @@ launch configurations in ``configs.py``; torch op registration in ``registration
 from __future__ import annotations
 
 
+def interpreted() -> bool:
+    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` at import), in
+    which case the ops are registered for CPU tensors too."""
+    from .host import INTERPRETED  # noqa: PLC0415
+
+    return INTERPRETED
+
+
 def op_set():
     """The Triton backend as a ``skiplayers.ops.OpSet`` calling ``torch.ops.skiplayers_triton.*``."""
     import torch  # noqa: PLC0415
