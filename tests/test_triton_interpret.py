@@ -1,7 +1,7 @@
 """The Triton backend against reference.py (tolerance policy in op_contract.py).
 
-Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set below before
-anything imports the kernels) on CPU tensors, through the registered ``skiplayers_triton::*`` ops
+Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py`` before anything imports triton) on CPU tensors, through the registered ``skiplayers_triton::*`` ops
 (the interpreter registers them for the CPU key too). With a GPU the same tests run the compiled
 kernels on CUDA tensors. Shapes are small: the interpreter runs every program in Python.
 
@@ -10,32 +10,29 @@ Also here: the ahead-of-time compile check (``skiplayers.aot``) for sm_80 and sm
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import cases  # noqa: E402
-import op_contract  # noqa: E402
-import skiplayers as sk  # noqa: E402
-from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama  # noqa: E402
-from skiplayers import aot, reference  # noqa: E402
-from skiplayers import ops as sk_ops  # noqa: E402
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, make_tags  # noqa: E402
-from skiplayers.triton_kernels import launchers, registration  # noqa: E402
-from skiplayers.triton_kernels.visibility import key_block_may_be_visible, key_visible, query_summary  # noqa: E402
+import cases
+import op_contract
+import skiplayers as sk
+from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama
+from skiplayers import aot, reference
+from skiplayers import ops as sk_ops
+from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, make_tags
+from skiplayers.triton_kernels import launchers, registration
+from skiplayers.triton_kernels.visibility import key_block_may_be_visible, key_visible, query_summary
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cpu" if registration.INTERPRETED else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("the Triton kernels were imported without TRITON_INTERPRET=1 on a machine without a GPU")
+if registration.INTERPRETED and isinstance(tl.standard.max, triton.runtime.JITFunction):
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so the interpreter cannot run "
+                       "triton.language's own helpers; set it in the environment (tests/conftest.py does so)")
 
 TRITON = sk_ops.get_ops("triton")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
