@@ -4,8 +4,9 @@
 
 What is timed: one ``cache_attention`` call for a decode step (B=8, 32 query / 8 KV heads, head dim
 128, 1 new token per sequence, metadata on the host), with the Triton kernel launches replaced by
-no-ops, so every variant does exactly the same host work (input checks, tile and split choice,
-output allocation) and differs only in how it is reached:
+no-ops and the metadata *value* checks off (as on CUDA tensors by default, ``triton_kernels/checks.py``),
+so every variant does exactly the same host work as a CUDA call minus the launch (input checks,
+tile and split choice, output allocation) and differs only in how it is reached:
 
 * ``launcher``: ``skiplayers.triton_kernels.launchers.cache_attention`` called directly;
 * ``library_impl``: ``torch.ops.skiplayers_triton.cache_attention``, the registration we ship
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from skiplayers.triton_kernels import launch_attention, launchers, registration  # noqa: E402
+from skiplayers.triton_kernels import checks, launch_attention, launchers, registration  # noqa: E402
 
 
 class _NoLaunch:
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
         return 1
     launch_attention.decode_attention_kernel = _NoLaunch()
     launch_attention.combine_splits_kernel = _NoLaunch()
+    checks.value_checks_enabled = lambda t: False  # as for CUDA tensors (they would need a sync)
     custom, triton_op = scratch_registrations()
     variants = {
         "launcher": launchers.cache_attention,

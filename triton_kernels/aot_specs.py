@@ -76,8 +76,7 @@ def attention_specs() -> list[CompileSpec]:
                 strides = ("stride_qm", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
                            "stride_vh", "stride_om", "stride_oh", "stride_pb")
                 sig = _sig(
-                    dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_acc_ptr="fp32", part_m_ptr="fp32",
-                         part_l_ptr="fp32", cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32",
+                    dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_ptr="fp32", cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32",
                          pos_cache_ptr="i32", q_tag_ptr="i32", tag_cache_ptr="i32"),
                     ints=strides + ("stride_ps", "num_queries", "heads", "capacity", "num_splits", "group", "gsub", "rule"),
                     floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
@@ -87,7 +86,7 @@ def attention_specs() -> list[CompileSpec]:
                     _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
                     tuple(n for n in sig if n.endswith("_ptr")) + strides,
                 ))
-            sig = _sig(dict(part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32", out_ptr=t),
+            sig = _sig(dict(part_ptr="fp32", out_ptr=t),
                        ints=("stride_om", "stride_oh", "num_queries", "heads", "num_splits"), constexprs=("HEAD_DIM",))
             specs.append(CompileSpec(
                 f"{_PKG}.decode_attention", "combine_splits_kernel", f"w{configs.COMBINE_NUM_WARPS}", f"{t} D{head_dim}",

@@ -22,8 +22,16 @@ from .ragged import split_key_range
 
 
 @triton.jit
+def partial_pointers(part_ptr, rows, HEAD_DIM: tl.constexpr):
+    """The one fp32 partials buffer (one allocation per call): ``acc [rows, HEAD_DIM]``, then ``m [rows]``,
+    then ``l [rows]``, with ``rows = num_splits * Nq * H`` ordered (split, query, head)."""
+    rows64 = tl.full([], rows, tl.int64)
+    return part_ptr, part_ptr + rows64 * HEAD_DIM, part_ptr + rows64 * (HEAD_DIM + 1)
+
+
+@triton.jit
 def decode_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr,
     cu_seqlens_q_ptr, cache_seqlens_ptr, q_pos_ptr, pos_cache_ptr, q_tag_ptr, tag_cache_ptr,
     stride_qm, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_om, stride_oh, stride_pb, stride_ps,
@@ -32,9 +40,9 @@ def decode_attention_kernel(
     USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """q/out ``[Nq, H, D]``; caches ``[B, S_cap, H_kv, D]``; pos/tag caches int32 ``[B, S_cap]`` (same
-    strides, ``stride_pb``/``stride_ps``); partials fp32 ``[num_splits, Nq, H, D]`` and
-    ``[num_splits, Nq, H]`` (unused when ``num_splits == 1``). Cache lengths are clamped to
-    ``[0, capacity]`` so that a bad length cannot read outside the buffers."""
+    strides, ``stride_pb``/``stride_ps``); ``part_ptr``: the fp32 partials (see :func:`partial_pointers`;
+    unused when ``num_splits == 1``). Cache lengths are clamped to ``[0, capacity]`` so that a bad
+    length cannot read outside the buffers."""
     seq = tl.program_id(0)
     head_axis = tl.program_id(1)
     split = tl.program_id(2)
@@ -71,6 +79,7 @@ def decode_attention_kernel(
         else:
             # Every split writes its slice, even an empty one (m = -inf, l = 0), so the merge needs no mask.
             row = (split * num_queries + query).to(tl.int64) * heads + head
+            part_acc_ptr, part_m_ptr, part_l_ptr = partial_pointers(part_ptr, num_splits * num_queries * heads, HEAD_DIM)
             tl.store(part_m_ptr + row, m_i, mask=valid)
             tl.store(part_l_ptr + row, l_i, mask=valid)
             offs_d = tl.arange(0, HEAD_DIM)
@@ -79,12 +88,12 @@ def decode_attention_kernel(
 
 @triton.jit
 def combine_splits_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_om, stride_oh, num_queries, heads, num_splits,
-    HEAD_DIM: tl.constexpr,
+    part_ptr, out_ptr, stride_om, stride_oh, num_queries, heads, num_splits, HEAD_DIM: tl.constexpr,
 ):
     """Grid ``(Nq, H)``: merges the ``num_splits`` partials of one (query, head) and writes the output."""
     query = tl.program_id(0)
     head = tl.program_id(1)
+    part_acc_ptr, part_m_ptr, part_l_ptr = partial_pointers(part_ptr, num_splits * num_queries * heads, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     l = tl.zeros([], dtype=tl.float32)

@@ -118,15 +118,13 @@ def cache_attention(
     head_programs = kv_heads * chunks
     splits = num_splits or choose_num_splits(batch * head_programs, capacity, cfg.block_n, q.device)
     splits = max(1, min(splits, cdiv(capacity, cfg.block_n)))  # more splits than key blocks would stay empty
-    if splits > 1:
-        part_acc = torch.empty((splits, q.shape[0], heads, head_dim), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((splits, q.shape[0], heads), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
+    if splits > 1:  # acc, m and l of every (split, query, head) in one allocation (decode_attention.py)
+        part = torch.empty(splits * q.shape[0] * heads * (head_dim + 2), dtype=torch.float32, device=q.device)
     else:
-        part_acc = part_m = part_l = fp32_placeholder(q.device)  # never touched with one split
+        part = fp32_placeholder(q.device)  # never touched with one split
     with device_guard(q):
         decode_attention_kernel[(batch, head_programs, splits)](
-            q, k_cache, v_cache, out, part_acc, part_m, part_l,
+            q, k_cache, v_cache, out, part,
             cu_seqlens_q.contiguous(), cache_seqlens.contiguous(), q_pos.contiguous(), pos_cache, q_tag, tag_cache,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
@@ -138,7 +136,7 @@ def cache_attention(
         )
         if splits > 1:
             combine_splits_kernel[(q.shape[0], heads)](
-                part_acc, part_m, part_l, out, out.stride(0), out.stride(1), q.shape[0], heads, splits,
+                part, out, out.stride(0), out.stride(1), q.shape[0], heads, splits,
                 HEAD_DIM=head_dim, num_warps=COMBINE_NUM_WARPS,
             )
     return out
