@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, TAG_SINK
 from .ops import OpSet
 
 
@@ -139,6 +140,9 @@ class SkipCache(Cache):
         self.context_counts: torch.Tensor | None = None
         self.noncontext_counts: torch.Tensor | None = None
         self.policy = None  # the SkipPolicy that wrote the cache; a later call must use the same one
+        # With anchors: per sequence, anchors (= finished sentences) and real tokens seen (host int64 [B]).
+        self.sentence_counts: torch.Tensor | None = None
+        self.tokens_seen: torch.Tensor | None = None
 
     # --- writing ---
 
@@ -159,6 +163,27 @@ class SkipCache(Cache):
         ops.cache_append(layer.keys, layer.values, layer.pos, layer.tag, k, v, pos, tag, cu_seqlens, layer.lengths)
         layer.host_lengths += counts
         layer.lengths += counts.to(device=layer.lengths.device, dtype=torch.int32)
+
+    def drop_finished_sentences(self, ops: OpSet) -> None:
+        """AnLLM cache reduction: in every layer and sequence, keeps only the anchors (and sinks) of
+        finished sentences and the tokens of the current one, compacted by the backend's kernel into
+        buffers sized for what is kept (memory is released, not only marked free)."""
+        for layer in self.layers:
+            if layer.keys is None:
+                continue
+            current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)
+            slots = torch.arange(layer.capacity, device=layer.tag.device)[None, :] < layer.lengths[:, None]
+            kept_tokens = (layer.tag & (TAG_ANCHOR | TAG_SINK)) != 0
+            current_sentence = (layer.tag >> TAG_SENTENCE_SHIFT) >= current[:, None]
+            keep = slots & (kept_tokens | current_sentence)
+            kept = keep.sum(dim=1).cpu()
+            if torch.equal(kept, layer.host_lengths):
+                continue
+            keys, values, pos, tag, lengths = ops.cache_compact(
+                layer.keys, layer.values, layer.pos, layer.tag, layer.lengths, keep,
+                _grown_capacity(int(kept.max()) if kept.numel() else 0),
+            )
+            layer.replace(keys, values, pos, tag, lengths, kept.to(torch.int64))
 
     def stored(self, layer_idx: int):
         """``(keys, values, pos, tag, lengths)`` of a layer, the layout of ``cache_attention``."""
@@ -209,12 +234,13 @@ class SkipCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.logical_length = 0
-        self.context_counts = self.noncontext_counts = None
+        self.context_counts = self.noncontext_counts = self.sentence_counts = self.tokens_seen = None
 
     def _select(self, fn) -> None:
-        if self.context_counts is not None:
-            self.context_counts = fn(self.context_counts)
-            self.noncontext_counts = fn(self.noncontext_counts)
+        """Applies a batch selection to the per-sequence host counters."""
+        for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

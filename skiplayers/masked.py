@@ -2,8 +2,9 @@
 
 It runs the model's own modules on the full padded batch, every token at every layer, and applies
 the visibility predicate as a dense mask per layer (``reference.visibility_mask``): at layers >= ℓ
-the context key columns are masked for every query (``RULE_HIDE_CONTEXT``); padding keys are
-always masked. Attention is computed in float32 by ``reference.masked_attention``. Nothing is
+the context key columns are masked for every query (``RULE_HIDE_CONTEXT``); with anchors, every
+layer applies the AnSAN rule (``RULE_ANCHORS``) and nothing is ever dropped from a cache; padding
+keys are always masked. Attention is computed in float32 by ``reference.masked_attention``. Nothing is
 skipped, nothing is cached: it is slow on purpose.
 """
 
@@ -13,7 +14,8 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from . import reference
-from .meta import RULE_CAUSAL, RULE_HIDE_CONTEXT, TAG_CONTEXT
+from .anchors import anchor_tags
+from .meta import RULE_ANCHORS, RULE_CAUSAL, RULE_HIDE_CONTEXT, TAG_CONTEXT
 from .policy import SkipPolicy
 
 
@@ -26,7 +28,8 @@ def _positions(attention_mask: torch.Tensor | None, position_ids, batch: int, co
 def layer_rule(policy: SkipPolicy, layer_idx: int) -> int:
     """The visibility rule of the masked model at ``layer_idx``."""
     stop = policy.context_stop_layer
-    return RULE_HIDE_CONTEXT if stop is not None and layer_idx >= stop else RULE_CAUSAL
+    rule = RULE_HIDE_CONTEXT if stop is not None and layer_idx >= stop else RULE_CAUSAL
+    return rule | (RULE_ANCHORS if policy.anchors_enabled else 0)
 
 
 @torch.no_grad()
@@ -50,6 +53,11 @@ def masked_forward(
         context = torch.zeros_like(valid)
         context[:, : context_mask.shape[1]] = context_mask.to(device)
         tag |= (context & valid).to(torch.int32) * TAG_CONTEXT
+    if policy.anchors_enabled:
+        zeros = torch.zeros(batch, dtype=torch.int64)
+        bits, _, _ = anchor_tags(input_ids.cpu(), valid.cpu(), policy.anchor_token_ids, policy.anchor_keep_first,
+                                 zeros, zeros)
+        tag |= bits.to(device)
 
     hidden = decoder.embed_tokens(input_ids)
     cos, sin = decoder.rotary_emb(hidden, position_ids=pos.long())

@@ -23,6 +23,7 @@ def tiny_llama(
     heads: int = 4,
     kv_heads: int = 2,
     head_dim: int = 64,
+    hidden_size: int = 128,
     device="cpu",
     **config,
 ) -> LlamaForCausalLM:
@@ -30,7 +31,7 @@ def tiny_llama(
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=101,
-        hidden_size=128,
+        hidden_size=hidden_size,
         intermediate_size=256,
         num_hidden_layers=layers,
         num_attention_heads=heads,

@@ -162,3 +162,14 @@ def test_cache_attention_rejects_length_past_capacity():
     case["cache_seqlens"] = torch.tensor([9], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="outside"):
         CPU.cache_attention(*[case[k] for k in op_contract._CACHE_ARGS])
+
+
+def test_varlen_attention_anchors_with_unordered_sentences():
+    """Sentence ids that do not grow along the sequence: the CPU launcher must not use its
+    anchor/window plan there, and the result must still follow the predicate."""
+    case = cases.make_varlen_attention([60, 150], rule=RULE_ANCHORS, seed=11)
+    gen = torch.Generator().manual_seed(1)
+    sentence = torch.randint(0, 6, case["k_tag"].shape, generator=gen, dtype=torch.int32)
+    case["k_tag"] = (case["k_tag"] & 7) | (sentence << 3)
+    case["q_tag"] = case["k_tag"]
+    op_contract.check_varlen_attention(CPU, case)

@@ -1,9 +1,11 @@
 """SmolLM2-135M-Instruct with real weights: patched (compacted) vs the slow masked model.
 
-Tolerance: float32 logits at every computed column must agree within 1e-4, or, where float32
-itself is less precise than that on this model and input, within twice the distance between the
-masked model in float32 and in float64 (its own float32 rounding noise). Each test prints both
-numbers; greedy tokens must be identical.
+Tolerance (flash-attention's rule, at the model level): the truth is the masked model run in
+float64; the patched float32 model may be at most twice as far from it as the masked model run in
+float32 is, plus 1e-4, at every computed column. On this model float32 itself strays up to ~1e-3
+from float64 at some columns, so a plain 1e-4 between two float32 computations that sum in a
+different order cannot be promised; each test prints |patched - masked float32| as well.
+Greedy tokens must be identical.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ pytestmark = pytest.mark.slow
 
 INSTRUCTIONS = "Translate English to French."
 EXAMPLES = [("cheese", "fromage"), ("house", "maison"), ("dog", "chien"), ("water", "eau")]
+
+
+def assert_close_to_masked_truth(model, model64, policy, batch, logits, label):
+    ids, attn, ctx, pos = batch
+    truth32 = sk.masked_forward(model, ids, attn, ctx, policy, pos)
+    truth64 = sk.masked_forward(model64, ids, attn, ctx, policy, pos)
+    keep = computed_columns(attn, ctx, policy, model.config.num_hidden_layers)
+    err = (logits.double() - truth64)[keep].abs().max().item()
+    naive = (truth32.double() - truth64)[keep].abs().max().item()
+    vs32 = (logits - truth32)[keep].abs().max().item()
+    print(f"\n{label}: |patched - masked64| = {err:.3g}, |masked32 - masked64| = {naive:.3g}, "
+          f"|patched - masked32| = {vs32:.3g}")
+    assert err <= 2 * naive + FP32_LOGIT_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +85,7 @@ def test_forward_matches_masked_model(model, model64, batch, stop):
         sk.patch(model, policy)
         out = model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=False).logits
         sk.unpatch(model)
-    truth = sk.masked_forward(model, ids, attn, ctx, policy, pos)
-    truth64 = sk.masked_forward(model64, ids, attn, ctx, policy, pos)
-    keep = computed_columns(attn, ctx, policy, model.config.num_hidden_layers)
-    err = (out - truth)[keep].abs().max().item()
-    noise = (truth.double() - truth64)[keep].abs().max().item()
-    print(f"\nstop={stop}: |patched - masked| = {err:.3g}; float32 noise of the masked model = {noise:.3g}")
-    assert err <= max(FP32_LOGIT_ATOL, 2 * noise)
+    assert_close_to_masked_truth(model, model64, policy, batch, out, f"stop={stop}")
 
 
 @pytest.mark.parametrize("stop", [0, 5, 10, 29])
@@ -114,3 +123,30 @@ def test_long_context_stores_no_context_at_late_layers(model):
     sk.unpatch(model)
     lengths = cache.layer_lengths()[:, 0]
     assert (lengths[:stop] == context + query).all() and (lengths[stop:] == query).all()
+
+
+@pytest.fixture(scope="module")
+def anchors(tokenizer):
+    return sk.anchor_ids(tokenizer, [".", "\n"])
+
+
+def test_anchor_ids_end_with_the_given_strings(tokenizer, anchors):
+    assert len(anchors) > 50
+    assert all(tokenizer.decode([t]).endswith((".", "\n")) for t in anchors)
+    assert tokenizer.convert_tokens_to_ids(".") in anchors
+
+
+@pytest.mark.parametrize("stop", [None, 10])
+def test_anchor_cache_matches_ansan_masked_model(model, model64, batch, anchors, stop):
+    ids, attn, ctx, pos = batch
+    policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=anchors)
+    with torch.no_grad():
+        sk.patch(model, policy)
+        out = model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=True)
+        generated = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=32, do_sample=False,
+                                   return_dict_in_generate=True)
+        sk.unpatch(model)
+    assert_close_to_masked_truth(model, model64, policy, batch, out.logits, f"anchors, stop={stop}")
+    assert torch.equal(generated.sequences, sk.masked_generate(model, ids, attn, ctx, policy, 32))
+    # the prompts hold several finished sentences (newline-terminated examples): the cache shrank
+    assert (out.past_key_values.layer_lengths()[0] < attn.sum(1)).all()

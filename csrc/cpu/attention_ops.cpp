@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/op_checks.h"
+#include "anchor_plan.h"
 #include "attention_engine.h"
 #include "host_checks.h"
 #include "task_pool.h"
@@ -112,22 +113,40 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   const std::vector<Task> tasks =
       tile_tasks(cu_q.data_ptr<int32_t>(), s.batch, s.kv_heads, query_tile_tokens(group), /*splits=*/1);
   const int32_t* cuk = cu_k.data_ptr<int32_t>();
+  const AnchorPlan plan = make_anchor_plan(rule, k, v, cuk, s.batch, k_pos.data_ptr<int32_t>(), optional_int_ptr(k_tag));
 
   AT_DISPATCH_V2(q.scalar_type(), "varlen_attention_cpu", AT_WRAP([&] {
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t ti) {
       const Task& t = tasks[ti];
       const QueryTile<scalar_t> qt = query_tile<scalar_t>(q, q_pos.data_ptr<int32_t>(), optional_int_ptr(q_tag), t, group);
       const int64_t k0 = cuk[t.batch], k1 = cuk[t.batch + 1];
-      const KeyRun<scalar_t> kr{k.data_ptr<scalar_t>() + k0 * k.stride(0) + t.kv_head * k.stride(1),
-                                v.data_ptr<scalar_t>() + k0 * v.stride(0) + t.kv_head * v.stride(1),
-                                k.stride(0),
-                                v.stride(0),
-                                k_pos.data_ptr<int32_t>() + k0,
-                                k_tag ? k_tag->data_ptr<int32_t>() + k0 : nullptr,
-                                0,
-                                k1 - k0};
+      KeyRun<scalar_t> kr{k.data_ptr<scalar_t>() + k0 * k.stride(0) + t.kv_head * k.stride(1),
+                          v.data_ptr<scalar_t>() + k0 * v.stride(0) + t.kv_head * v.stride(1),
+                          k.stride(0),
+                          v.stride(0),
+                          k_pos.data_ptr<int32_t>() + k0,
+                          k_tag ? k_tag->data_ptr<int32_t>() + k0 : nullptr,
+                          0,
+                          k1 - k0};
       TileScratch& ws = thread_scratch();
       PartialResult p = ws.partial(group * qt.count, s.head_dim);
+      if (plan.enabled && plan.ordered[t.batch]) {
+        // AnSAN: earlier sentences' anchors (gathered), then the keys from the tile's first sentence on.
+        int32_t first_sentence = tag_sentence(qt.tag[0]);
+        for (int64_t i = 1; i < qt.count; ++i) first_sentence = std::min(first_sentence, tag_sentence(qt.tag[i]));
+        kr.begin = first_key_of_sentence(kr.tag, k1 - k0, first_sentence);
+        int64_t g0, g1;
+        plan.anchors_before(t.batch, kr.begin, &g0, &g1);
+        const KeyRun<scalar_t> anchors{plan.k.data_ptr<scalar_t>() + t.kv_head * plan.k.stride(1),
+                                       plan.v.data_ptr<scalar_t>() + t.kv_head * plan.v.stride(1),
+                                       plan.k.stride(0),
+                                       plan.v.stride(0),
+                                       plan.pos.data_ptr<int32_t>(),
+                                       plan.tag.data_ptr<int32_t>(),
+                                       g0,
+                                       g1};
+        attend(qt, anchors, s.head_dim, rule, static_cast<float>(scale), p, ws.engine);
+      }
       attend(qt, kr, s.head_dim, rule, static_cast<float>(scale), p, ws.engine);
       write_tile<scalar_t>(p, t, group, s.head_dim, out);
     });

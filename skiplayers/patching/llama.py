@@ -18,8 +18,9 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama import modeling_llama
 
+from ..anchors import anchor_tags
 from ..cache import SkipCache
-from ..meta import RULE_CAUSAL, TAG_CONTEXT
+from ..meta import TAG_CONTEXT
 from ..packing import PackedRows, drop_rows, pack, unpack
 from .inputs import CallInputs, resolve_inputs
 from .state import PatchState
@@ -46,10 +47,26 @@ def _resolve_cache(past_key_values, use_cache: bool, num_layers: int, state: Pat
     )
 
 
-def _context_tags(call: CallInputs) -> torch.Tensor:
-    """int32 ``[B, T]`` tag words of the new columns (context bit only; anchors add their bits)."""
+def _tags(call: CallInputs, input_ids, cache: SkipCache | None, policy) -> tuple[torch.Tensor, bool]:
+    """int32 ``[B, T]`` tag words of the new columns (on the model's device): the context bit and,
+    with anchors on, the anchor / sink / sentence bits continuing the cache's history. Also says
+    whether a new anchor arrived (then finished sentences can leave the cache)."""
     tags = call.context.to(torch.int32) * TAG_CONTEXT
-    return tags.to(call.positions.device)
+    new_anchor = False
+    if policy.anchors_enabled:
+        if input_ids is None:
+            raise NotImplementedError("anchors need input_ids (anchor tokens are recognised by id), not inputs_embeds")
+        batch = input_ids.shape[0]
+        prior = (cache.sentence_counts, cache.tokens_seen) if cache is not None and cache.sentence_counts is not None \
+            else (torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64))
+        anchor_bits, sentences, tokens = anchor_tags(
+            input_ids.detach().cpu(), call.valid, policy.anchor_token_ids, policy.anchor_keep_first, *prior
+        )
+        tags |= anchor_bits
+        new_anchor = bool((sentences > prior[0]).any())
+        if cache is not None:
+            cache.sentence_counts, cache.tokens_seen = sentences, tokens
+    return tags.to(call.positions.device), new_anchor
 
 
 def _check_context_coverage(call: CallInputs, cache: SkipCache | None, context_mask, attention_mask, past: int):
@@ -96,7 +113,7 @@ def _attention(layer_idx: int, attn, hidden, rows: PackedRows, cos, sin, cache: 
     k = attn.k_proj(hidden).view(n, -1, head_dim)
     v = attn.v_proj(hidden).view(n, -1, head_dim)
     q, k = _rope(q, k, cos, sin)
-    ops, rule = state.ops, RULE_CAUSAL
+    ops, rule = state.ops, state.rule
     if cache is None:
         out = ops.varlen_attention(
             q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos, rows.tag, rows.tag, rule, attn.scaling
@@ -161,7 +178,8 @@ def packed_model_forward(
     if cache is not None:
         cache.policy = state.policy
 
-    rows = pack(call.valid, call.positions, _context_tags(call))
+    tags, new_anchor = _tags(call, input_ids, cache, state.policy)
+    rows = pack(call.valid, call.positions, tags)
     hidden = inputs_embeds.reshape(batch * columns, -1)[rows.index]
     cos, sin = self.rotary_emb(hidden, position_ids=rows.pos[None].long())
     cos, sin = cos[0], sin[0]
@@ -176,6 +194,8 @@ def packed_model_forward(
     hidden = self.norm(hidden)
     if cache is not None:
         cache.advance(columns)
+        if new_anchor:  # AnLLM: a finished sentence keeps only its anchor's K/V
+            cache.drop_finished_sentences(state.ops)
     return BaseModelOutputWithPast(
         last_hidden_state=unpack(rows, hidden, batch, columns, float("nan")), past_key_values=cache
     )

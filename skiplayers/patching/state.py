@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..meta import RULE_ANCHORS, RULE_CAUSAL
 from ..ops import OpSet
 from ..policy import SkipPolicy
 
@@ -13,3 +14,8 @@ class PatchState:
     policy: SkipPolicy
     backend: str
     ops: OpSet
+
+    @property
+    def rule(self) -> int:
+        """The visibility rule of the fast path. Context needs no term: it is dropped, not masked."""
+        return RULE_ANCHORS if self.policy.anchors_enabled else RULE_CAUSAL

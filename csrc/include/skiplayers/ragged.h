@@ -33,6 +33,20 @@ SKIPLAYERS_HD int32_t kv_head_of(int32_t q_head, int32_t num_q_heads, int32_t nu
   return q_head / (num_q_heads / num_kv_heads);
 }
 
+// Query tiles of packed ragged queries (GPU kernels). A tile holds `tile_rows` rows of one
+// sequence and one KV head; rows flatten (token, query head of the KV head's group):
+//   row r of sequence b  ->  token cu_seqlens[b] + r / group,  query head kv_head * group + r % group
+// so the query heads that share a KV head are processed together and K/V is read once for them.
+SKIPLAYERS_HD int64_t tiles_of_sequence(int64_t tokens, int64_t group, int64_t tile_rows) {
+  return ceil_div(tokens * group, tile_rows);
+}
+
+// An upper bound of sum_b tiles_of_sequence(tokens_b) that needs only total_tokens = sum_b tokens_b
+// (known on the host without reading cu_seqlens): sum_b ceil(x_b / t) <= floor(sum_b (x_b + t - 1) / t).
+SKIPLAYERS_HD int64_t tiles_upper_bound(int64_t total_tokens, int64_t batch, int64_t group, int64_t tile_rows) {
+  return (total_tokens * group + batch * (tile_rows - 1)) / tile_rows;
+}
+
 // Split-K (flash-decoding): key range [0, length) cut into `num_splits` pieces whose boundaries
 // fall on multiples of `block`. Piece `split` is [*begin, *end); trailing pieces may be empty.
 SKIPLAYERS_HD void split_key_range(int64_t length, int64_t num_splits, int64_t split, int64_t block,
@@ -45,6 +59,15 @@ SKIPLAYERS_HD void split_key_range(int64_t length, int64_t num_splits, int64_t s
   e = e < length ? e : length;
   *begin = b;
   *end = e;
+}
+
+// Splits actually used for a cache of `length` keys: `num_splits`, but no more than one split per
+// `min_keys` keys (min_keys = 1 keeps num_splits as given). At least 1, so an empty cache still
+// produces one (empty) partial result.
+SKIPLAYERS_HD int64_t effective_splits(int64_t length, int64_t num_splits, int64_t min_keys) {
+  const int64_t by_length = ceil_div(length, min_keys);
+  const int64_t s = num_splits < by_length ? num_splits : by_length;
+  return s > 1 ? s : 1;
 }
 
 // Online-softmax merge of two partial results over disjoint key sets, in base 2:

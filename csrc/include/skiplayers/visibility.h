@@ -96,6 +96,19 @@ SKIPLAYERS_HD void block_summary_add(BlockSummary& s, int32_t pos, int32_t tag) 
   s.any_non_context = s.any_non_context || !tag_is_context(tag);
 }
 
+// The summary of the union of two blocks (kernels reduce per-thread summaries with it).
+SKIPLAYERS_HD BlockSummary block_summary_merge(const BlockSummary& a, const BlockSummary& b) {
+  BlockSummary s;
+  s.min_pos = a.min_pos < b.min_pos ? a.min_pos : b.min_pos;
+  s.max_pos = a.max_pos > b.max_pos ? a.max_pos : b.max_pos;
+  s.min_sentence = a.min_sentence < b.min_sentence ? a.min_sentence : b.min_sentence;
+  s.max_sentence = a.max_sentence > b.max_sentence ? a.max_sentence : b.max_sentence;
+  s.min_anchor_sentence = a.min_anchor_sentence < b.min_anchor_sentence ? a.min_anchor_sentence : b.min_anchor_sentence;
+  s.any_sink = a.any_sink || b.any_sink;
+  s.any_non_context = a.any_non_context || b.any_non_context;
+  return s;
+}
+
 // May some query of block q see some key of block k?
 SKIPLAYERS_HD bool block_may_be_visible(int64_t rule, const BlockSummary& q, const BlockSummary& k) {
   if (k.min_pos > q.max_pos) return false;

@@ -1,0 +1,130 @@
+// CUDA launcher of skiplayers::cache_attention (decode over per-sequence KV caches): split-K
+// kernel + combine kernel (decode_kernel.cuh). No host synchronisation, so a decode step can be
+// captured in a CUDA graph; cache lengths are checked on the device.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/op_checks.h"
+#include "decode_kernel.cuh"
+#include "launch_utils.h"
+
+namespace skiplayers::cuda {
+namespace {
+
+constexpr const char* kOp = "skiplayers::cache_attention";
+
+// Automatic split-K: enough blocks for two per SM, but each split at least kMinKeysPerSplit keys
+// of the actual cache length (effective_splits() runs on the device, where the lengths are).
+constexpr int64_t kMinKeysPerSplit = 128;
+constexpr int64_t kMaxSplits = 128;
+
+struct SplitPlan {
+  int64_t splits;
+  int64_t min_keys;
+};
+
+SplitPlan plan_splits(int64_t num_splits, int64_t blocks_per_split, int64_t capacity) {
+  const int64_t by_blocks = std::max<int64_t>(1, ceil_div(capacity, kDecodeSplitBlock));  // more would be empty
+  if (num_splits > 0) return SplitPlan{std::min({num_splits, by_blocks, kMaxSplits}), 1};
+  const int64_t target = 2 * sm_count();
+  const int64_t want = blocks_per_split >= target ? 1 : ceil_div(target, std::max<int64_t>(blocks_per_split, 1));
+  const int64_t by_length = std::max<int64_t>(1, ceil_div(capacity, kMinKeysPerSplit));
+  return SplitPlan{std::min({want, by_length, kMaxSplits}), kMinKeysPerSplit};
+}
+
+template <typename T, int D, int ROWS>
+void launch(const DecodeParams<T>& p, int64_t kv_heads, cudaStream_t stream) {
+  const dim3 grid(tiles_upper_bound(p.total_q, p.batch, p.group, ROWS), kv_heads, p.num_splits);
+  decode_split_kernel<T, D, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.num_splits > 1) {
+    const int64_t rows = p.total_q * p.heads;
+    decode_combine_kernel<T, D><<<ceil_div(rows, kCombineWarps), kCombineWarps * 32, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens_in,
+                                const at::Tensor& q_pos_in, const at::Tensor& pos_cache_in,
+                                const std::optional<at::Tensor>& q_tag_in,
+                                const std::optional<at::Tensor>& tag_cache_in, int64_t rule, double scale,
+                                int64_t num_splits) {
+  const AttentionShape s = check_cache_attention(q_in, k_cache_in, v_cache_in, cu_seqlens_q, cache_seqlens_in,
+                                                 q_pos_in, pos_cache_in, q_tag_in, tag_cache_in, rule, num_splits);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  check_head_dim(s.head_dim, kOp);
+  check_compute_capability(kOp);
+  const int64_t capacity = k_cache_in.size(1);
+  TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && capacity < (1ll << 31), kOp,
+              " (CUDA): at most 2^31 - 1 sequences, rows and slots");
+  TORCH_CHECK(s.kv_heads <= 65535, kOp, " (CUDA): at most 65535 KV heads, got ", s.kv_heads);
+  const at::Tensor q = aligned16(dense_last_dim(q_in));
+  const at::Tensor k_cache = aligned16(k_cache_in), v_cache = aligned16(v_cache_in);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();
+  const at::Tensor q_pos = q_pos_in.contiguous(), pos_cache = pos_cache_in.contiguous();
+  const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in), tag_cache = optional_contiguous(tag_cache_in);
+
+  at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
+  if (s.num_queries == 0) return out;
+  const int64_t group = s.heads / s.kv_heads;
+  const int rows = group > 4 ? 8 : 4;  // query rows per block: all G heads of a token when G <= 8
+  const SplitPlan plan =
+      plan_splits(num_splits, tiles_upper_bound(s.num_queries, s.batch, group, rows) * s.kv_heads, capacity);
+  at::Tensor part_acc, part_ml;
+  if (plan.splits > 1) {
+    const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+    part_acc = at::empty({plan.splits, s.num_queries, s.heads, s.head_dim}, f32);
+    part_ml = at::empty({2, plan.splits, s.num_queries, s.heads}, f32);
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_head_dim(s.head_dim, kOp, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    dispatch_float(q.scalar_type(), kOp, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      DecodeParams<T> p;
+      p.q = reinterpret_cast<const T*>(q.data_ptr());
+      p.q_token_stride = q.stride(0);
+      p.q_head_stride = q.stride(1);
+      p.k_cache = reinterpret_cast<const T*>(k_cache.data_ptr());
+      p.v_cache = reinterpret_cast<const T*>(v_cache.data_ptr());
+      p.k_batch_stride = k_cache.stride(0);
+      p.k_slot_stride = k_cache.stride(1);
+      p.k_head_stride = k_cache.stride(2);
+      p.v_batch_stride = v_cache.stride(0);
+      p.v_slot_stride = v_cache.stride(1);
+      p.v_head_stride = v_cache.stride(2);
+      p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+      p.cache_seqlens = lens.data_ptr<int32_t>();
+      p.q_pos = q_pos.data_ptr<int32_t>();
+      p.q_tag = optional_int_ptr(q_tag);
+      p.pos_cache = pos_cache.data_ptr<int32_t>();
+      p.tag_cache = optional_int_ptr(tag_cache);
+      p.out = reinterpret_cast<T*>(out.data_ptr());
+      p.part_acc = plan.splits > 1 ? part_acc.data_ptr<float>() : nullptr;
+      p.part_m = plan.splits > 1 ? part_ml[0].data_ptr<float>() : nullptr;
+      p.part_l = plan.splits > 1 ? part_ml[1].data_ptr<float>() : nullptr;
+      p.batch = static_cast<int32_t>(s.batch);
+      p.heads = static_cast<int32_t>(s.heads);
+      p.group = static_cast<int32_t>(group);
+      p.capacity = static_cast<int32_t>(capacity);
+      p.total_q = s.num_queries;
+      p.rule = rule;
+      p.scale_log2 = static_cast<float>(scale) * kLog2e;
+      p.num_splits = static_cast<int32_t>(plan.splits);
+      p.min_keys_per_split = static_cast<int32_t>(plan.min_keys);
+      if (rows == 8) launch<T, D, 8>(p, s.kv_heads, stream);
+      else launch<T, D, 4>(p, s.kv_heads, stream);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skiplayers, CUDA, m) { m.impl("cache_attention", &cache_attention_cuda); }
+
+}  // namespace skiplayers::cuda

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU checks for a machine with a CUDA GPU and a CUDA build of torch already installed (no .venv):
+# builds the extension in place against that torch, then runs the cuda-marked tests, the Triton
+# tests on the GPU, compute-sanitizer on a few kernels, and the kernel benchmarks.
+#   OUT=/tmp/gpu scripts/gpu_check.sh [quick]
+# Logs go to $OUT; the last lines printed are a summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+# Build host code with the system compiler whose libstdc++ the process loads. (On the lent GPU
+# image, CC points to /opt/gcc, a different gcc: torch passes it to nvcc as -ccbin, and host code of
+# the .cu files then formats error messages with another libstdc++'s templates and crashes.)
+export CC="${GPU_CHECK_CC:-/usr/bin/gcc}" CXX="${GPU_CHECK_CXX:-/usr/bin/g++}"
+summary=()
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+start=$(date +%s)
+if ! "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  grep -E "error" "$OUT/build.log" | head -40
+  echo "BUILD FAILED (see build.log)"; exit 1
+fi
+summary+=("build: $(( $(date +%s) - start )) s")
+
+run() {  # name, command...
+  local name=$1; shift
+  local t0=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/$name.log" | tail -1)")
+}
+
+run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "not rejects and not device_side"
+run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "rejects or device_side"
+run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py
+if [ "${1:-}" != "quick" ]; then
+  if ls tests/test_triton_gpu.py >/dev/null 2>&1; then
+    run triton_gpu_tests "$PY" -m pytest -q -rs tests/test_triton_gpu.py
+  fi
+  run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
+    tests/test_ops_cuda.py -k "(varlen_attention_ragged and float16 or cache_attention_decode and bfloat16 or compact_rows or cache_append) and not rejects"
+  run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x \
+    tests/test_ops_cuda.py -k "varlen_attention_gqa_and_head_dims and bfloat16 and 9-3-64 or cache_attention_decode and float32 and 3"
+  run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
+  if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
+  cp benchmarks/results/*kernels* "$OUT/" 2>/dev/null
+fi
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
