@@ -419,6 +419,17 @@ def test_model_generate_matches_masked_model(tiny_model, tiny_batch, stop):
                                    new_tokens=8)
 
 
+ANCHORS = tuple(range(3, 15))  # as tests/test_anchors.py: sentences of ~8 tokens
+
+
+@pytest.mark.parametrize("stop,keep_first", [(None, 0), (2, 2)])
+def test_model_anchor_cache_matches_ansan_masked_model(tiny_model, tiny_batch, stop, keep_first):
+    """AnSAN attention (RULE_ANCHORS) and the anchor-only cache (cache_compact) through the Triton ops."""
+    policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=ANCHORS, anchor_keep_first=keep_first)
+    assert_forward_matches_masked(tiny_model, policy, "triton", tiny_batch, use_cache=True)
+    assert_generate_matches_masked(tiny_model, policy, "triton", tiny_batch, new_tokens=8)
+
+
 # --- ahead-of-time compilation for sm_80 and sm_90 -----------------------------------------------------
 
 
