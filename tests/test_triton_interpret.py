@@ -152,6 +152,16 @@ def test_varlen_attention_queries_are_a_suffix_of_the_keys(rule):
     op_contract.check_varlen_attention(TRITON, case)
 
 
+def test_varlen_attention_anchors_with_unordered_sentences():
+    """Sentence ids that do not grow along the sequence: block summaries must stay conservative."""
+    case = cases.make_varlen_attention([60, 150], rule=RULE_ANCHORS, seed=11, device=DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    sentence = torch.randint(0, 6, case["k_tag"].shape, generator=gen, dtype=torch.int32).to(DEVICE)
+    case["k_tag"] = (case["k_tag"] & 7) | (sentence << 3)
+    case["q_tag"] = case["k_tag"]
+    op_contract.check_varlen_attention(TRITON, case)
+
+
 def test_varlen_attention_one_sided_tags():
     case = cases.make_varlen_attention([6, 20], rule=RULE_HIDE_CONTEXT | RULE_ANCHORS, seed=5, device=DEVICE)
     case["q_tag"] = None  # query tags read as zero: sentence 0, not an anchor

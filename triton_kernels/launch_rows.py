@@ -34,7 +34,7 @@ def _kept_offsets(keep_u8: torch.Tensor, lengths: torch.Tensor | None, length_li
     offsets = torch.empty((rows, blocks + 1), dtype=torch.int32, device=keep_u8.device)
     totals = torch.empty((rows,), dtype=torch.int32, device=keep_u8.device)
     if blocks:
-        count_kept_kernel[(rows, blocks)](
+        count_kept_kernel[(blocks, rows)](
             keep_u8, keep_u8 if lengths is None else lengths, counts, keep_u8.stride(0), length_limit, blocks,
             HAS_LENGTHS=lengths is not None, BLOCK=COMPACT.block, num_warps=COMPACT.num_warps,
         )

@@ -4,7 +4,8 @@ the data as same-width integers, so no value is ever converted.
 
 Compaction is two small passes over the *mask* and one over the data:
 
-1. ``count_kept_kernel``  grid ``(R, blocks)``: kept entries per ``BLOCK`` of each of R mask rows;
+1. ``count_kept_kernel``  grid ``(blocks, R)``: kept entries per ``BLOCK`` of each of R mask rows
+   (blocks on axis 0, whose limit is 2**31 - 1, so a packed batch of millions of rows fits);
 2. ``scan_counts_kernel``  grid ``(R,)``: exclusive prefix over the blocks of each row, plus the total;
 3. a copy kernel moves each kept entry to ``offset[block] + (kept before it inside the block)``.
 
@@ -57,10 +58,10 @@ def count_kept_kernel(
     keep_ptr, lengths_ptr, counts_ptr, stride_keep, length_limit, num_blocks,
     HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """keep uint8 ``[R, stride_keep]``; counts int32 ``[R, num_blocks]``. Row r's length is
-    ``lengths[r]`` clamped to ``[0, length_limit]`` if HAS_LENGTHS, else ``length_limit``."""
-    r = tl.program_id(0)
-    block = tl.program_id(1)
+    """Grid ``(num_blocks, R)``. keep uint8 ``[R, stride_keep]``; counts int32 ``[R, num_blocks]``. Row
+    r's length is ``lengths[r]`` clamped to ``[0, length_limit]`` if HAS_LENGTHS, else ``length_limit``."""
+    block = tl.program_id(0)
+    r = tl.program_id(1)
     _, kept = _mask_block(keep_ptr, stride_keep, lengths_ptr, length_limit, r, block, HAS_LENGTHS, BLOCK)
     tl.store(counts_ptr + r * num_blocks + block, tl.sum(kept, 0))
 
@@ -111,7 +112,7 @@ def cache_compact_kernel(
     capacity, new_capacity, num_blocks, row_width,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid ``(B, blocks)``: kept slots of sequence b's first ``cache_seqlens[b]`` (clamped to the
+    """Grid ``(B, blocks)`` (blocks of one cache's capacity: few): kept slots of sequence b's first ``cache_seqlens[b]`` (clamped to the
     capacity) to the front of the new contiguous buffers; slots that would land at or past
     ``new_capacity`` are not written (the launcher reports the overflow where it can check it)."""
     b = tl.program_id(0)
