@@ -64,7 +64,7 @@ _DECODE = {
 }
 COMBINE_NUM_WARPS = 1  # one (query, head) row of HEAD_DIM floats per program
 SCAN = RowConfig(block=1024, block_c=0, num_warps=4)  # CHUNK blocks per step of the per-row scan
-COMPACT = RowConfig(block=64, block_c=64, num_warps=4)  # mask entries per program; columns per step
+COMPACT = RowConfig(block=64, block_c=64, num_warps=8)  # mask entries per program; columns per step (8 warps: ~150 regs, not ~250)
 APPEND = RowConfig(block=16, block_c=128, num_warps=4)
 
 
