@@ -10,13 +10,17 @@
     sk.unpatch(model)
 """
 
-from .anchors import anchor_ids
-from .cache import SkipCache
-from .masked import masked_forward, masked_generate
-from .models import load_default_model, load_default_tokenizer
-from .patching import is_patched, patch, unpatch
-from .policy import SkipPolicy
-from .prompts import fewshot_batch
+from . import _source_tree
+
+_source_tree.install()  # source checkouts: `skiplayers.triton_kernels` is the top-level triton_kernels/
+
+from .anchors import anchor_ids  # noqa: E402
+from .cache import SkipCache  # noqa: E402
+from .masked import masked_forward, masked_generate  # noqa: E402
+from .models import load_default_model, load_default_tokenizer  # noqa: E402
+from .patching import is_patched, patch, unpatch  # noqa: E402
+from .policy import SkipPolicy  # noqa: E402
+from .prompts import fewshot_batch  # noqa: E402
 
 __all__ = [
     "anchor_ids",

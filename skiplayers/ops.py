@@ -44,33 +44,29 @@ _ops = torch.ops.skiplayers
 
 
 # ----------------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes only, for torch.compile and FakeTensor tracing.
+# Fake (meta) implementations: shapes only, for torch.compile and FakeTensor tracing. Shared by every
+# namespace that defines these schemas (``skiplayers`` here, ``skiplayers_triton`` in triton_kernels).
 
 
-@torch.library.register_fake("skiplayers::varlen_attention")
 def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule, scale):
     return q.new_empty(q.shape)
 
 
-@torch.library.register_fake("skiplayers::cache_attention")
 def _cache_attention_fake(
     q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits=0
 ):
     return q.new_empty(q.shape)
 
 
-@torch.library.register_fake("skiplayers::compact_rows")
 def _compact_rows_fake(x, cu_seqlens, keep):
     kept = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((kept, *x.shape[1:])), cu_seqlens.new_empty(cu_seqlens.shape)
 
 
-@torch.library.register_fake("skiplayers::cache_append")
 def _cache_append_fake(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
     return None
 
 
-@torch.library.register_fake("skiplayers::cache_compact")
 def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity):
     batch = k_cache.shape[0]
     return (
@@ -80,6 +76,24 @@ def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, k
         tag_cache.new_empty((batch, capacity)),
         cache_seqlens.new_empty(cache_seqlens.shape),
     )
+
+
+FAKES = dict(
+    varlen_attention=_varlen_attention_fake,
+    cache_attention=_cache_attention_fake,
+    compact_rows=_compact_rows_fake,
+    cache_append=_cache_append_fake,
+    cache_compact=_cache_compact_fake,
+)
+
+
+def register_fakes(namespace: str, lib: torch.library.Library | None = None) -> None:
+    """Registers the fake implementation of every op of ``OP_NAMES`` under ``namespace::<op>``."""
+    for op in OP_NAMES:
+        torch.library.register_fake(f"{namespace}::{op}", FAKES[op], lib=lib)
+
+
+register_fakes("skiplayers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +161,11 @@ def default_backend(device: torch.device) -> str:
 def check_backend_device(backend: str, device: torch.device) -> None:
     """Raises a clear error when ``backend`` cannot run on tensors of ``device``."""
     wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(backend)
+    if backend == "triton" and device.type == "cpu":
+        from . import triton_kernels  # noqa: PLC0415  (imports triton; only when asked for)
+
+        if triton_kernels.interpreted():  # TRITON_INTERPRET=1: the Triton ops also run on CPU tensors
+            return
     if wanted is not None and device.type != wanted:
         raise ValueError(f"backend={backend!r} runs on {wanted} tensors, but the model is on {device}")
 

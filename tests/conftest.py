@@ -16,6 +16,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/cases.py, tests/op_contract.py
 
+# Without a GPU the Triton kernels run under the Triton interpreter. The switch must be set before
+# anything imports triton (transformers and torch.compile may, during collection): triton.language
+# decorates its own helpers (tl.max, ...) under the setting of that moment.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where there is none)")

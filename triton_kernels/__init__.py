@@ -1,5 +1,32 @@
-"""Triton kernels of skiplayers (installed as ``skiplayers.triton_kernels``)."""
+"""Triton kernels of skiplayers (installed as ``skiplayers.triton_kernels``).
+
+Layout: ``@triton.jit`` kernels in ``visibility.py`` (the predicate and block test), ``ragged.py``,
+``attention_core.py``, ``prefill_attention.py``, ``decode_attention.py`` and ``rows.py``; their host
+launchers in ``launch_attention.py`` and ``launch_rows.py`` (gathered in ``launchers.py``); fixed
+launch configurations in ``configs.py``; torch op registration in ``registration.py``.
+
+``op_set()`` returns the ops ``skiplayers_triton::*`` (CUDA tensors; also CPU tensors when
+``TRITON_INTERPRET=1`` was set before triton was imported).
+"""
+
+from __future__ import annotations
+
+
+def interpreted() -> bool:
+    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` at import), in
+    which case the ops are registered for CPU tensors too."""
+    from .host import INTERPRETED  # noqa: PLC0415
+
+    return INTERPRETED
 
 
 def op_set():
-    raise NotImplementedError("backend='triton' is not implemented yet (issue #3)")
+    """The Triton backend as a ``skiplayers.ops.OpSet`` calling ``torch.ops.skiplayers_triton.*``."""
+    import torch  # noqa: PLC0415
+
+    from skiplayers.ops import OP_NAMES, OpSet  # noqa: PLC0415
+
+    from . import registration  # noqa: F401, PLC0415  (defines the namespace on first use)
+
+    namespace = getattr(torch.ops, registration.NAMESPACE)
+    return OpSet("triton", *(getattr(namespace, op).default for op in OP_NAMES))

@@ -1,0 +1,86 @@
+"""The fixed launch configurations of every Triton kernel, in one table.
+
+No autotuning: the configurations are few and explicit so that ``python -m skiplayers.aot`` can compile
+each one for sm_80 and sm_90 and check its shared memory, registers and spills, and so that the
+interpreter tests run the very tile shapes the GPU runs. Reasons for the numbers:
+
+* attention tiles: chosen with ``python -m skiplayers.aot`` as the largest tiles that compile without
+  register spills (at most a few bytes of stack) on sm_80 and sm_90 (ptxas -v), tag-evaluating
+  variants included; ptxas' register allocation differs between the two architectures. 16-bit inputs use
+  tensor-core tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time). fp32 inputs are
+  computed with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton lowers to FMA
+  loops, so their tiles are small (32 rows). The K/V loads sit behind the block-skip test, so
+  Triton's software pipeliner does not multi-buffer them; ``num_stages`` changes little.
+* decode: ``BLOCK_M = 16`` rows (the minimum ``tl.dot`` tile) hold the new queries times the GQA
+  group; ``BLOCK_N`` keys per step; the work is bound by reading the cache.
+* row kernels: memory-bound copies; ``BLOCK`` mask entries per program, ``BLOCK_C`` columns per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEAD_DIMS = (64, 128)
+ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    block: int
+    block_c: int
+    num_warps: int
+    num_stages: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"B{self.block}/C{self.block_c}/w{self.num_warps}"
+
+
+_PREFILL = {
+    ("16bit", 64): AttentionConfig(128, 64, 8, 2),
+    ("16bit", 128): AttentionConfig(128, 32, 8, 2),
+    ("fp32", 64): AttentionConfig(32, 32, 4, 1),
+    ("fp32", 128): AttentionConfig(32, 16, 8, 1),
+}
+_DECODE = {
+    ("16bit", 64): AttentionConfig(16, 32, 4, 2),
+    ("16bit", 128): AttentionConfig(16, 32, 4, 2),
+    ("fp32", 64): AttentionConfig(16, 32, 4, 1),
+    ("fp32", 128): AttentionConfig(16, 16, 4, 1),
+}
+COMBINE_NUM_WARPS = 1  # one (query, head) row of HEAD_DIM floats per program
+SCAN = RowConfig(block=1024, block_c=0, num_warps=4)  # CHUNK blocks per step of the per-row scan
+COMPACT = RowConfig(block=64, block_c=64, num_warps=8)  # mask entries per program; columns per step (8 warps: ~150 regs, not ~250)
+APPEND = RowConfig(block=16, block_c=128, num_warps=4)
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def prefill_config(dtype: torch.dtype, head_dim: int) -> AttentionConfig:
+    return _PREFILL[(_dtype_class(dtype), head_dim)]
+
+
+def decode_config(dtype: torch.dtype, head_dim: int) -> AttentionConfig:
+    return _DECODE[(_dtype_class(dtype), head_dim)]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: full-precision dots (TF32 would miss the 1e-5 tolerance). 16-bit inputs: the
+    tensor-core default (the setting only affects fp32 operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
