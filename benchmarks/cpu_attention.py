@@ -7,7 +7,10 @@ Cases (float32, SmolLM2's 9 query / 3 KV heads, head dim 64):
   dense [B, 1, T, T] mask (causal and padding);
 * context-stopped: one sequence of c context + q query tokens at a layer >= ℓ. SDPA runs the masked
   form (all rows, dense mask hiding context keys); we run the compacted form (the q rows only), and
-  for reference also our masked form (RULE_HIDE_CONTEXT, which skips the hidden key blocks).
+  for reference also our masked form (RULE_HIDE_CONTEXT, which skips the hidden key blocks);
+* AnSAN prefill (anchors every 20 tokens, T=4096): our op under RULE_ANCHORS (it reads earlier
+  sentences' anchors and the tile's own sentences only) against our own dense causal pass and SDPA
+  with the AnSAN rule as a dense mask.
 
 Every variant of a case runs round-robin (interleaved), medians of ``--repeats`` runs are reported
 as times and as speed relative to SDPA. Writes results/cpu_attention.{json,csv,png}.
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, interleaved_medians, write_results  # noqa: E402
 
 import skiplayers.ops as sk_ops  # noqa: E402
-from skiplayers.meta import RULE_HIDE_CONTEXT, TAG_CONTEXT  # noqa: E402
+from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT  # noqa: E402
+from skiplayers.reference import visibility_mask  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 SCALE = DIM**-0.5
@@ -121,6 +125,24 @@ def context_stopped(context, query, flex):
     return variants, "sdpa_dense_mask"
 
 
+def ansan_prefill(T, sentence, flex):
+    q, k, v = torch.randn(T, HEADS, DIM), torch.randn(T, KV_HEADS, DIM), torch.randn(T, KV_HEADS, DIM)
+    cu, pos = _packed([T])
+    anchor = torch.zeros(T, dtype=torch.bool)
+    anchor[sentence - 1 :: sentence] = True
+    sent = anchor.to(torch.int32).cumsum(0) - anchor.to(torch.int32)
+    tag = ((anchor.to(torch.int32) * TAG_ANCHOR) | (sent << TAG_SENTENCE_SHIFT)).to(torch.int32)
+    mask = visibility_mask(RULE_ANCHORS, pos, tag, pos, tag)
+    qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    variants = {
+        "skiplayers_cpu_ansan": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag, RULE_ANCHORS, SCALE),
+        "skiplayers_cpu_causal": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, None, None, 0, SCALE),
+        "sdpa_ansan_dense_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True,
+                                                                        scale=SCALE),
+    }
+    return variants, "sdpa_ansan_dense_mask"
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -161,6 +183,7 @@ def main(argv=None):
     cases = [(f"dense causal T={T}", lambda T=T: dense_causal(T, flex)) for T in ((512, 2048) if args.quick else (512, 1024, 2048, 4096))]
     cases.append(("ragged 8 seqs", lambda: ragged([2048, 1024, 512, 256, 1500, 100, 700, 300], flex)))
     cases.append(("context-stopped c=1800 q=248", lambda: context_stopped(1800, 248, flex)))
+    cases.append(("AnSAN T=4096, sentences of 20", lambda: ansan_prefill(4096, 20, flex)))
     rows = []
     with torch.no_grad():
         for name, build in cases:
