@@ -44,6 +44,4 @@ void gemm_ab_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/true, a, b, c);
 }
 
-const char* gemm_provider() { return sgemm_ ? "mkl-sgemm" : "onednn-brgemm"; }
-
 }  // namespace skiplayers::cpu

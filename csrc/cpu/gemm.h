@@ -18,7 +18,4 @@ void gemm_abt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 void gemm_ab_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                         float* c, int64_t ldc);
 
-// "mkl-sgemm" or "onednn-brgemm": which implementation the two functions above use.
-const char* gemm_provider();
-
 }  // namespace skiplayers::cpu
