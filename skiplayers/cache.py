@@ -168,10 +168,12 @@ class SkipCache(Cache):
         """AnLLM cache reduction: in every layer and sequence, keeps only the anchors (and sinks) of
         finished sentences and the tokens of the current one, compacted by the backend's kernel into
         buffers sized for what is kept (memory is released, not only marked free)."""
+        current = None  # the sentence each sequence is in, on the cache's device (moved once)
         for layer in self.layers:
             if layer.keys is None:
                 continue
-            current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)
+            if current is None:
+                current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)
             slots = torch.arange(layer.capacity, device=layer.tag.device)[None, :] < layer.lengths[:, None]
             kept_tokens = (layer.tag & (TAG_ANCHOR | TAG_SINK)) != 0
             current_sentence = (layer.tag >> TAG_SENTENCE_SHIFT) >= current[:, None]

@@ -59,6 +59,18 @@ def masked_attention(
     return (probs @ vf).transpose(0, 1)
 
 
+def _attend_sequences(q, spans, scale: float, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """Runs :func:`masked_attention` over ``spans``: ``(q_start, q_end, k, v, visible)`` per sequence.
+    Computed in float32 and returned in q's dtype, or computed and returned in ``compute_dtype``."""
+    out_dtype = q.dtype if compute_dtype is None else compute_dtype
+    compute_dtype = compute_dtype or torch.float32
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    for qs, qe, k, v, visible in spans:
+        if qe > qs:
+            out[qs:qe] = masked_attention(q[qs:qe], k, v, visible, scale, compute_dtype)
+    return out.to(out_dtype)
+
+
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule: int, scale: float,
     compute_dtype: torch.dtype | None = None,
@@ -70,17 +82,12 @@ def varlen_attention(
     how far a plain low-precision computation strays)."""
     q_tag = _tags_or_zeros(q_tag, q_pos)
     k_tag = _tags_or_zeros(k_tag, k_pos)
-    out_dtype = q.dtype if compute_dtype is None else compute_dtype
-    compute_dtype = compute_dtype or torch.float32
-    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(cq) - 1):
-        qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if qe == qs:
-            continue
-        vis = visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], k_pos[ks:ke], k_tag[ks:ke])
-        out[qs:qe] = masked_attention(q[qs:qe], k[ks:ke], v[ks:ke], vis, scale, compute_dtype)
-    return out.to(out_dtype)
+    spans = (
+        (qs, qe, k[ks:ke], v[ks:ke], visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], k_pos[ks:ke], k_tag[ks:ke]))
+        for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
+    )
+    return _attend_sequences(q, spans, scale, compute_dtype)
 
 
 def cache_attention(
@@ -96,17 +103,13 @@ def cache_attention(
     del num_splits
     q_tag = _tags_or_zeros(q_tag, q_pos)
     tag_cache = _tags_or_zeros(tag_cache, pos_cache)
-    out_dtype = q.dtype if compute_dtype is None else compute_dtype
-    compute_dtype = compute_dtype or torch.float32
-    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     cq, lens = cu_seqlens_q.tolist(), cache_seqlens.tolist()
-    for b, n in enumerate(lens):
-        qs, qe = cq[b], cq[b + 1]
-        if qe == qs:
-            continue
-        vis = visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], pos_cache[b, :n], tag_cache[b, :n])
-        out[qs:qe] = masked_attention(q[qs:qe], k_cache[b, :n], v_cache[b, :n], vis, scale, compute_dtype)
-    return out.to(out_dtype)
+    spans = (
+        (qs, qe, k_cache[b, :n], v_cache[b, :n],
+         visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], pos_cache[b, :n], tag_cache[b, :n]))
+        for b, (qs, qe, n) in enumerate(zip(cq[:-1], cq[1:], lens))
+    )
+    return _attend_sequences(q, spans, scale, compute_dtype)
 
 
 def compact_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor):

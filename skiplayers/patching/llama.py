@@ -114,22 +114,20 @@ def _attention(layer_idx: int, attn, hidden, rows: PackedRows, cos, sin, cache: 
     v = attn.v_proj(hidden).view(n, -1, head_dim)
     q, k = _rope(q, k, cos, sin)
     ops, rule = state.ops, state.rule
-    if cache is None:
+    # Without a cache, or when the cache held nothing before these rows, the keys are exactly the
+    # packed rows: attend to them packed. Otherwise attend to what the cache stores.
+    packed_keys = cache is None or cache.is_empty(layer_idx)
+    if cache is not None:
+        cache.append(layer_idx, k, v, rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops)
+    if packed_keys:
         out = ops.varlen_attention(
             q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos, rows.tag, rows.tag, rule, attn.scaling
         )
     else:
-        first_fill = cache.is_empty(layer_idx)
-        cache.append(layer_idx, k, v, rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops)
-        if first_fill:  # the cache holds exactly these rows: attend to them packed
-            out = ops.varlen_attention(
-                q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos, rows.tag, rows.tag, rule, attn.scaling
-            )
-        else:
-            keys, values, pos, tag, lengths = cache.stored(layer_idx)
-            out = ops.cache_attention(
-                q, keys, values, rows.cu_seqlens, lengths, rows.pos, pos, rows.tag, tag, rule, attn.scaling, 0
-            )
+        keys, values, pos, tag, lengths = cache.stored(layer_idx)
+        out = ops.cache_attention(
+            q, keys, values, rows.cu_seqlens, lengths, rows.pos, pos, rows.tag, tag, rule, attn.scaling, 0
+        )
     return attn.o_proj(out.reshape(n, -1))
 
 
