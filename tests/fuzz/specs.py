@@ -1,0 +1,207 @@
+"""Hypothesis strategies for the fuzz suite: each draws a *case spec*, a small JSON-able dict that
+``build.py`` turns into tensors (the tensor contents come from the spec's ``seed``). Specs are plain
+data so a failing case prints as one line that ``worker.py --replay`` runs again.
+
+What the specs cover, per op (all legal per the docstrings of ``skiplayers/ops.py`` unless
+``expect`` says an error is wanted):
+
+* every op: batch 0..4 with empty sequences, lengths 0..70 and rarely up to 300 (``profile="small"``,
+  for the Triton interpreter: up to 40, rarely 130, batch <= 3);
+* attention: kv_heads 1..3, GQA group 1..4 and rarely 0 query heads, head dims 16/32/64/80/128
+  (Triton: 64 and 128 only, the dims ``triton_kernels/configs.py`` supports), float32/float16/bfloat16,
+  each rule, tags present on both, either or neither side ("model" tags as the patch makes them,
+  "random" tags with unordered sentences, "large" sentence ids), dense, gapped, sparse, tied and
+  unsorted positions from 0, a small offset or the top of int32, queries that are a suffix of the keys
+  or free, row/head-strided views (unused parts of the wider buffers hold NaN), caches with spare
+  capacity whose slots past each length hold NaN K/V and visible positions, num_splits 0..4 (and 7, 13),
+  a few softmax scales;
+* row ops: element dtypes float and integer, trailing shapes of rank 0..2, keep densities from none to
+  all, exact and spare capacities, strided sources;
+* bad input, where a backend must raise (``expect`` is not ``"ok"``): cache lengths outside
+  ``[0, S_cap]``, appends past the capacity, compactions that do not fit, and one input on the
+  ``meta`` device among CPU tensors. Only the dispatcher backends (cpu, triton) validate input, so
+  these are drawn only for them (``validating=True``).
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+ATTENTION_DTYPES = ("float32", "float16", "bfloat16")
+ROW_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "bool")
+RULES = (0, 1, 2, 3)  # 0, RULE_HIDE_CONTEXT, RULE_ANCHORS, both
+HEAD_DIMS = {"full": (64, 16, 32, 80, 128), "small": (64, 128)}
+LENGTHS = {"full": (8, 70, 300), "small": (8, 40, 130)}  # tiny, mid, large upper bounds
+MAX_BATCH = {"full": 4, "small": 3}
+
+
+def pick(draw, weighted):
+    """One value of ``[(weight, value), ...]``; shrinks towards the first."""
+    total = sum(w for w, _ in weighted)
+    i = draw(st.integers(0, total - 1))
+    for w, value in weighted:
+        if i < w:
+            return value
+        i -= w
+    raise AssertionError
+
+
+def seq_length(draw, profile: str) -> int:
+    """0, tiny, mid or (rarely; more rarely still for the slow Triton interpreter) large."""
+    tiny, mid, large = LENGTHS[profile]
+    rare = 1 if profile == "full" else 0
+    lo, hi = pick(draw, [(3, (0, 0)), (12, (1, tiny)), (12, (tiny + 1, mid)), (2 + rare, (mid + 1, large))])
+    return draw(st.integers(lo, hi))
+
+
+def batch_size(draw, profile: str) -> int:
+    return pick(draw, [(1, 1), (1, 0), (3, 2), (2, 3), (1, MAX_BATCH[profile])])
+
+
+def heads(draw, profile: str) -> tuple[int, int]:
+    kv_heads = draw(st.integers(1, 3))
+    group = pick(draw, [(6, 1), (6, 2), (4, 3), (4, 4), (1, 0)])  # group 0: zero query heads
+    return kv_heads * group, kv_heads
+
+
+def positions(draw) -> dict:
+    return dict(
+        steps=pick(draw, [(3, "dense"), (3, "gapped"), (2, "sparse"), (1, "ties"), (1, "unsorted")]),
+        base=pick(draw, [(3, "zero"), (2, "small"), (2, "extreme")]),
+    )
+
+
+def tags(draw) -> dict:
+    return dict(
+        q=draw(st.booleans()), k=draw(st.booleans()),
+        kind=pick(draw, [(3, "model"), (2, "random"), (1, "large")]),
+    )
+
+
+ROW_LAYOUTS = [(4, "contig"), (2, "wide_heads"), (1, "row_step"), (1, "head_major")]
+CACHE_LAYOUTS = [(4, "contig"), (1, "wide_cap"), (1, "wide_heads"), (1, "batch_step")]
+
+
+def scale(draw, head_dim: int) -> float:
+    return pick(draw, [(6, head_dim**-0.5), (1, 1.0), (1, 0.02)])
+
+
+def meta_input(draw, validating: bool, names: list[str]) -> str | None:
+    """Rarely, the name of one tensor input to move to the meta device (the op must then raise)."""
+    if not validating or draw(st.integers(0, 29)):
+        return None
+    return draw(st.sampled_from(names))
+
+
+@st.composite
+def varlen_attention(draw, profile="full", validating=True):
+    batch = batch_size(draw, profile)
+    lengths = []
+    for _ in range(batch):
+        nk = seq_length(draw, profile)
+        nq = pick(draw, [(3, nk), (1, min(nk, 1)), (1, None)])
+        lengths.append([draw(st.integers(0, nk)) if nq is None else nq, nk])
+    h, kvh = heads(draw, profile)
+    head_dim = draw(st.sampled_from(HEAD_DIMS[profile]))
+    tag = tags(draw)
+    inputs = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos"] + ["q_tag"] * tag["q"] + ["k_tag"] * tag["k"]
+    return dict(
+        op="varlen_attention", lengths=lengths, heads=h, kv_heads=kvh, head_dim=head_dim,
+        dtype=draw(st.sampled_from(ATTENTION_DTYPES)), rule=draw(st.sampled_from(RULES)), tags=tag,
+        pos=positions(draw), queries=pick(draw, [(4, "suffix"), (1, "free")]),
+        layout=[pick(draw, ROW_LAYOUTS) for _ in "qkv"], scale=scale(draw, head_dim),
+        meta=meta_input(draw, validating, inputs), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@st.composite
+def cache_attention(draw, profile="full", validating=True):
+    batch = batch_size(draw, profile)
+    cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
+    q_lengths = [_draw_range(draw, pick(draw, [(4, min(n, 1)), (2, 1), (2, (0, 8)), (1, (9, 40))])) for n in cache_lengths]
+    capacity = max([0, *cache_lengths]) + _draw_range(draw, _capacity_spare(draw))
+    h, kvh = heads(draw, profile)
+    head_dim = draw(st.sampled_from(HEAD_DIMS[profile]))
+    tag = tags(draw)
+    inputs = ["q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache"]
+    inputs += ["q_tag"] * tag["q"] + ["tag_cache"] * tag["k"]
+    return dict(
+        op="cache_attention", cache_lengths=cache_lengths, q_lengths=q_lengths, heads=h, kv_heads=kvh,
+        capacity=capacity, head_dim=head_dim, dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
+        rule=draw(st.sampled_from(RULES)), tags=tag, pos=positions(draw),
+        queries=pick(draw, [(3, "suffix"), (1, "after"), (1, "free")]),
+        q_layout=pick(draw, ROW_LAYOUTS), cache_layout=pick(draw, CACHE_LAYOUTS),
+        meta_layout=pick(draw, [(3, "contig"), (1, "wide")]), poison=draw(st.booleans()),
+        num_splits=pick(draw, [(3, 0), (2, 1), (2, 2), (1, 3), (1, 4), (1, 7), (1, 13)]), scale=scale(draw, head_dim),
+        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "bad_length")]),
+        meta=meta_input(draw, validating, inputs), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _capacity_spare(draw) -> int:
+    return pick(draw, [(2, 0), (3, (1, 5)), (1, (6, 40))])
+
+
+def _draw_range(draw, v):
+    return draw(st.integers(*v)) if isinstance(v, tuple) else v
+
+
+@st.composite
+def compact_rows(draw, profile="full", validating=True):
+    batch = batch_size(draw, profile)
+    rank = pick(draw, [(2, 1), (2, 2), (1, 0)])
+    return dict(
+        op="compact_rows", lengths=[seq_length(draw, profile) for _ in range(batch)],
+        trailing=[draw(st.integers(1, 9)) for _ in range(rank)], dtype=draw(st.sampled_from(ROW_DTYPES)),
+        keep=pick(draw, [(3, "random"), (1, "none"), (1, "all"), (1, "sparse")]),
+        layout=pick(draw, [(3, "contig"), (1, "row_step"), (1, "wide")]),
+        meta=meta_input(draw, validating, ["x", "cu_seqlens", "keep"]), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@st.composite
+def cache_append(draw, profile="full", validating=True):
+    batch = batch_size(draw, profile)
+    cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
+    new_lengths = [pick(draw, [(3, 1), (2, 0), (3, (2, 8)), (1, (9, 40))]) for _ in range(batch)]
+    new_lengths = [_draw_range(draw, n) for n in new_lengths]
+    needed = max([0, *(a + b for a, b in zip(cache_lengths, new_lengths))])
+    return dict(
+        op="cache_append", cache_lengths=cache_lengths, new_lengths=new_lengths,
+        capacity=needed + _draw_range(draw, _capacity_spare(draw)), kv_heads=draw(st.integers(1, 3)),
+        head_dim=draw(st.sampled_from(HEAD_DIMS["full"])), dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
+        layout=[pick(draw, ROW_LAYOUTS) for _ in "kv"],
+        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "overflow"), (1 if validating else 0, "bad_length")]),
+        meta=meta_input(draw, validating, ["k_cache", "v_cache", "pos_cache", "tag_cache", "k", "v", "pos", "tag",
+                                           "cu_seqlens", "cache_seqlens"]),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@st.composite
+def cache_compact(draw, profile="full", validating=True):
+    batch = batch_size(draw, profile)
+    cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
+    return dict(
+        op="cache_compact", cache_lengths=cache_lengths,
+        old_spare=_draw_range(draw, _capacity_spare(draw)), new_spare=_draw_range(draw, _capacity_spare(draw)),
+        kv_heads=draw(st.integers(1, 3)), head_dim=draw(st.sampled_from(HEAD_DIMS["full"])),
+        dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
+        keep=pick(draw, [(3, "random"), (1, "none"), (1, "all"), (1, "sparse")]),
+        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "bad_length"), (1 if validating else 0, "too_small")]),
+        meta=meta_input(draw, validating, ["k_cache", "v_cache", "pos_cache", "tag_cache", "cache_seqlens", "keep"]),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+STRATEGIES = dict(
+    varlen_attention=varlen_attention, cache_attention=cache_attention, compact_rows=compact_rows,
+    cache_append=cache_append, cache_compact=cache_compact,
+)
+
+
+def spec_strategy(op: str, backend: str):
+    """The specs for ``op`` on ``backend``: small shapes for the Triton interpreter; bad input only
+    for the backends that validate it."""
+    profile = "small" if backend == "triton" else "full"
+    return STRATEGIES[op](profile=profile, validating=backend in ("cpu", "triton"))
