@@ -2,8 +2,8 @@
 ``build.py`` turns into tensors (the tensor contents come from the spec's ``seed``). Specs are plain
 data so a failing case prints as one line that ``worker.py --replay`` runs again.
 
-What the specs cover, per op (all legal per the docstrings of ``skiplayers/ops.py`` unless
-``expect`` says an error is wanted):
+What the specs cover, per op (legal per the docstrings of ``skiplayers/ops.py``, except the
+``bad_input`` specs):
 
 * every op: batch 0..4 with empty sequences, lengths 0..70 and rarely up to 300 (``profile="small"``,
   for the Triton interpreter: up to 40, rarely 130, batch <= 3);
@@ -17,10 +17,10 @@ What the specs cover, per op (all legal per the docstrings of ``skiplayers/ops.p
   a few softmax scales;
 * row ops: element dtypes float and integer, trailing shapes of rank 0..2, keep densities from none to
   all, exact and spare capacities, strided sources;
-* bad input, where a backend must raise (``expect`` is not ``"ok"``): cache lengths outside
-  ``[0, S_cap]``, appends past the capacity, compactions that do not fit, and one input on the
-  ``meta`` device among CPU tensors. Only the dispatcher backends (cpu, triton) validate input, so
-  these are drawn only for them (``validating=True``).
+* bad input (``bad_input``, a separate run), where a backend must raise: cache lengths outside
+  ``[0, S_cap]``, appends past the capacity, compactions that do not fit, and one tensor input on the
+  ``meta`` device among CPU tensors. Only the dispatcher backends (cpu, triton) validate input, so the
+  worker draws these only for them.
 """
 
 from __future__ import annotations
@@ -86,15 +86,8 @@ def scale(draw, head_dim: int) -> float:
     return pick(draw, [(6, head_dim**-0.5), (1, 1.0), (1, 0.02)])
 
 
-def meta_input(draw, validating: bool, names: list[str]) -> str | None:
-    """Rarely, the name of one tensor input to move to the meta device (the op must then raise)."""
-    if not validating or draw(st.integers(0, 29)):
-        return None
-    return draw(st.sampled_from(names))
-
-
 @st.composite
-def varlen_attention(draw, profile="full", validating=True):
+def varlen_attention(draw, profile="full"):
     batch = batch_size(draw, profile)
     lengths = []
     for _ in range(batch):
@@ -104,18 +97,17 @@ def varlen_attention(draw, profile="full", validating=True):
     h, kvh = heads(draw, profile)
     head_dim = draw(st.sampled_from(HEAD_DIMS[profile]))
     tag = tags(draw)
-    inputs = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos"] + ["q_tag"] * tag["q"] + ["k_tag"] * tag["k"]
     return dict(
         op="varlen_attention", lengths=lengths, heads=h, kv_heads=kvh, head_dim=head_dim,
         dtype=draw(st.sampled_from(ATTENTION_DTYPES)), rule=draw(st.sampled_from(RULES)), tags=tag,
         pos=positions(draw), queries=pick(draw, [(4, "suffix"), (1, "free")]),
         layout=[pick(draw, ROW_LAYOUTS) for _ in "qkv"], scale=scale(draw, head_dim),
-        meta=meta_input(draw, validating, inputs), seed=draw(st.integers(0, 2**32 - 1)),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 @st.composite
-def cache_attention(draw, profile="full", validating=True):
+def cache_attention(draw, profile="full"):
     batch = batch_size(draw, profile)
     cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
     q_lengths = [_draw_range(draw, pick(draw, [(4, min(n, 1)), (2, 1), (2, (0, 8)), (1, (9, 40))])) for n in cache_lengths]
@@ -123,18 +115,15 @@ def cache_attention(draw, profile="full", validating=True):
     h, kvh = heads(draw, profile)
     head_dim = draw(st.sampled_from(HEAD_DIMS[profile]))
     tag = tags(draw)
-    inputs = ["q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache"]
-    inputs += ["q_tag"] * tag["q"] + ["tag_cache"] * tag["k"]
     return dict(
         op="cache_attention", cache_lengths=cache_lengths, q_lengths=q_lengths, heads=h, kv_heads=kvh,
         capacity=capacity, head_dim=head_dim, dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
         rule=draw(st.sampled_from(RULES)), tags=tag, pos=positions(draw),
         queries=pick(draw, [(3, "suffix"), (1, "after"), (1, "free")]),
         q_layout=pick(draw, ROW_LAYOUTS), cache_layout=pick(draw, CACHE_LAYOUTS),
-        meta_layout=pick(draw, [(3, "contig"), (1, "wide")]), poison=draw(st.booleans()),
+        pos_layout=pick(draw, [(3, "contig"), (1, "wide")]), poison=draw(st.booleans()),
         num_splits=pick(draw, [(3, 0), (2, 1), (2, 2), (1, 3), (1, 4), (1, 7), (1, 13)]), scale=scale(draw, head_dim),
-        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "bad_length")]),
-        meta=meta_input(draw, validating, inputs), seed=draw(st.integers(0, 2**32 - 1)),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
@@ -147,7 +136,7 @@ def _draw_range(draw, v):
 
 
 @st.composite
-def compact_rows(draw, profile="full", validating=True):
+def compact_rows(draw, profile="full"):
     batch = batch_size(draw, profile)
     rank = pick(draw, [(2, 1), (2, 2), (1, 0)])
     return dict(
@@ -155,12 +144,12 @@ def compact_rows(draw, profile="full", validating=True):
         trailing=[draw(st.integers(1, 9)) for _ in range(rank)], dtype=draw(st.sampled_from(ROW_DTYPES)),
         keep=pick(draw, [(3, "random"), (1, "none"), (1, "all"), (1, "sparse")]),
         layout=pick(draw, [(3, "contig"), (1, "row_step"), (1, "wide")]),
-        meta=meta_input(draw, validating, ["x", "cu_seqlens", "keep"]), seed=draw(st.integers(0, 2**32 - 1)),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 @st.composite
-def cache_append(draw, profile="full", validating=True):
+def cache_append(draw, profile="full"):
     batch = batch_size(draw, profile)
     cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
     new_lengths = [pick(draw, [(3, 1), (2, 0), (3, (2, 8)), (1, (9, 40))]) for _ in range(batch)]
@@ -171,15 +160,12 @@ def cache_append(draw, profile="full", validating=True):
         capacity=needed + _draw_range(draw, _capacity_spare(draw)), kv_heads=draw(st.integers(1, 3)),
         head_dim=draw(st.sampled_from(HEAD_DIMS["full"])), dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
         layout=[pick(draw, ROW_LAYOUTS) for _ in "kv"],
-        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "overflow"), (1 if validating else 0, "bad_length")]),
-        meta=meta_input(draw, validating, ["k_cache", "v_cache", "pos_cache", "tag_cache", "k", "v", "pos", "tag",
-                                           "cu_seqlens", "cache_seqlens"]),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 @st.composite
-def cache_compact(draw, profile="full", validating=True):
+def cache_compact(draw, profile="full"):
     batch = batch_size(draw, profile)
     cache_lengths = [seq_length(draw, profile) for _ in range(batch)]
     return dict(
@@ -188,8 +174,6 @@ def cache_compact(draw, profile="full", validating=True):
         kv_heads=draw(st.integers(1, 3)), head_dim=draw(st.sampled_from(HEAD_DIMS["full"])),
         dtype=draw(st.sampled_from(ATTENTION_DTYPES)),
         keep=pick(draw, [(3, "random"), (1, "none"), (1, "all"), (1, "sparse")]),
-        expect=pick(draw, [(30, "ok"), (1 if validating else 0, "bad_length"), (1 if validating else 0, "too_small")]),
-        meta=meta_input(draw, validating, ["k_cache", "v_cache", "pos_cache", "tag_cache", "cache_seqlens", "keep"]),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -198,10 +182,40 @@ STRATEGIES = dict(
     varlen_attention=varlen_attention, cache_attention=cache_attention, compact_rows=compact_rows,
     cache_append=cache_append, cache_compact=cache_compact,
 )
+# The bad-input kinds of each op besides "meta" (build.py makes the case bad and names the error).
+BAD_KINDS = dict(
+    varlen_attention=[], cache_attention=["bad_length"], compact_rows=[], cache_append=["overflow", "bad_length"],
+    cache_compact=["bad_length", "too_small"],
+)
 
 
-def spec_strategy(op: str, backend: str):
-    """The specs for ``op`` on ``backend``: small shapes for the Triton interpreter; bad input only
-    for the backends that validate it."""
-    profile = "small" if backend == "triton" else "full"
-    return STRATEGIES[op](profile=profile, validating=backend in ("cpu", "triton"))
+def tensor_inputs(spec: dict) -> list[str]:
+    """The names of the op's tensor arguments in ``spec`` (optional tags only when present)."""
+    names = dict(
+        varlen_attention=["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag"],
+        cache_attention=["q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag",
+                         "tag_cache"],
+        compact_rows=["x", "cu_seqlens", "keep"],
+        cache_append=["k_cache", "v_cache", "pos_cache", "tag_cache", "k", "v", "pos", "tag", "cu_seqlens",
+                      "cache_seqlens"],
+        cache_compact=["k_cache", "v_cache", "pos_cache", "tag_cache", "cache_seqlens", "keep"],
+    )[spec["op"]]
+    tags = spec.get("tags", {})
+    return [n for n in names if not (n == "q_tag" and not tags.get("q")) and not (n in ("k_tag", "tag_cache") and not tags.get("k"))]
+
+
+@st.composite
+def bad_input(draw, legal):
+    """A legal spec made bad: one tensor input on the meta device, or an op-specific bad value."""
+    spec = draw(legal)
+    kind = draw(st.sampled_from(["meta", *BAD_KINDS[spec["op"]]]))
+    if kind == "meta":
+        return dict(spec, meta=draw(st.sampled_from(tensor_inputs(spec))))
+    return dict(spec, expect=kind)
+
+
+def spec_strategy(op: str, backend: str, bad: bool = False):
+    """Legal specs for ``op`` on ``backend`` (small shapes for the Triton interpreter), or with
+    ``bad=True`` bad-input specs (drawn only for the backends that validate input: cpu, triton)."""
+    legal = STRATEGIES[op](profile="small" if backend == "triton" else "full")
+    return bad_input(legal) if bad else legal
