@@ -17,7 +17,7 @@ What the specs cover, per op (legal per the docstrings of ``skiplayers/ops.py``,
   a few softmax scales;
 * row ops: element dtypes float and integer, trailing shapes of rank 0..2, keep densities from none to
   all, exact and spare capacities, strided sources;
-* bad input (``bad_input``, a separate run), where a backend must raise: cache lengths outside
+* bad input (``bad_input``, a separate run per kind), where a backend must raise: cache lengths outside
   ``[0, S_cap]``, appends past the capacity, compactions that do not fit, and one tensor input on the
   ``meta`` device among CPU tensors. Only the dispatcher backends (cpu, triton) validate input, so the
   worker draws these only for them.
@@ -205,17 +205,21 @@ def tensor_inputs(spec: dict) -> list[str]:
 
 
 @st.composite
-def bad_input(draw, legal):
-    """A legal spec made bad: one tensor input on the meta device, or an op-specific bad value."""
+def bad_input(draw, legal, kind: str):
+    """A legal spec made bad: one tensor input on the meta device (``kind="meta"``), or one of the
+    op's ``BAD_KINDS`` (build.py makes the values bad and names the error wanted)."""
     spec = draw(legal)
-    kind = draw(st.sampled_from(["meta", *BAD_KINDS[spec["op"]]]))
     if kind == "meta":
         return dict(spec, meta=draw(st.sampled_from(tensor_inputs(spec))))
     return dict(spec, expect=kind)
 
 
-def spec_strategy(op: str, backend: str, bad: bool = False):
-    """Legal specs for ``op`` on ``backend`` (small shapes for the Triton interpreter), or with
-    ``bad=True`` bad-input specs (drawn only for the backends that validate input: cpu, triton)."""
+def bad_kinds(op: str) -> list[str]:
+    return ["meta", *BAD_KINDS[op]]
+
+
+def spec_strategy(op: str, backend: str, bad: str | None = None):
+    """Legal specs for ``op`` on ``backend`` (small shapes for the Triton interpreter), or bad-input
+    specs of kind ``bad`` (one of ``bad_kinds(op)``; drawn only for the backends that validate input)."""
     legal = STRATEGIES[op](profile="small" if backend == "triton" else "full")
-    return bad_input(legal) if bad else legal
+    return legal if bad is None else bad_input(legal, bad)

@@ -2,6 +2,7 @@
 
     python tests/fuzz/worker.py --op varlen_attention --backend cpu --seed 1 --examples 200 \\
         --summary out.json --case-log case.json
+    python tests/fuzz/worker.py --backend cpu --serve      # batches requested as JSON lines on stdin
     python tests/fuzz/worker.py --backend cpu --replay '<spec json>'     # one case, in this process
 
 Hypothesis runs here; every case runs in an *executor*, a child forked from this process after torch,
@@ -9,6 +10,10 @@ skiplayers and the backend are imported (so a restart costs milliseconds). When 
 executor (a signal such as SIGSEGV or SIGFPE) or hangs, the worker starts a new one and reports the
 case as a failure, so Hypothesis shrinks crashes like any other failure. Before each case the spec is
 written to ``--case-log`` (and flushed): if the worker itself dies, the parent prints the last case.
+
+``--serve`` keeps one worker per backend for a whole pytest session (importing skiplayers takes seconds):
+each stdin line is a JSON object of the batch options (op, seed, examples, summary, case_log); the
+summary goes to its file and ``FUZZ-DONE`` to stdout.
 
 Failure kinds (Hypothesis shrinks each kind separately): ``crash``, ``hang``, ``mismatch`` (wrong answer
 or an input written to), ``refused`` (a legal input raised), ``accepted`` (bad input did not raise).
@@ -58,18 +63,29 @@ class Accepted(CaseFailure):
 
 
 FAILURES = {c.kind: c for c in (CaseFailure, Crash, Hang, Refused, Accepted)}
-_CRASHES: dict[str, type] = {}
+_SUBCLASSES: dict[str, type] = {}
 
 
-def failure_class(result: dict) -> type:
-    """The exception for a failed case. Each signal gets its own ``Crash`` subclass: Hypothesis tells
-    bugs apart by exception type, so a SIGFPE and a SIGSEGV are shrunk and reported separately."""
-    if result["kind"] != "crash":
-        return FAILURES[result["kind"]]
-    name = result["signal"]
-    if name not in _CRASHES:
-        _CRASHES[name] = type(f"Crash_{name.replace(' ', '_')}", (Crash,), {})
-    return _CRASHES[name]
+def failure_key(result: dict, spec: dict) -> str:
+    """Which bug a failed case shows: its kind, the signal of a crash, the bad-input kind of an
+    accepted bad input (a meta tensor accepted and a bad length accepted are different bugs)."""
+    if result["kind"] == "crash":
+        return f"crash {result['signal']}"
+    if result["kind"] == "accepted":
+        return "accepted meta" if spec.get("meta") else f"accepted {spec.get('expect')}"
+    return result["kind"]
+
+
+def failure_class(key: str) -> type:
+    """The exception for a failed case: one class per ``failure_key``, because Hypothesis tells bugs
+    apart by exception type, so that each is shrunk and reported separately."""
+    kind = key.split()[0]
+    if key == kind:
+        return FAILURES[kind]
+    if key not in _SUBCLASSES:
+        name = "".join(w.capitalize() for w in key.replace("_", " ").split())
+        _SUBCLASSES[key] = type(name, (FAILURES[kind],), {})
+    return _SUBCLASSES[key]
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -159,8 +175,9 @@ def coverage(spec: dict) -> list[str]:
     labels += ["empty seq"] * (0 in flat) + ["len>70"] * any(n > 70 for n in flat)
     labels += ["heads=0"] * (spec.get("heads") == 0)
     labels += ["int32-top pos"] * (spec.get("pos", {}).get("base") == "extreme")
-    layouts = [spec.get(k) for k in ("q_layout", "cache_layout")] + list(spec.get("layout") or [])
-    labels += ["strided"] * any(x not in (None, "contig") for x in layouts if isinstance(x, str))
+    layout = spec.get("layout") or []
+    layouts = [spec.get("q_layout"), spec.get("cache_layout"), *([layout] if isinstance(layout, str) else layout)]
+    labels += ["strided"] * any(x not in (None, "contig") for x in layouts)
     labels += ["bad input"] * (spec.get("expect", "ok") != "ok") + ["meta input"] * bool(spec.get("meta"))
     if "rule" in spec:
         labels.append(f"rule {spec['rule']}")
@@ -168,8 +185,9 @@ def coverage(spec: dict) -> list[str]:
 
 
 def run_batch(args) -> dict:
-    """Legal specs (``args.examples``), then, on the validating backends, bad-input specs (a sixth as
-    many, at least 12) in a second Hypothesis run, so that one kind of bug cannot hide the other."""
+    """Legal specs (``args.examples``), then, on the validating backends, bad-input specs of each kind
+    (``specs.bad_kinds``; a twelfth as many, at least 8), each kind in its own Hypothesis run so that
+    one bug cannot stop the search for another."""
     import specs  # noqa: PLC0415
 
     if args.backend == "triton":
@@ -178,9 +196,9 @@ def run_batch(args) -> dict:
     stats = dict(cases=Counter(), worst_ratio=0.0, worst_spec=None, coverage=Counter())
     failures, reports = [], []
     start = time.time()
-    runs = [("legal", args.examples, False)]
+    runs = [("legal", args.examples, None)]
     if args.backend in ("cpu", "triton"):
-        runs.append(("bad input", max(12, args.examples // 6), True))
+        runs += [(f"bad input ({kind})", max(8, args.examples // 12), kind) for kind in specs.bad_kinds(args.op)]
     try:
         for name, examples, bad in runs:
             failed, report = _run_hypothesis(args, specs.spec_strategy(args.op, args.backend, bad=bad), examples,
@@ -201,7 +219,7 @@ def _run_hypothesis(args, strategy, examples: int, executor: Executor, stats: di
     """One Hypothesis run; returns (the minimal failing case of each failure kind, Hypothesis' report)."""
     from hypothesis import HealthCheck, Phase, given, seed, settings, target  # noqa: PLC0415
 
-    failures: dict[str, dict] = {}  # kind (and signal) -> the last failing case: after shrinking, the minimal one
+    failures: dict[str, dict] = {}  # failure_key -> the last failing case: after shrinking, the minimal one
 
     @seed(args.seed)
     @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
@@ -216,8 +234,9 @@ def _run_hypothesis(args, strategy, examples: int, executor: Executor, stats: di
         stats["coverage"].update(coverage(spec))
         result = executor.run(spec)
         if "kind" in result:
-            failures[result["kind"] + result.get("signal", "")] = dict(result, spec=spec)
-            raise failure_class(result)(result["message"])
+            key = failure_key(result, spec)
+            failures[key] = dict(result, key=key, spec=spec)
+            raise failure_class(key)(result["message"])
         if result["ratio"] > 0:
             target(result["ratio"], label="error/bound")
         if result["ratio"] >= stats["worst_ratio"]:
@@ -240,8 +259,17 @@ def main() -> int:
     p.add_argument("--case-log", default=os.devnull, help="the spec of the case running now")
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case counts as a hang")
     p.add_argument("--replay", help="run this one spec (JSON) in this process and print the outcome")
+    p.add_argument("--serve", action="store_true", help="run the batches requested on stdin, one JSON line each")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.serve:
+        for line in sys.stdin:
+            request = vars(args) | json.loads(line)
+            summary = run_batch(argparse.Namespace(**request))
+            with open(request["summary"], "w") as f:
+                json.dump(summary, f, indent=1)
+            print("FUZZ-DONE", flush=True)
+        return 0
     if args.replay:
         spec = json.loads(args.replay)
         print(json.dumps(evaluate(spec, sk_ops.get_ops(args.backend))))
