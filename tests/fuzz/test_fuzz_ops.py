@@ -11,6 +11,7 @@ Environment:
                             cores; 10000 or more on demand), shared out as in ``SHARES``
   SKIPLAYERS_FUZZ_SEED      the Hypothesis seed (default: a new random one, printed, per run)
   SKIPLAYERS_FUZZ_REPORT    a path: every batch's JSON summary is appended to it, one per line
+  SKIPLAYERS_FUZZ_TARGET=1  steer the search towards large error/bound ratios (``hypothesis.target``)
 
 The counts and the worst error/bound ratio of each batch appear in the terminal summary
 ("skiplayers fuzz"), whatever the verbosity.
@@ -120,7 +121,7 @@ def _run_batch(workers: dict, op: str, backend: str, tmp_path) -> tuple[int | No
         workers[backend] = Worker(backend)
     n = examples(backend)
     request = dict(op=op, seed=SEED, examples=n, summary=str(tmp_path / "summary.json"),
-                   case_log=str(tmp_path / "case.json"))
+                   case_log=str(tmp_path / "case.json"), target=os.environ.get("SKIPLAYERS_FUZZ_TARGET") == "1")
     rc, output = workers[backend].run(request, timeout=600 + 3 * n)  # past this, the worker itself hangs
     return rc, output, " ".join(workers[backend].cmd) + " <<< " + json.dumps(request)
 

@@ -180,7 +180,9 @@ def coverage(spec: dict) -> list[str]:
     labels += ["strided"] * any(x not in (None, "contig") for x in layouts)
     labels += ["bad input"] * (spec.get("expect", "ok") != "ok") + ["meta input"] * bool(spec.get("meta"))
     if "rule" in spec:
-        labels.append(f"rule {spec['rule']}")
+        tags = spec["tags"]
+        labels += [f"rule {spec['rule']}", {(True, True): "tags both", (True, False): "tags q only",
+                                             (False, True): "tags k only", (False, False): "tags none"}[tags["q"], tags["k"]]]
     return labels
 
 
@@ -193,9 +195,12 @@ def run_batch(args) -> dict:
     if args.backend == "triton":
         sk_ops.get_ops("triton")  # import triton and the kernels once, before forking
     executor = Executor(args.backend, args.case_timeout)
-    stats = dict(cases=Counter(), worst_ratio=0.0, worst_spec=None, coverage=Counter())
+    stats = dict(cases=Counter(), worst_ratio=0.0, worst_spec=None, coverage=Counter(), case_log=args.case_log)
     failures, reports = [], []
     start = time.time()
+    for spec in specs.edge_specs(args.op, args.backend):
+        failure = _run_edge(spec, executor, stats)
+        failures += [failure] if failure and failure["key"] not in {f["key"] for f in failures} else []
     runs = [("legal", args.examples, None)]
     if args.backend in ("cpu", "triton"):
         runs += [(f"bad input ({kind})", max(8, args.examples // 12), kind) for kind in specs.bad_kinds(args.op)]
@@ -215,6 +220,29 @@ def run_batch(args) -> dict:
     )
 
 
+def _run_edge(spec: dict, executor: Executor, stats: dict) -> dict | None:
+    """One fixed case (``specs.edge_specs``); returns its failure, if any (already minimal: not shrunk)."""
+    _log_case(spec, stats, "edge")
+    result = executor.run(spec)
+    if "kind" in result:
+        return dict(result, key=failure_key(result, spec), spec=spec, run="edge")
+    _note_ratio(result["ratio"], spec, stats)
+    return None
+
+
+def _log_case(spec: dict, stats: dict, run: str) -> None:
+    with open(stats["case_log"], "w") as f:
+        f.write(json.dumps(spec) + "\n")
+        f.flush()
+    stats["cases"][run] += 1
+    stats["coverage"].update(coverage(spec))
+
+
+def _note_ratio(ratio: float, spec: dict, stats: dict) -> None:
+    if ratio >= stats["worst_ratio"]:
+        stats["worst_ratio"], stats["worst_spec"] = ratio, spec
+
+
 def _run_hypothesis(args, strategy, examples: int, executor: Executor, stats: dict, name: str):
     """One Hypothesis run; returns (the minimal failing case of each failure kind, Hypothesis' report)."""
     from hypothesis import HealthCheck, Phase, given, seed, settings, target  # noqa: PLC0415
@@ -227,20 +255,15 @@ def _run_hypothesis(args, strategy, examples: int, executor: Executor, stats: di
               phases=(Phase.explicit, Phase.generate, Phase.target, Phase.shrink))
     @given(strategy)
     def fuzz(spec):
-        with open(args.case_log, "w") as f:
-            f.write(json.dumps(spec) + "\n")
-            f.flush()
-        stats["cases"][name] += 1
-        stats["coverage"].update(coverage(spec))
+        _log_case(spec, stats, name)
         result = executor.run(spec)
         if "kind" in result:
             key = failure_key(result, spec)
             failures[key] = dict(result, key=key, spec=spec)
             raise failure_class(key)(result["message"])
-        if result["ratio"] > 0:
+        if args.target and result["ratio"] > 0:
             target(result["ratio"], label="error/bound")
-        if result["ratio"] >= stats["worst_ratio"]:
-            stats["worst_ratio"], stats["worst_spec"] = result["ratio"], spec
+        _note_ratio(result["ratio"], spec, stats)
 
     try:
         fuzz()
@@ -258,6 +281,8 @@ def main() -> int:
     p.add_argument("--summary", help="where to write the JSON summary")
     p.add_argument("--case-log", default=os.devnull, help="the spec of the case running now")
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case counts as a hang")
+    p.add_argument("--target", action="store_true", help="steer Hypothesis towards large error/bound ratios "
+                   "(hypothesis.target; finds tolerance trouble sooner but narrows the search)")
     p.add_argument("--replay", help="run this one spec (JSON) in this process and print the outcome")
     p.add_argument("--serve", action="store_true", help="run the batches requested on stdin, one JSON line each")
     args = p.parse_args()
