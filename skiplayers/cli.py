@@ -1,4 +1,4 @@
-"""Command line: ``skiplayers demo`` and ``skiplayers prepare-model``."""
+"""Command line: ``skiplayers demo``, ``skiplayers calibrate`` and ``skiplayers prepare-model``."""
 
 from __future__ import annotations
 
@@ -80,11 +80,59 @@ def demo(args) -> int:
     return 0
 
 
+def calibrate_cmd(args) -> int:
+    from .calibration import calibrate, get_metric, get_policy, load_model_and_tokenizer
+    from .tasks import TaskFileError
+
+    tasks = args.task if args.task is not None else args.tasks
+    if tasks is None or (args.task is not None and args.tasks is not None):
+        print("skiplayers calibrate: give exactly one of TASKS.jsonl or --task builtin:NAME", file=sys.stderr)
+        return 2
+    try:
+        get_policy(args.policy)  # refuse unknown names before loading anything
+        get_metric(args.metric)
+    except (ValueError, ImportError) as err:
+        print(f"skiplayers calibrate: {err}", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    try:
+        result = calibrate(model, tokenizer, tasks, args.out, policy=args.policy, budget=args.budget,
+                           layers=args.layers, metric=args.metric, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, verify=args.verify, backend=args.backend)
+    except (TaskFileError, ValueError) as err:
+        print(f"skiplayers calibrate: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{'setting':>8} {'score':>7} {'savings':>8}")
+    for p in result["curve"]:
+        mark = "  <- recommended" if p["setting"] == result["recommended"] else ""
+        print(f"{p['setting']:>8} {p['score']:7.3f} {p['savings']:8.3f}{mark}")
+    print(f"full model: {result['full_score']:.3f}; budget {result['budget']:g} -> threshold {result['threshold']:.3f}")
+    if result["uninformative"]:
+        print("UNINFORMATIVE: the full model scores 0 on this task; no recommendation.")
+    elif result["recommended"] is None:
+        print(f"no recommendation: {result['reason']}")
+    else:
+        bound = result.get("recommended_bound")
+        extra = f", prefill token-layer bound {bound:.2f}x" if bound else ""
+        print(f"recommended {args.policy} setting: {result['recommended']}{extra}")
+    if "verify" in result:
+        print(f"masked-model check: {result['verify']['summary']}")
+    print(f"wrote {args.out}/calibration.json and calibration.png ({result['seconds']:.1f} s)")
+    return 0
+
+
 def prepare_model(args) -> int:
     from skiplayers.models import prepare_default_model
 
     print(prepare_default_model())
     return 0
+
+
+def _builtin_names():
+    from .tasks import BUILTIN_TASKS
+
+    return list(BUILTIN_TASKS)
 
 
 def main(argv=None) -> int:
@@ -96,6 +144,23 @@ def main(argv=None) -> int:
     p_demo.add_argument("--runs", type=int, default=5, help="interleaved timing runs (medians)")
     p_demo.add_argument("--backend", default=None, help="torch | cpu | triton | cuda (default: fastest)")
     p_demo.set_defaults(fn=demo)
+    p_cal = sub.add_parser("calibrate", help="find the cheapest setting that keeps a task's score within a budget")
+    p_cal.add_argument("tasks", nargs="?", help="TASKS.jsonl: one {instructions, examples, query, answer} per line")
+    p_cal.add_argument("--task", help="a task file or builtin:NAME (" + ", ".join(
+        "builtin:" + n for n in _builtin_names()) + ")")
+    p_cal.add_argument("--policy", default="context-stop", help="what to sweep (only context-stop exists now)")
+    p_cal.add_argument("--budget", type=float, default=0.95, help="keep score >= budget x full score (default 0.95)")
+    p_cal.add_argument("--out", required=True, help="output directory (also the resumable cache)")
+    p_cal.add_argument("--layers", default=None, help="a:b or a:b:step, like a Python slice over 0..L "
+                       "(default: 0:L:ceil(L/15), refined to step 1 below the recommendation)")
+    p_cal.add_argument("--metric", default="exact", help="exact | chrf | bleu (chrf/bleu need sacrebleu)")
+    p_cal.add_argument("--batch-size", type=int, default=8)
+    p_cal.add_argument("--max-new-tokens", type=int, default=16)
+    p_cal.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2)")
+    p_cal.add_argument("--backend", default=None, help="torch | cpu | triton | cuda (default: fastest)")
+    p_cal.add_argument("--verify", action="store_true",
+                       help="check the recommendation with the slow masked model (at ℓ and ℓ-1)")
+    p_cal.set_defaults(fn=calibrate_cmd)
     p_prep = sub.add_parser("prepare-model", help="convert the default model to a local safetensors copy")
     p_prep.set_defaults(fn=prepare_model)
     args = parser.parse_args(argv)
