@@ -538,6 +538,15 @@ def plot_curve(result: dict, path) -> Path:
     return path
 
 
+SHIPPED_FILE = Path(__file__).with_name("calibrated.json")
+
+
+def shipped_calibration() -> dict:
+    """What calibration found for the built-in tasks on the default model (``skiplayers/calibrated.json``,
+    written by ``benchmarks/calibrate_builtin.py``; installed with the package)."""
+    return json.loads(SHIPPED_FILE.read_text(encoding="utf-8"))
+
+
 def load_model_and_tokenizer(path: str | None):
     """The default model, or a local Hugging Face checkpoint directory (offline)."""
     if path is None:
