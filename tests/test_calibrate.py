@@ -294,3 +294,48 @@ def test_resume_reuses_cached_settings_and_never_a_stale_cache(tiny, tmp_path, m
     calls.clear()
     sk.calibrate(model, tokenizer, items, tmp_path, **kw)
     assert calls == [3]
+
+
+# --- the default model ---------------------------------------------------------------------------
+
+
+def test_shipped_calibration_is_consistent():
+    shipped = cal.shipped_calibration()
+    assert shipped["demo_task"] in shipped["tasks"]
+    for name, row in shipped["tasks"].items():
+        assert name in BUILTIN_TASKS and row["num_items"] == len(load_tasks(f"builtin:{name}")[1])
+        if row.get("recommended") is not None:
+            assert 0 <= row["recommended"] < 30
+            assert row["score_at_recommended"] >= row["budget"] * row["full_score"] - 1e-9
+            assert row["bound"] == pytest.approx(1 / (1 - row["savings"]))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return sk.load_default_model(), sk.load_default_tokenizer()
+
+
+@pytest.mark.slow
+def test_smollm2_short_calibration_matches_masked_model(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    items = [it.to_json() for it in load_tasks("builtin:next_month_or_day")[1][:8]]
+    res = sk.calibrate(model, tokenizer, items, tmp_path, layers="18:19", max_new_tokens=6, verify=True,
+                       budget=0.01, progress=False, log=lambda *a: None)
+    assert res["full_score"] > 0 and res["recommended"] == 18
+    assert [c["setting"] for c in res["verify"]["checked"]] == [18, 17]
+    assert res["verify"]["passed"] is True, res["verify"]["summary"]
+
+
+@pytest.mark.slow
+def test_demo_task_answers_agree_with_the_full_model(smollm2):
+    from skiplayers.cli import DEMO_ITEMS
+    from skiplayers.tasks import builtin_task
+
+    model, tokenizer = smollm2
+    shipped = cal.shipped_calibration()
+    task = shipped["demo_task"]
+    prep = cal.prepare(tokenizer, builtin_task(task)[:DEMO_ITEMS], DEMO_ITEMS, 8, None)
+    full = cal.generate_outputs(model, tokenizer, prep, None, 8)
+    stop = cal.generate_outputs(model, tokenizer, prep, sk.SkipPolicy(context_stop_layer=shipped["tasks"][task]
+                                                                      ["recommended"]), 8)
+    assert stop == full
