@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=100, help="RSS reference point (calls)")
     parser.add_argument("--sample-every", type=int, default=10)
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS growth after warm-up")
-    parser.add_argument("--max-examples", type=int, default=20, help="few-shot examples per prompt: 0..this")
+    parser.add_argument("--max-examples", type=int, default=8, help="few-shot examples per prompt: 0..this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(RESULTS, "soak"), help="path prefix of .json/.png")
     args = parser.parse_args(argv)

@@ -4,16 +4,18 @@
 #   scripts/sanitize.sh                      build, self-test, run the CPU op / model / fuzz tests
 #   SANITIZE_PYTEST_ARGS="-k anchors -x" scripts/sanitize.sh     extra pytest arguments
 #   SANITIZE_TESTS="tests/test_ops_cpu.py" scripts/sanitize.sh   other test files (default below)
+#   SANITIZE_K="" scripts/sanitize.sh        the -k filter (default "not torch": the pure-PyTorch
+#                                            backend runs no code of ours built with sanitizers)
 #
 # 1. Builds skiplayers._C CPU-only with -fsanitize=address,undefined -fno-sanitize-recover=all -O1 -g
 #    (setup.py, SKIPLAYERS_SANITIZE=1) out of tree, in build/sanitize/; the normal
 #    skiplayers/_C*.so is never touched. Ninja rebuilds only what changed.
 # 2. Stages a package build/sanitize/stage/skiplayers: symlinks to the checkout's Python sources plus
-#    the sanitized _C, and triton_kernels/ beside it (skiplayers/_source_tree.py maps
-#    skiplayers.triton_kernels to ../triton_kernels of the package). It goes first on PYTHONPATH, and
-#    Python runs with -P so the checkout's own skiplayers/ (cwd) is not imported instead; a pytest
-#    plugin (scripts/sanitize/plugin.py) refuses to run unless the sanitized _C and the ASan runtime
-#    are the ones loaded.
+#    the sanitized _C, with triton_kernels/, tests/, csrc/ and pytest.ini linked beside it, so that
+#    every path derived from a file's location (skiplayers/_source_tree.py, the fuzz workers, which
+#    put their repository root first on PYTHONPATH) lands in the stage. Tests run from the stage, it
+#    is first on PYTHONPATH, and Python runs with -P; a pytest plugin (scripts/sanitize/plugin.py)
+#    refuses to run unless the sanitized _C and the ASan runtime are the ones loaded.
 # 3. Self-test: planted bugs (scripts/sanitize/selftest.cpp: heap overflow, use after free, signed
 #    overflow, null read) compiled with the same flags and called from Python under the same
 #    preload and options must each abort with a report; otherwise the set-up is broken.
@@ -50,12 +52,15 @@ SKIPLAYERS_SANITIZE=1 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build
 SO=$(ls "$OUT"/lib/skiplayers/_C*.so)
 
 step "staging build/sanitize/stage (sources linked, sanitized _C)"
+# A mirror of the checkout whose skiplayers/ holds the sanitized _C: code that derives the repository
+# root from its own path (tests, the fuzz workers that put that root first on PYTHONPATH,
+# skiplayers/_source_tree.py) finds the stage, never the checkout's normal extension.
 rm -rf "$STAGE"
 mkdir -p "$STAGE/skiplayers"
 for f in "$ROOT"/skiplayers/*.py; do ln -s "$f" "$STAGE/skiplayers/"; done
 for d in "$ROOT"/skiplayers/*/; do d="${d%/}"; [ "$(basename "$d")" = __pycache__ ] || ln -s "$d" "$STAGE/skiplayers/"; done
 ln -s "$SO" "$STAGE/skiplayers/"
-ln -s "$ROOT/triton_kernels" "$STAGE/triton_kernels"
+for p in triton_kernels tests csrc pytest.ini; do ln -s "$ROOT/$p" "$STAGE/$p"; done
 ln -s "$ROOT/scripts/sanitize/plugin.py" "$STAGE/_sanitize_plugin.py"
 
 # --- the sanitizer environment --------------------------------------------------------------
@@ -96,7 +101,7 @@ for fn in heap_overflow use_after_free signed_overflow null_read; do
 done
 
 step "preflight: the sanitized extension is the one Python imports"
-(cd "$OUT" && sanitized "$PY" -P -c "import skiplayers._C as c, os, sys; p = os.path.realpath(c.__file__); print('   skiplayers._C =', p); sys.exit(p != os.path.realpath(sys.argv[1]))" "$SO")
+(cd "$STAGE" && sanitized "$PY" -P -c "import skiplayers._C as c, os, sys; p = os.path.realpath(c.__file__); print('   skiplayers._C =', p); sys.exit(p != os.path.realpath(sys.argv[1]))" "$SO")
 
 step "tests/cpp/index_math_test.cpp (torch-free index math) built and run with the same sanitizers"
 g++ -std=c++17 -Wall -Werror "${SAN_FLAGS[@]}" -I csrc/include tests/cpp/index_math_test.cpp -o "$OUT/index_math_test"
@@ -104,15 +109,19 @@ g++ -std=c++17 -Wall -Werror "${SAN_FLAGS[@]}" -I csrc/include tests/cpp/index_m
 ! grep -Eq "$REPORT_MARKERS" "$OUT/index_math_test.log" || { cat "$OUT/index_math_test.log"; exit 1; }
 echo "   passed, no report"
 
-step "pytest under ASan+UBSan: $SANITIZE_TESTS ${SANITIZE_PYTEST_ARGS:-}"
+SANITIZE_K="${SANITIZE_K-not torch}"
+K_FILTER=()
+[ -n "$SANITIZE_K" ] && K_FILTER=(-k "$SANITIZE_K")
+step "pytest under ASan+UBSan: $SANITIZE_TESTS ${K_FILTER[*]:-} ${SANITIZE_PYTEST_ARGS:-}"
 LOG="$OUT/pytest.log"
+cd "$STAGE"   # test paths are relative to the repository root, which the stage mirrors
 set +e
 # --capture=sys: pytest must not capture fd 2, or a report printed just before the abort is lost
 #   with the capture file. -p no:faulthandler: Python's SIGSEGV handler would run before ASan's and
 #   garble its report.
 # shellcheck disable=SC2086
 sanitized "$PY" -P -m pytest -p _sanitize_plugin -p no:faulthandler -p no:cacheprovider --capture=sys \
-  -q -rs -m "not cuda and not triton" \
+  -q -rs -m "not cuda and not triton" ${K_FILTER[@]+"${K_FILTER[@]}"} \
   $SANITIZE_TESTS ${SANITIZE_PYTEST_ARGS:-} 2>&1 | tee "$LOG"
 RC=${PIPESTATUS[0]}
 set -e
