@@ -119,12 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS growth after warm-up")
     parser.add_argument("--max-examples", type=int, default=8, help="few-shot examples per prompt: 0..this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "soak"), help="path prefix of .json/.png")
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.calls:
         parser.error("need 0 < --warmup < --calls")
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     model = sk.load_default_model()
     tok = sk.load_default_tokenizer()

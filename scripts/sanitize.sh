@@ -44,6 +44,10 @@ if [ -z "${SANITIZE_TESTS:-}" ]; then
   for f in tests/test_fuzz*.py; do [ -e "$f" ] && SANITIZE_TESTS+=" $f"; done
 fi
 
+# The fuzz suite under sanitizers looks for memory errors, not for rare numerical cases (the normal
+# test run fuzzes with its full budget): a smaller default budget keeps this run short.
+export SKIPLAYERS_FUZZ_EXAMPLES="${SKIPLAYERS_FUZZ_EXAMPLES:-600}"
+
 step() { echo "== [$(( $(date +%s) - START ))s] $*"; }
 
 step "building the sanitized CPU extension in build/sanitize/ (MAX_JOBS=$MAX_JOBS)"
