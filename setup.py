@@ -4,6 +4,8 @@
 * CUDA kernels (csrc/cuda/*.cu) are built when the installed torch is a CUDA build and a CUDA
   toolkit (nvcc) is found. No GPU is needed or queried: this is decided from torch's build and the
   toolkit on disk. ``SKIPLAYERS_NO_CUDA=1`` forces a CPU-only build.
+* ``SKIPLAYERS_SANITIZE=1``: a CPU-only build instrumented with AddressSanitizer and
+  UndefinedBehaviorSanitizer (used by scripts/sanitize.sh, which builds it out of tree).
 * Architectures: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
@@ -33,8 +35,13 @@ def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+SANITIZE = os.environ.get("SKIPLAYERS_SANITIZE") == "1"
+# -fno-sanitize-recover=all: every UBSan finding aborts (a report is a failure, never a warning).
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
 def cuda_wanted() -> bool:
-    if os.environ.get("SKIPLAYERS_NO_CUDA") == "1":
+    if SANITIZE or os.environ.get("SKIPLAYERS_NO_CUDA") == "1":
         return False
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(rel("csrc/cuda/*.cu"))
 
@@ -51,6 +58,9 @@ def extension():
     # -fopenmp: at::parallel_for is header-inline OpenMP; without the flag it silently runs serially.
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     link_flags = ["-fopenmp"]
+    if SANITIZE:
+        cxx_flags = ["-O1", "-g"] + SANITIZE_FLAGS + cxx_flags[1:]
+        link_flags = link_flags + SANITIZE_FLAGS
     if not cuda_wanted():
         return cpp_extension.CppExtension(
             "skiplayers._C",
@@ -83,8 +93,10 @@ setup(
     python_requires=">=3.10",
     packages=["skiplayers", "skiplayers.patching", "skiplayers.triton_kernels"],
     package_dir={"skiplayers.triton_kernels": "triton_kernels"},
+    package_data={"skiplayers": ["calibrated.json"]},  # the demo's calibrated layer
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["skiplayers=skiplayers.cli:main"]},
-    install_requires=["torch", "transformers", "safetensors", "tqdm"],
+    install_requires=["torch", "transformers", "safetensors", "tqdm", "matplotlib"],
+    extras_require={"metrics": ["sacrebleu"]},
 )
