@@ -115,7 +115,7 @@ def _serve(conn, parent_end, backend: str) -> None:
     while True:
         try:
             spec = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the worker closed its end, or died
             return
         conn.send(evaluate(spec, ops))
 
