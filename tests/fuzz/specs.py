@@ -81,6 +81,15 @@ ROW_LAYOUTS = [(4, "contig"), (2, "wide_heads"), (1, "row_step"), (1, "head_majo
 CACHE_LAYOUTS = [(4, "contig"), (1, "wide_cap"), (1, "wide_heads"), (1, "batch_step")]
 
 
+def _capacity_spare(draw):
+    """Spare slots past what a cache needs: none (exactly full), a few, or many."""
+    return pick(draw, [(2, 0), (3, (1, 5)), (1, (6, 40))])
+
+
+def _draw_range(draw, v):
+    return draw(st.integers(*v)) if isinstance(v, tuple) else v
+
+
 def scale(draw, head_dim: int) -> float:
     return pick(draw, [(6, head_dim**-0.5), (1, 1.0), (1, 0.02)])
 
@@ -124,14 +133,6 @@ def cache_attention(draw, profile="full"):
         num_splits=pick(draw, [(3, 0), (2, 1), (2, 2), (1, 3), (1, 4), (1, 7), (1, 13)]), scale=scale(draw, head_dim),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
-
-
-def _capacity_spare(draw) -> int:
-    return pick(draw, [(2, 0), (3, (1, 5)), (1, (6, 40))])
-
-
-def _draw_range(draw, v):
-    return draw(st.integers(*v)) if isinstance(v, tuple) else v
 
 
 @st.composite
