@@ -93,8 +93,10 @@ setup(
     python_requires=">=3.10",
     packages=["skiplayers", "skiplayers.patching", "skiplayers.triton_kernels"],
     package_dir={"skiplayers.triton_kernels": "triton_kernels"},
+    package_data={"skiplayers": ["calibrated.json"]},  # the demo's calibrated layer
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["skiplayers=skiplayers.cli:main"]},
-    install_requires=["torch", "transformers", "safetensors", "tqdm"],
+    install_requires=["torch", "transformers", "safetensors", "tqdm", "matplotlib"],
+    extras_require={"metrics": ["sacrebleu"]},
 )

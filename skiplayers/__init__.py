@@ -15,6 +15,7 @@ from . import _source_tree
 _source_tree.install()  # source checkouts: `skiplayers.triton_kernels` is the top-level triton_kernels/
 
 from .anchors import anchor_ids  # noqa: E402
+from .calibration import calibrate  # noqa: E402
 from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
@@ -26,6 +27,7 @@ __all__ = [
     "anchor_ids",
     "SkipCache",
     "SkipPolicy",
+    "calibrate",
     "fewshot_batch",
     "is_patched",
     "load_default_model",

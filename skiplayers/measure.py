@@ -25,13 +25,18 @@ def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
+def context_stop_savings(context_lengths, total_lengths, num_layers: int, stop_layer: int) -> float:
+    """Fraction of the prompts' token-layer work that context stop at ℓ leaves out: context tokens
+    skip layers >= ℓ, so ``sum_i c_i (L - ℓ) / sum_i n_i L`` (c_i context, n_i prompt tokens)."""
+    full = sum(total_lengths) * num_layers
+    return sum(c * (num_layers - stop_layer) for c in context_lengths) / full
+
+
 def token_layer_bound(context_lengths, total_lengths, num_layers: int, stop_layer: int) -> float:
     """Upper bound on the prefill speedup of context stop: token-layers of the full model over
-    token-layers left (context tokens skip layers >= ℓ). For one sequence this is
-    ``1 / (1 - (L - ℓ) / L * c / (c + q))``."""
-    full = sum(total_lengths) * num_layers
-    left = sum(n * stop_layer + (n - c) * (num_layers - stop_layer) for c, n in zip(context_lengths, total_lengths))
-    return full / left
+    token-layers left (context tokens skip layers >= ℓ), i.e. ``1 / (1 - savings)``. For one
+    sequence this is ``1 / (1 - (L - ℓ) / L * c / (c + q))``."""
+    return 1.0 / (1.0 - context_stop_savings(context_lengths, total_lengths, num_layers, stop_layer))
 
 
 @dataclass

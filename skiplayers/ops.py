@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .autograd import register_autograd
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 OP_NAMES = ("varlen_attention", "cache_attention", "compact_rows", "cache_append", "cache_compact")
@@ -48,26 +49,44 @@ _ops = torch.ops.skiplayers
 # namespace that defines these schemas (``skiplayers`` here, ``skiplayers_triton`` in triton_kernels).
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    """The kernels refuse inputs on mixed devices; so must the fakes. (A ``meta`` tensor among CPU
+    inputs sends the whole call to the fake: without this check it would return garbage silently.)"""
+    first_name, first = next((n, t) for n, t in tensors.items() if t is not None)
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise RuntimeError(f"skiplayers::{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
 def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule, scale):
+    _check_one_device("varlen_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      q_pos=q_pos, k_pos=k_pos, q_tag=q_tag, k_tag=k_tag)
     return q.new_empty(q.shape)
 
 
 def _cache_attention_fake(
     q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits=0
 ):
+    _check_one_device("cache_attention", q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens_q,
+                      cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache, q_tag=q_tag, tag_cache=tag_cache)
     return q.new_empty(q.shape)
 
 
 def _compact_rows_fake(x, cu_seqlens, keep):
+    _check_one_device("compact_rows", x=x, cu_seqlens=cu_seqlens, keep=keep)
     kept = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((kept, *x.shape[1:])), cu_seqlens.new_empty(cu_seqlens.shape)
 
 
 def _cache_append_fake(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
+    _check_one_device("cache_append", k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache,
+                      k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens)
     return None
 
 
 def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity):
+    _check_one_device("cache_compact", k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache,
+                      cache_seqlens=cache_seqlens, keep=keep)
     batch = k_cache.shape[0]
     return (
         k_cache.new_empty((batch, capacity, *k_cache.shape[2:])),
@@ -94,6 +113,8 @@ def register_fakes(namespace: str, lib: torch.library.Library | None = None) -> 
 
 
 register_fakes("skiplayers")
+_autograd_lib = torch.library.Library("skiplayers", "IMPL")  # kept alive: it owns the registrations
+register_autograd("skiplayers", _autograd_lib)
 
 
 # ----------------------------------------------------------------------------------------------

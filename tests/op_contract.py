@@ -23,18 +23,24 @@ def _to_cpu(case: dict) -> dict:
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
 
 
-def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:
+def attention_error(out: torch.Tensor, case: dict, reference_fn) -> tuple[float, float]:
+    """``(max |out - ref64|, bound)`` of the policy above; asserts dtype, shape and finiteness."""
     cpu_case = _to_cpu(case)
     dtype = case["q"].dtype
     assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
-    assert out.shape == case["q"].shape
+    assert out.shape == case["q"].shape, f"output shape {tuple(out.shape)} != q's {tuple(case['q'].shape)}"
+    assert torch.isfinite(out).all(), "non-finite values in the output"
     truth = reference_fn(**cpu_case, compute_dtype=torch.float64)
     low = reference_fn(**cpu_case, compute_dtype=dtype if dtype != torch.float32 else torch.float32)
     baseline = (low.double() - truth).abs().max().item() if truth.numel() else 0.0
     err = (out.cpu().double() - truth).abs().max().item() if truth.numel() else 0.0
-    bound = 2 * baseline + ATOL[dtype]
-    assert torch.isfinite(out).all(), "non-finite values in the output"
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive {dtype} error {baseline:.3g})"
+    return err, 2 * baseline + ATOL[dtype]
+
+
+def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:
+    err, bound = attention_error(out, case, reference_fn)
+    atol = ATOL[case["q"].dtype]
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive low-precision error {(bound - atol) / 2:.3g})"
 
 
 def check_varlen_attention(ops, case: dict) -> None:

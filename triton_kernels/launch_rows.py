@@ -132,6 +132,8 @@ def cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, c
     checks.check_same_device(
         k_cache, dict(v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, cache_seqlens=cache_seqlens, keep=keep), op
     )
+    if checks.value_checks_enabled(k_cache):
+        checks.check_cache_lengths_values(cache_seqlens, old_capacity, op)
     shape = (batch, capacity, kv_heads, head_dim)
     new_k, new_v = k_cache.new_empty(shape), v_cache.new_empty(shape)
     new_pos, new_tag = pos_cache.new_empty((batch, capacity)), tag_cache.new_empty((batch, capacity))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from skiplayers import ops as sk_ops
+from skiplayers.autograd import register_autograd
 
 from .host import INTERPRETED
 from .launchers import LAUNCHERS
@@ -46,3 +47,4 @@ for _op in sk_ops.OP_NAMES:
     if INTERPRETED:
         _lib.impl(_op, LAUNCHERS[_op], "CPU")
 sk_ops.register_fakes(NAMESPACE, lib=_lib)
+register_autograd(NAMESPACE, _lib)

@@ -17,6 +17,10 @@ struct AttentionShape {
   int64_t heads;
   int64_t kv_heads;
   int64_t head_dim;
+
+  // Nothing to compute: no query rows, or no query heads (legal: 0 is a multiple of any KV head
+  // count). Launchers return the empty output before sizing any tile by `heads / kv_heads`.
+  bool empty() const { return num_queries == 0 || heads == 0; }
 };
 
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {

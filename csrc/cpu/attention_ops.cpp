@@ -109,6 +109,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   check_cu_seqlens(cu_k, k.size(0), "skiplayers::varlen_attention", "cu_seqlens_k");
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
+  if (s.empty()) return out;
   const int64_t group = s.heads / s.kv_heads;
   const std::vector<Task> tasks =
       tile_tasks(cu_q.data_ptr<int32_t>(), s.batch, s.kv_heads, query_tile_tokens(group), /*splits=*/1);
@@ -132,8 +133,10 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
       PartialResult p = ws.partial(group * qt.count, s.head_dim);
       if (plan.enabled && plan.ordered[t.batch]) {
         // AnSAN: earlier sentences' anchors (gathered), then the keys from the tile's first sentence on.
-        int32_t first_sentence = tag_sentence(qt.tag[0]);
-        for (int64_t i = 1; i < qt.count; ++i) first_sentence = std::min(first_sentence, tag_sentence(qt.tag[i]));
+        // Absent query tags are all zero: every query is in sentence 0.
+        int32_t first_sentence = qt.tag ? tag_sentence(qt.tag[0]) : 0;
+        for (int64_t i = 1; qt.tag && i < qt.count; ++i)
+          first_sentence = std::min(first_sentence, tag_sentence(qt.tag[i]));
         kr.begin = first_key_of_sentence(kr.tag, k1 - k0, first_sentence);
         int64_t g0, g1;
         plan.anchors_before(t.batch, kr.begin, &g0, &g1);
@@ -180,6 +183,7 @@ at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   check_cache_lengths(lens, k_cache.size(1), "skiplayers::cache_attention");
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
+  if (s.empty()) return out;
   const int64_t group = s.heads / s.kv_heads;
   const int64_t tile = query_tile_tokens(group);
   const int32_t* len = lens.data_ptr<int32_t>();

@@ -68,7 +68,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in), tag_cache = optional_contiguous(tag_cache_in);
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
-  if (s.num_queries == 0) return out;
+  if (s.empty()) return out;
   const int64_t group = s.heads / s.kv_heads;
   const int rows = group > 4 ? 8 : 4;  // query rows per block: all G heads of a token when G <= 8
   const SplitPlan plan =

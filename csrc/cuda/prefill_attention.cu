@@ -68,7 +68,7 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in), k_tag = optional_contiguous(k_tag_in);
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
-  if (s.num_queries == 0) return out;
+  if (s.empty()) return out;
   const int64_t group = s.heads / s.kv_heads;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

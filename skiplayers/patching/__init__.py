@@ -20,6 +20,7 @@ from .. import ops as sk_ops
 from ..cache import SkipCache
 from ..policy import SkipPolicy
 from . import llama
+from .inputs import resolve_inputs, uncomputed_columns
 from .state import PatchState
 
 # config.model_type -> module with supports(model) and packed_model_forward
@@ -59,17 +60,48 @@ def _check_last_columns_computed(state: PatchState, context_mask, past: int, col
         )
 
 
+def _logit_columns(uncomputed: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The rows of ``uncomputed`` ``[B, T]`` that the returned logits cover (transformers' rule)."""
+    if isinstance(logits_to_keep, int):
+        return uncomputed[:, -logits_to_keep:] if logits_to_keep > 0 else uncomputed
+    return uncomputed[:, logits_to_keep.cpu()]
+
+
+def _check_labels_computed(uncomputed: torch.Tensor, labels: torch.Tensor) -> None:
+    """The loss reads the logits of column c for the label of column c + 1: it must be computed."""
+    asked = labels[:, 1:].cpu() != -100
+    if bool((asked & uncomputed[:, :-1]).any()):
+        raise ValueError(
+            "labels ask for predictions from columns the patched model does not compute (padding, or context "
+            "columns when context stops before the last layer); set the labels that follow them to -100"
+        )
+
+
+def _mark_uncomputed_logits(model, out, batch: int, columns: int, past: int, kwargs, context_mask):
+    """Under autograd the decoder leaves 0 in columns it did not compute (NaN would poison parameter
+    gradients); their logits become NaN here, after the lm_head, where masking is gradient-safe."""
+    call = resolve_inputs(batch, columns, past, kwargs.get("attention_mask"), None, context_mask, torch.device("cpu"))
+    uncomputed = uncomputed_columns(call, model._skiplayers.policy.context_stop_layer, model.config.num_hidden_layers)
+    if kwargs.get("labels") is not None:
+        _check_labels_computed(uncomputed, kwargs["labels"])
+    if out.logits is not None and out.logits.requires_grad:
+        mask = _logit_columns(uncomputed, kwargs.get("logits_to_keep", 0)).to(out.logits.device)
+        out.logits = out.logits.masked_fill(mask[..., None], float("nan"))
+    return out
+
+
 def _causal_lm_forward(model, original_forward):
     @functools.wraps(original_forward)
     def forward(*args, context_mask: torch.Tensor | None = None, **kwargs):
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         ids = kwargs.get("input_ids", args[0] if args else None)
-        columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        batch, columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
         _check_last_columns_computed(
             model._skiplayers, context_mask, past, columns, kwargs.get("logits_to_keep", 0), model.config.num_hidden_layers
         )
-        return original_forward(*args, context_mask=context_mask, **kwargs)
+        out = original_forward(*args, context_mask=context_mask, **kwargs)
+        return _mark_uncomputed_logits(model, out, batch, columns, past, kwargs, context_mask)
 
     # generate() validates model kwargs against the signature: expose context_mask in it.
     params = list(inspect.signature(original_forward).parameters.values())

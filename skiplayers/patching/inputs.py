@@ -83,3 +83,10 @@ def resolve_inputs(
             context[:, : width - past] = context_mask[:, past:].detach().cpu()
         context &= valid  # padding columns are never computed, context or not
     return CallInputs(valid=valid, positions=positions, context=context)
+
+
+def uncomputed_columns(call: CallInputs, stop: int | None, num_layers: int) -> torch.Tensor:
+    """Bool ``[B, T]`` (host): columns a patched forward does not compute, so they have no logits:
+    padding, and context columns when context stops before the last layer."""
+    dropped = call.context if stop is not None and stop < num_layers else torch.zeros_like(call.context)
+    return ~call.valid | dropped

@@ -100,6 +100,13 @@ def _check_context_coverage(call: CallInputs, cache: SkipCache | None, context_m
         cache.noncontext_counts = total_plain
 
 
+def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
+    """Whether this call records an autograd graph (grad mode on and something requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    return inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters())
+
+
 def _rope(q, k, cos, sin):
     """RoPE on packed ``q [N, H, D]``, ``k [N, H_kv, D]`` with ``cos, sin [N, D]``."""
     return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
@@ -117,8 +124,8 @@ def _attention(layer_idx: int, attn, hidden, rows: PackedRows, cos, sin, cache: 
     # Without a cache, or when the cache held nothing before these rows, the keys are exactly the
     # packed rows: attend to them packed. Otherwise attend to what the cache stores.
     packed_keys = cache is None or cache.is_empty(layer_idx)
-    if cache is not None:
-        cache.append(layer_idx, k, v, rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops)
+    if cache is not None:  # the cache stores values; gradients flow through this call's own k, v
+        cache.append(layer_idx, k.detach(), v.detach(), rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops)
     if packed_keys:
         out = ops.varlen_attention(
             q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos, rows.tag, rows.tag, rule, attn.scaling
@@ -154,7 +161,8 @@ def packed_model_forward(
 
     Takes the usual arguments plus ``context_mask`` (bool ``[B, columns]``, True = context token;
     see ``patching/inputs.py`` for how columns are counted). Returns ``last_hidden_state``
-    ``[B, T, hidden]`` with NaN in the columns that were not computed, and the :class:`SkipCache`.
+    ``[B, T, hidden]`` with NaN in the columns that were not computed (0 while autograd records a
+    graph; see the end of this function), and the :class:`SkipCache`.
     """
     state: PatchState = self._skiplayers
     for flag in _UNSUPPORTED_FLAGS:
@@ -168,6 +176,12 @@ def packed_model_forward(
     use_cache = self.config.use_cache if use_cache is None else use_cache
     cache = _resolve_cache(past_key_values, use_cache, len(self.layers), state)
     past = cache.get_seq_length() if cache is not None else 0
+    if past > 0 and _builds_graph(self, inputs_embeds):
+        raise NotImplementedError(
+            "backpropagation through a SkipCache filled by an earlier call is not supported (the cache holds "
+            "values, not their graph, so earlier tokens' K/V would get no gradient); train with use_cache=False "
+            "or feed the whole sequence in one call, or run under torch.no_grad()"
+        )
 
     call = resolve_inputs(batch, columns, past, attention_mask, position_ids, context_mask, inputs_embeds.device)
     stop = state.policy.context_stop_layer
@@ -194,6 +208,8 @@ def packed_model_forward(
         cache.advance(columns)
         if new_anchor:  # AnLLM: a finished sentence keeps only its anchor's K/V
             cache.drop_finished_sentences(state.ops)
-    return BaseModelOutputWithPast(
-        last_hidden_state=unpack(rows, hidden, batch, columns, float("nan")), past_key_values=cache
-    )
+    # Columns that were not computed hold NaN, so nothing reads them silently; but not when autograd
+    # records a graph: a NaN row would poison the lm_head's weight gradient (0 * NaN = NaN), so they
+    # hold 0 and the causal-LM forward puts NaN into their logits instead (patching/__init__.py).
+    fill = 0.0 if _builds_graph(self, inputs_embeds) else float("nan")
+    return BaseModelOutputWithPast(last_hidden_state=unpack(rows, hidden, batch, columns, fill), past_key_values=cache)

@@ -1,0 +1,127 @@
+"""Backward passes of the skiplayers ops, registered for every namespace that defines them.
+
+The compiled and Triton kernels are forward-only. So that a patched model never returns logits
+whose gradients silently miss parameters, every op gets an autograd rule here:
+
+* ``varlen_attention`` / ``cache_attention``: gradients of q, k, v (k_cache, v_cache) by
+  **recomputation in PyTorch**: the backward reruns the op's pure-PyTorch semantics
+  (``reference.py``, float32 per sequence, dense predicate mask) under autograd and differentiates
+  it. It is exact (it is the reference's own gradient) but not a fused kernel: memory is
+  O(heads * Nq * Nk) per sequence and speed is that of eager PyTorch. Metadata (lengths, positions,
+  tags) gets no gradient.
+* ``compact_rows``: the gradient of ``x[keep]`` scattered back to the kept rows (zeros elsewhere).
+* ``cache_compact``: the gradient of each kept slot goes back to the slot it came from.
+* ``cache_append`` writes into cache buffers in place, which autograd cannot follow: called with
+  ``k`` or ``v`` that require grad while grad mode is on, it raises instead of dropping their
+  gradient (``torch.no_grad()``, ``.detach()`` or ``use_cache=False`` are the ways out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+_VARLEN_DIFF = ("q", "k", "v")
+_CACHE_DIFF = ("q", "k_cache", "v_cache")
+
+
+def _recompute_grads(fn, diff: dict, fixed: dict, grad_out: torch.Tensor) -> tuple:
+    """Gradients of ``fn(**diff, **fixed)`` w.r.t. the tensors of ``diff``, given ``grad_out``."""
+    leaves = {name: t.detach().requires_grad_() for name, t in diff.items()}
+    with torch.enable_grad():
+        out = fn(**leaves, **fixed)
+        grads = torch.autograd.grad(out, tuple(leaves.values()), grad_out, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves.values(), grads))
+
+
+def _save_inputs(names):
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = dict(zip(names, inputs))
+
+    return setup_context
+
+
+_VARLEN_NAMES = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag", "rule", "scale")
+_CACHE_NAMES = (
+    "q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag", "tag_cache", "rule",
+    "scale", "num_splits",
+)
+
+
+def _attention_backward(reference_fn, names, diff_names):
+    def backward(ctx, grad_out):
+        diff = {n: ctx.inputs[n] for n in diff_names}
+        fixed = {n: v for n, v in ctx.inputs.items() if n not in diff_names}
+        grads = dict(zip(diff_names, _recompute_grads(reference_fn, diff, fixed, grad_out)))
+        return tuple(grads.get(n) for n in names)
+
+    return backward
+
+
+def _compact_rows_setup(ctx, inputs, output):
+    x, _, keep = inputs
+    ctx.keep, ctx.x_shape = keep, x.shape
+
+
+def _compact_rows_backward(ctx, grad_rows, grad_cu):
+    grad_x = grad_rows.new_zeros(ctx.x_shape)
+    grad_x[ctx.keep] = grad_rows
+    return grad_x, None, None
+
+
+def _cache_compact_setup(ctx, inputs, output):
+    k_cache, _, _, _, cache_seqlens, keep, _ = inputs
+    ctx.keep, ctx.lengths, ctx.cache_shape = keep, cache_seqlens, k_cache.shape
+
+
+def _slots_back(grad_new: torch.Tensor | None, keep, lengths, shape) -> torch.Tensor | None:
+    """Gradient of the old buffer: kept slot s of sequence b receives the gradient of its new slot."""
+    if grad_new is None:
+        return None
+    grad_old = grad_new.new_zeros(shape)
+    for b, n in enumerate(lengths.tolist()):
+        kept = keep[b, :n].nonzero().flatten()
+        grad_old[b, kept] = grad_new[b, : kept.numel()]
+    return grad_old
+
+
+def _cache_compact_backward(ctx, grad_k, grad_v, grad_pos, grad_tag, grad_lengths):
+    shape = ctx.cache_shape
+    return (
+        _slots_back(grad_k, ctx.keep, ctx.lengths, shape), _slots_back(grad_v, ctx.keep, ctx.lengths, shape),
+        None, None, None, None, None,
+    )
+
+
+def _cache_append_guard(namespace: str):
+    """An Autograd-key kernel for the in-place ``cache_append``: refuses inputs whose gradient it
+    would drop, otherwise runs the backend kernel below autograd."""
+    op = getattr(torch.ops, namespace).cache_append.default
+
+    def cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError(
+                f"{namespace}::cache_append writes K/V into cache buffers in place and cannot carry their "
+                "gradient; call it under torch.no_grad() or on detached tensors (a patched model trains "
+                "with use_cache=False)"
+            )
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens)
+
+    return cache_append
+
+
+def register_autograd(namespace: str, lib: torch.library.Library) -> None:
+    """Registers the backward of every op of ``namespace`` (``skiplayers`` or ``skiplayers_triton``)."""
+    rules = {
+        "varlen_attention": (_attention_backward(reference.varlen_attention, _VARLEN_NAMES, _VARLEN_DIFF),
+                             _save_inputs(_VARLEN_NAMES)),
+        "cache_attention": (_attention_backward(reference.cache_attention, _CACHE_NAMES, _CACHE_DIFF),
+                            _save_inputs(_CACHE_NAMES)),
+        "compact_rows": (_compact_rows_backward, _compact_rows_setup),
+        "cache_compact": (_cache_compact_backward, _cache_compact_setup),
+    }
+    for op, (backward, setup_context) in rules.items():
+        torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup_context, lib=lib)
+    lib.impl("cache_append", _cache_append_guard(namespace), "Autograd")
