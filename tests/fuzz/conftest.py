@@ -29,7 +29,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for r in results:
         cases = r.get("cases")
         ratio = r.get("worst_ratio")
-        kinds = ", ".join(f.get("key", f["kind"]) for f in r["failures"]) or "0"
+        kinds = ", ".join(dict.fromkeys(f.get("key", f["kind"]) for f in r["failures"])) or "0"
         tr.write_line(f"{r['op']:<18} {r['backend']:<7} {cases if cases is not None else '-':>6} {kinds:>8}"
                       f"{ratio if ratio is not None else float('nan'):>15.3f} {r.get('seconds', 0):>6}  "
                       f"{_coverage(r.get('coverage', {}))}")

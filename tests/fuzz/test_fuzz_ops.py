@@ -7,7 +7,7 @@ and the shrunk case, never a dead run. What the cases cover:
 ``specs.py``; how they are judged: ``build.py``.
 
 Environment:
-  SKIPLAYERS_FUZZ_EXAMPLES  total legal cases over all batches (default 1050, about three minutes on two
+  SKIPLAYERS_FUZZ_EXAMPLES  total legal cases over all batches (default 1400, one to three minutes on two
                             cores; 10000 or more on demand), shared out as in ``SHARES``
   SKIPLAYERS_FUZZ_SEED      the Hypothesis seed (default: a new random one, printed, per run)
   SKIPLAYERS_FUZZ_REPORT    a path: every batch's JSON summary is appended to it, one per line
@@ -35,9 +35,9 @@ from skiplayers.ops import OP_NAMES
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
-# Legal cases per batch at the default total (1050); on cpu and triton, bad-input runs add a twelfth
+# Legal cases per batch at the default total (1400); on cpu and triton, bad-input runs add a twelfth
 # (at least 8) per bad-input kind. The Triton interpreter runs every program in Python: fewer, smaller cases.
-SHARES = {"cpu": 150, "torch": 30, "triton": 30}
+SHARES = {"cpu": 200, "torch": 40, "triton": 40}
 DEFAULT_TOTAL = len(OP_NAMES) * sum(SHARES.values())
 SEED = int(os.environ.get("SKIPLAYERS_FUZZ_SEED") or random.SystemRandom().randrange(2**31))
 
@@ -134,7 +134,7 @@ def _describe_failures(summary: dict) -> str:
     lines = [f"{summary['op']} on {summary['backend']}: seed {summary['seed']} "
              f"(rerun with SKIPLAYERS_FUZZ_SEED={summary['seed']}), {summary['cases']} cases"]
     for f in summary["failures"]:
-        lines += [f"- {f['key']} in the {f['run']} run: {f['message']}", f"  shrunk case: {json.dumps(f['spec'])}",
+        lines += [f"- {f['key']} in the {f['run']} run: {f['message']}", f"  {'case' if f['run'] == 'edge' else 'shrunk case'}: {json.dumps(f['spec'])}",
                   f"  replay: {_replay_command(summary['backend'], f['spec'])}"]
     if summary.get("report"):
         lines += ["Hypothesis report:", summary["report"]]

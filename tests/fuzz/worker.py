@@ -109,7 +109,8 @@ def evaluate(spec: dict, ops) -> dict:
         return {"kind": "refused", "message": f"{type(err).__name__}: {err}"}
 
 
-def _serve(conn, backend: str) -> None:
+def _serve(conn, parent_end, backend: str) -> None:
+    parent_end.close()  # the fork copied the worker's end: closed here, the worker's close() means EOF
     ops = sk_ops.get_ops(backend)
     while True:
         try:
@@ -130,7 +131,7 @@ class Executor:
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_serve, args=(child, self.backend), daemon=True)
+        self.proc = self.ctx.Process(target=_serve, args=(child, self.conn, self.backend), daemon=True)
         self.proc.start()
         child.close()
 
