@@ -42,11 +42,10 @@ def _save_inputs(names):
     return setup_context
 
 
-_VARLEN_NAMES = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag", "rule", "scale")
-_CACHE_NAMES = (
-    "q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag", "tag_cache", "rule",
-    "scale", "num_splits",
-)
+def _argument_names(namespace: str, op: str) -> tuple[str, ...]:
+    """The op's argument names, in order, from its schema (the one place they are declared); the
+    reference functions take the same names."""
+    return tuple(a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments)
 
 
 def _attention_backward(reference_fn, names, diff_names):
@@ -114,11 +113,12 @@ def _cache_append_guard(namespace: str):
 
 def register_autograd(namespace: str, lib: torch.library.Library) -> None:
     """Registers the backward of every op of ``namespace`` (``skiplayers`` or ``skiplayers_triton``)."""
+    varlen, cached = _argument_names(namespace, "varlen_attention"), _argument_names(namespace, "cache_attention")
     rules = {
-        "varlen_attention": (_attention_backward(reference.varlen_attention, _VARLEN_NAMES, _VARLEN_DIFF),
-                             _save_inputs(_VARLEN_NAMES)),
-        "cache_attention": (_attention_backward(reference.cache_attention, _CACHE_NAMES, _CACHE_DIFF),
-                            _save_inputs(_CACHE_NAMES)),
+        "varlen_attention": (_attention_backward(reference.varlen_attention, varlen, _VARLEN_DIFF),
+                             _save_inputs(varlen)),
+        "cache_attention": (_attention_backward(reference.cache_attention, cached, _CACHE_DIFF),
+                            _save_inputs(cached)),
         "compact_rows": (_compact_rows_backward, _compact_rows_setup),
         "cache_compact": (_cache_compact_backward, _cache_compact_setup),
     }

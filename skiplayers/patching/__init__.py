@@ -79,12 +79,17 @@ def _check_labels_computed(uncomputed: torch.Tensor, labels: torch.Tensor) -> No
 
 def _mark_uncomputed_logits(model, out, batch: int, columns: int, past: int, kwargs, context_mask):
     """Under autograd the decoder leaves 0 in columns it did not compute (NaN would poison parameter
-    gradients); their logits become NaN here, after the lm_head, where masking is gradient-safe."""
+    gradients); their logits become NaN here, after the lm_head, where masking is gradient-safe.
+    Inference without labels (every decode step) has nothing to mark or check and returns at once."""
+    labels = kwargs.get("labels")
+    marks_logits = out.logits is not None and out.logits.requires_grad
+    if labels is None and not marks_logits:
+        return out
     call = resolve_inputs(batch, columns, past, kwargs.get("attention_mask"), None, context_mask, torch.device("cpu"))
     uncomputed = uncomputed_columns(call, model._skiplayers.policy.context_stop_layer, model.config.num_hidden_layers)
-    if kwargs.get("labels") is not None:
-        _check_labels_computed(uncomputed, kwargs["labels"])
-    if out.logits is not None and out.logits.requires_grad:
+    if labels is not None:
+        _check_labels_computed(uncomputed, labels)
+    if marks_logits:
         mask = _logit_columns(uncomputed, kwargs.get("logits_to_keep", 0)).to(out.logits.device)
         out.logits = out.logits.masked_fill(mask[..., None], float("nan"))
     return out

@@ -176,7 +176,8 @@ def packed_model_forward(
     use_cache = self.config.use_cache if use_cache is None else use_cache
     cache = _resolve_cache(past_key_values, use_cache, len(self.layers), state)
     past = cache.get_seq_length() if cache is not None else 0
-    if past > 0 and _builds_graph(self, inputs_embeds):
+    builds_graph = _builds_graph(self, inputs_embeds)
+    if past > 0 and builds_graph:
         raise NotImplementedError(
             "backpropagation through a SkipCache filled by an earlier call is not supported (the cache holds "
             "values, not their graph, so earlier tokens' K/V would get no gradient); train with use_cache=False "
@@ -211,5 +212,5 @@ def packed_model_forward(
     # Columns that were not computed hold NaN, so nothing reads them silently; but not when autograd
     # records a graph: a NaN row would poison the lm_head's weight gradient (0 * NaN = NaN), so they
     # hold 0 and the causal-LM forward puts NaN into their logits instead (patching/__init__.py).
-    fill = 0.0 if _builds_graph(self, inputs_embeds) else float("nan")
+    fill = 0.0 if builds_graph else float("nan")
     return BaseModelOutputWithPast(last_hidden_state=unpack(rows, hidden, batch, columns, fill), past_key_values=cache)
