@@ -31,7 +31,7 @@ import torch
 from .measure import context_stop_savings, token_layer_bound
 from .patching import patch, unpatch
 from .policy import SkipPolicy
-from .prompts import fewshot_prompt_ids
+from .prompts import fewshot_prompt_ids, left_padded, pad_token_id
 from .tasks import TaskFileError, TaskItem, coerce_items, load_tasks
 
 CACHE_VERSION = 1
@@ -205,20 +205,8 @@ def prepare(tokenizer, items: list[TaskItem], batch_size: int, max_new_tokens: i
 
 
 def _batch_tensors(prep: Prepared, batch: list[int], pad_id: int, device):
-    width = max(len(prep.ids[k]) for k in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    ctx = torch.zeros((len(batch), width), dtype=torch.bool)
-    for b, k in enumerate(batch):
-        n = len(prep.ids[k])
-        ids[b, width - n:] = torch.tensor(prep.ids[k])
-        attn[b, width - n:] = 1
-        ctx[b, width - n:] = torch.tensor(prep.context[k])
+    ids, attn, ctx = left_padded([(prep.ids[k], prep.context[k]) for k in batch], pad_id)
     return ids.to(device), attn.to(device), ctx.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -231,7 +219,7 @@ def generate_outputs(model, tokenizer, prep: Prepared, policy: SkipPolicy | None
     device = next(model.parameters()).device
     outputs: list[str | None] = [None] * len(prep.items)
     for batch in prep.batches:
-        ids, attn, ctx = _batch_tensors(prep, batch, _pad_id(tokenizer), device)
+        ids, attn, ctx = _batch_tensors(prep, batch, pad_token_id(tokenizer), device)
         if masked:
             seqs = _masked_first_lines(model, tokenizer, ids, attn, ctx, policy, max_new_tokens)
         else:
@@ -274,7 +262,7 @@ def _masked_first_lines(model, tokenizer, ids, attn, ctx, policy, max_new_tokens
     stop = torch.cat([_newline_token_ids(tokenizer),
                       torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
                                    dtype=torch.long)]).to(ids.device)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         token = masked_generate(model, ids, attn, ctx, policy, 1)[:, -1]

@@ -65,8 +65,18 @@ def fewshot_batch(tokenizer, instructions, examples, queries: Sequence[str]):
     instructions = _instructions_per_query(instructions, batch)
     examples = _examples_per_query(examples, batch)
     prompts = [fewshot_prompt_ids(tokenizer, i, e, q) for i, e, q in zip(instructions, examples, queries)]
-    width = max(len(ids) for ids, _ in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_padded(prompts, pad_token_id(tokenizer))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(prompts: Sequence[tuple[list[int], list[bool]]], pad: int):
+    """``(ids, context flags)`` per prompt -> left-padded ``(input_ids, attention_mask, context_mask)``
+    ``[B, T]`` (long, long, bool), as :func:`fewshot_batch` returns them."""
+    batch, width = len(prompts), max(len(ids) for ids, _ in prompts)
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
     context_mask = torch.zeros((batch, width), dtype=torch.bool)
