@@ -19,7 +19,7 @@ from .calibration import calibrate  # noqa: E402
 from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
-from .patching import is_patched, patch, unpatch  # noqa: E402
+from .patching import is_patched, patch, patched, unpatch  # noqa: E402
 from .policy import SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
 
@@ -35,5 +35,6 @@ __all__ = [
     "masked_forward",
     "masked_generate",
     "patch",
+    "patched",
     "unpatch",
 ]

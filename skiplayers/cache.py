@@ -86,7 +86,7 @@ class SkipCacheLayer(CacheLayerMixin):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SkipCache cannot be cropped (assisted/speculative decoding is not supported)")
+        raise TypeError("crop a SkipCache as a whole (SkipCache.crop): a layer alone does not know which columns it holds")
 
     # --- skiplayers ---
 
@@ -143,8 +143,28 @@ class SkipCache(Cache):
         # With anchors: per sequence, anchors (= finished sentences) and real tokens seen (host int64 [B]).
         self.sentence_counts: torch.Tensor | None = None
         self.tokens_seen: torch.Tensor | None = None
+        # Per fed column (host bool [B, T] chunks): a real token? a context token? (what crop undoes)
+        self._fed_valid: list[torch.Tensor] = []
+        self._fed_context: list[torch.Tensor] = []
+        self._anchor_through = 0  # logical length after the last call in which a sentence finished
+        self._active_step = None  # the patched forward call now writing (set by begin_call)
 
     # --- writing ---
+
+    def begin_call(self, step) -> None:
+        """A patched forward starts: the attention modules' ``update`` calls go to ``step.store``."""
+        self._active_step = step
+
+    def end_call(self) -> None:
+        self._active_step = None
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None, *args, **kwargs):
+        """transformers' write path, called by each attention module with its new K/V
+        (``[1, H_kv, N, D]``, the packed rows of the current call); stores them through the step of
+        the patched forward (``patching/attention.py``) and returns them unchanged."""
+        if self._active_step is None:
+            raise TypeError(_NOT_HF_WRITABLE)
+        return self._active_step.store(self, layer_idx, key_states, value_states)
 
     def append(self, layer_idx: int, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
         """Stores sequence b's ``counts[b]`` new rows (packed ``k, v [N, H_kv, D]``, ``pos, tag [N]``
@@ -168,12 +188,11 @@ class SkipCache(Cache):
         """AnLLM cache reduction: in every layer and sequence, keeps only the anchors (and sinks) of
         finished sentences and the tokens of the current one, compacted by the backend's kernel into
         buffers sized for what is kept (memory is released, not only marked free)."""
-        current = None  # the sentence each sequence is in, on the cache's device (moved once)
+        self._anchor_through = self.logical_length
         for layer in self.layers:
             if layer.keys is None:
                 continue
-            if current is None:
-                current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)
+            current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)  # sentence each sequence is in
             slots = torch.arange(layer.capacity, device=layer.tag.device)[None, :] < layer.lengths[:, None]
             kept_tokens = (layer.tag & (TAG_ANCHOR | TAG_SINK)) != 0
             current_sentence = (layer.tag >> TAG_SENTENCE_SHIFT) >= current[:, None]
@@ -196,9 +215,12 @@ class SkipCache(Cache):
         layer = self.layers[layer_idx]
         return layer.host_lengths is None or bool((layer.host_lengths == 0).all())
 
-    def advance(self, columns: int) -> None:
-        """Counts ``columns`` more token columns (padding included) as seen."""
-        self.logical_length += columns
+    def advance(self, valid: torch.Tensor, context: torch.Tensor) -> None:
+        """Counts the columns of a finished call as seen: ``valid`` / ``context`` bool ``[B, T]``
+        (host) say which were real tokens and which context (kept so :meth:`crop` can undo them)."""
+        self.logical_length += valid.shape[1]
+        self._fed_valid.append(valid)
+        self._fed_context.append(context)
 
     # --- reading ---
 
@@ -230,19 +252,64 @@ class SkipCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` can always undo columns: not with anchors, whose reduction drops tokens."""
+        return self.policy is None or not self.policy.anchors_enabled
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SkipCache cannot be cropped (assisted/speculative decoding is not supported)")
+        """Forgets the last columns fed, in every layer and sequence, as if they had never been fed
+        (what assisted and prompt-lookup decoding do with rejected candidates).
+
+        ``tokens_to_remove`` < 0 removes that many columns; > 0 is the legacy form, the logical length
+        to keep; 0 does nothing. Per layer and sequence the slots removed are the real tokens of those
+        columns that the layer stored: at layers >= ℓ the context tokens were never stored. With
+        anchors, columns up to the end of a call in which a sentence finished cannot be removed (the
+        reduction already dropped that sentence's tokens) and are refused."""
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else self.logical_length - tokens_to_remove
+        if remove == 0:
+            return
+        if not 0 < remove <= self.logical_length:
+            raise ValueError(f"cannot crop {remove} columns from a SkipCache holding {self.logical_length}")
+        keep = self.logical_length - remove
+        if keep < self._anchor_through:
+            raise NotImplementedError(
+                f"cannot crop the SkipCache to {keep} columns: a sentence finished within the last {remove} columns "
+                f"and the anchor cache already dropped its tokens (columns up to {self._anchor_through} are fixed)"
+            )
+        valid, context = torch.cat(self._fed_valid, dim=1), torch.cat(self._fed_context, dim=1)
+        tokens = valid[:, keep:].sum(dim=1)
+        contexts = context[:, keep:].sum(dim=1)
+        stop = self.policy.context_stop_layer if self.policy is not None else None
+        for idx, layer in enumerate(self.layers):
+            stored = tokens - contexts if stop is not None and idx >= stop else tokens
+            if layer.host_lengths is None:
+                continue
+            if bool((stored > layer.host_lengths).any()):
+                raise RuntimeError(f"SkipCache layer {idx} holds fewer slots than the columns to crop; it is inconsistent")
+            layer.host_lengths -= stored
+            layer.lengths -= stored.to(device=layer.lengths.device, dtype=torch.int32)
+        if self.context_counts is not None:
+            self.context_counts = self.context_counts - contexts
+            self.noncontext_counts = self.noncontext_counts - (tokens - contexts)
+        if self.tokens_seen is not None:
+            self.tokens_seen = self.tokens_seen - tokens
+        self.logical_length = keep
+        self._fed_valid, self._fed_context = [valid[:, :keep]], [context[:, :keep]]
 
     def reset(self) -> None:
         super().reset()
         self.logical_length = 0
         self.context_counts = self.noncontext_counts = self.sentence_counts = self.tokens_seen = None
+        self._fed_valid, self._fed_context, self._anchor_through = [], [], 0
 
     def _select(self, fn) -> None:
-        """Applies a batch selection to the per-sequence host counters."""
+        """Applies a batch selection to the per-sequence host counters and column history."""
         for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
+        self._fed_valid = [fn(chunk) for chunk in self._fed_valid]
+        self._fed_context = [fn(chunk) for chunk in self._fed_context]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

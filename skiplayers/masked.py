@@ -4,18 +4,21 @@ It runs the model's own modules on the full padded batch, every token at every l
 the visibility predicate as a dense mask per layer (``reference.visibility_mask``): at layers >= ℓ
 the context key columns are masked for every query (``RULE_HIDE_CONTEXT``); with anchors, every
 layer applies the AnSAN rule (``RULE_ANCHORS``) and nothing is ever dropped from a cache; padding
-keys are always masked. Attention is computed in float32 by ``reference.masked_attention``. Nothing is
-skipped, nothing is cached: it is slow on purpose.
+keys are always masked. Each decoder layer runs through its own ``__call__`` (so its projections,
+biases, q/k norms and RoPE are the model's), with the ``"skiplayers"`` attention function
+(``patching/attention.py``) and a :class:`MaskedStep` in place of an attention implementation;
+attention is computed in float32 by ``reference.masked_attention``. Nothing is skipped, nothing is
+cached: it is slow on purpose.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.models.llama import modeling_llama
 
 from . import reference
 from .anchors import anchor_tags
 from .meta import RULE_ANCHORS, RULE_CAUSAL, RULE_HIDE_CONTEXT, TAG_CONTEXT
+from .patching.attention import attention_implementation, packed
 from .policy import SkipPolicy
 
 
@@ -32,6 +35,28 @@ def layer_rule(policy: SkipPolicy, layer_idx: int) -> int:
     return rule | (RULE_ANCHORS if policy.anchors_enabled else 0)
 
 
+class MaskedStep:
+    """Dense masked attention for the layers of one masked forward (see the module docstring).
+
+    pos, tag: int32 ``[B, T]``; valid: bool ``[B, T]`` (padding keys are never visible)."""
+
+    def __init__(self, policy: SkipPolicy, pos: torch.Tensor, tag: torch.Tensor, valid: torch.Tensor):
+        self.policy, self.pos, self.tag, self.valid = policy, pos, tag, valid
+
+    def attend(self, module, query, key, value, scaling) -> torch.Tensor:
+        """``query [B, H, T, D]``, ``key/value [B, H_kv, T, D]`` -> ``[B, T, H, D]``."""
+        rule = layer_rule(self.policy, module.layer_idx)
+        out = torch.empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype,
+                          device=query.device)
+        for b in range(query.shape[0]):
+            pos, tag = self.pos[b], self.tag[b]
+            visible = reference.visibility_mask(rule, pos, tag, pos, tag) & self.valid[b][None, :]
+            out[b] = reference.masked_attention(
+                packed(query[b : b + 1]), packed(key[b : b + 1]), packed(value[b : b + 1]), visible, scaling
+            ).to(query.dtype)
+        return out
+
+
 @torch.no_grad()
 def masked_forward(
     model,
@@ -41,7 +66,8 @@ def masked_forward(
     policy: SkipPolicy | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits ``[B, T, vocab]`` of the masked model (``model`` is a LlamaForCausalLM, patched or not)."""
+    """Logits ``[B, T, vocab]`` of the masked model (``model``: a causal LM of the LLaMA family,
+    patched or not; ``skiplayers.patching.families``)."""
     policy = policy or SkipPolicy()
     decoder = model.model
     batch, columns = input_ids.shape
@@ -59,21 +85,14 @@ def masked_forward(
                                  zeros, zeros)
         tag |= bits.to(device)
 
+    step = MaskedStep(policy, pos, tag, valid)
     hidden = decoder.embed_tokens(input_ids)
-    cos, sin = decoder.rotary_emb(hidden, position_ids=pos.long())
-    for layer_idx, layer in enumerate(decoder.layers[: model.config.num_hidden_layers]):
-        rule = layer_rule(policy, layer_idx)
-        attn = layer.self_attn
-        h = layer.input_layernorm(hidden)
-        shape = (batch, columns, -1, attn.head_dim)
-        q, k, v = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
-        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        out = torch.empty_like(q)
-        for b in range(batch):
-            visible = reference.visibility_mask(rule, pos[b], tag[b], pos[b], tag[b]) & valid[b][None, :]
-            out[b] = reference.masked_attention(q[b], k[b], v[b], visible, attn.scaling).to(q.dtype)
-        hidden = hidden + attn.o_proj(out.reshape(batch, columns, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=pos.long())
+    with attention_implementation(model.config):
+        for layer in decoder.layers[: model.config.num_hidden_layers]:
+            out = layer(hidden, attention_mask=None, position_ids=pos.long(), past_key_values=None, use_cache=False,
+                        position_embeddings=position_embeddings, skiplayers=step)
+            hidden = out[0] if isinstance(out, tuple) else out
     return model.lm_head(decoder.norm(hidden))
 
 

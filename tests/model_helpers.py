@@ -46,6 +46,26 @@ def tiny_llama(
     return LlamaForCausalLM(cfg).to(dtype=dtype, device=device).eval()
 
 
+def tiny_family(model_type: str, seed: int = 0, layers: int = 4, **config):
+    """A random causal LM of a LLaMA-family ``model_type`` (``skiplayers.patching.families``), with
+    the same tiny shape as :func:`tiny_llama` (GQA 4/2, head dim 64) and the family's own
+    features: Qwen2's q/k/v biases, Qwen3's q/k norms, SmolLM3's layers without RoPE."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=101, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if model_type == "smollm3":
+        base["no_rope_layers"] = [1 if i % 2 == 0 else 0 for i in range(layers)]  # odd layers skip RoPE
+    if model_type == "mistral":
+        base["sliding_window"] = None
+    cfg = AutoConfig.for_model(model_type, **{**base, **config})
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def ragged_batch(vocab: int = 101, device="cpu", seed: int = 0):
     """Three left-padded sequences with different context lengths (first token never context).
 

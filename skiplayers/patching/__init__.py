@@ -1,17 +1,26 @@
 """One-call patching of loaded models: ``patch(model, policy, backend=None)`` and ``unpatch(model)``.
 
-Patching works on the model *instance* (other instances of the class are untouched): it binds a
-packed forward to the decoder (``model.model.forward``), a forward with a ``context_mask`` argument
-to the causal-LM wrapper, and a cache factory so ``generate()`` creates a :class:`SkipCache`.
-``unpatch`` removes exactly these instance attributes, so the model computes as before.
+Patching works on the model *instance* (other instances of the class are untouched). It steers the
+model's own modules rather than replacing them:
 
-Model families are looked up by ``config.model_type`` in ``PATCHERS``.
+* the decoder's forward (``model.model.forward``) becomes the packed, compacting loop of
+  ``decoder.py``, which calls every decoder layer through its own ``__call__``;
+* the config names ``"skiplayers"`` as the attention implementation, a function registered with
+  transformers' ``AttentionInterface`` (``attention.py``), so each attention module runs its own
+  projections, norms and RoPE and then our ops;
+* the causal-LM forward gains ``context_mask`` and the handling of uncomputed columns
+  (``causal_lm.py``), and ``generate()`` creates a :class:`SkipCache`.
+
+``unpatch`` removes exactly these instance attributes and restores the attention implementation, so
+the model computes as before. ``patch`` returns the model; ``with sk.patched(model, policy): ...``
+patches for the duration of a block and unpatches on exit, also on an exception.
+
+Which models: ``families.py`` (the LLaMA family by ``model_type`` and layer structure).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import contextlib
 import types
 
 import torch
@@ -19,101 +28,29 @@ import torch
 from .. import ops as sk_ops
 from ..cache import SkipCache
 from ..policy import SkipPolicy
-from . import llama
-from .inputs import resolve_inputs, uncomputed_columns
+from .attention import ATTENTION_NAME
+from .causal_lm import causal_lm_forward
+from .decoder import packed_model_forward
+from .families import check_supported
 from .state import PatchState
 
-# config.model_type -> module with supports(model) and packed_model_forward
-PATCHERS = {"llama": llama}
-
 _INSTANCE_ATTRS = ("forward", "_prepare_cache_for_generation")
-
-
-def _patcher_for(model):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    patcher = PATCHERS.get(model_type)
-    if patcher is None or not patcher.supports(model):
-        supported = ", ".join(f"{k} (LlamaForCausalLM)" for k in PATCHERS)
-        raise TypeError(
-            f"skiplayers cannot patch {type(model).__name__} (model_type={model_type!r}); supported: {supported}"
-        )
-    return patcher
 
 
 def is_patched(model) -> bool:
     return getattr(model, "_skiplayers", None) is not None
 
 
-def _check_last_columns_computed(state: PatchState, context_mask, past: int, columns: int, logits_to_keep, layers: int):
-    """generate() reads the logits of the last column: it must not be a dropped context column."""
-    stop = state.policy.context_stop_layer
-    if context_mask is None or stop is None or stop >= layers or not isinstance(logits_to_keep, int):
-        return
-    if logits_to_keep <= 0:
-        return
-    first = past + columns - logits_to_keep
-    kept = context_mask[:, first : past + columns]
-    if kept.numel() and bool(kept.any()):
-        raise ValueError(
-            "logits were requested for context columns, which stop at the context-stop layer and have no "
-            "logits; the prompt of every sequence must end with a non-context token (e.g. the query)"
-        )
-
-
-def _logit_columns(uncomputed: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The rows of ``uncomputed`` ``[B, T]`` that the returned logits cover (transformers' rule)."""
-    if isinstance(logits_to_keep, int):
-        return uncomputed[:, -logits_to_keep:] if logits_to_keep > 0 else uncomputed
-    return uncomputed[:, logits_to_keep.cpu()]
-
-
-def _check_labels_computed(uncomputed: torch.Tensor, labels: torch.Tensor) -> None:
-    """The loss reads the logits of column c for the label of column c + 1: it must be computed."""
-    asked = labels[:, 1:].cpu() != -100
-    if bool((asked & uncomputed[:, :-1]).any()):
-        raise ValueError(
-            "labels ask for predictions from columns the patched model does not compute (padding, or context "
-            "columns when context stops before the last layer); set the labels that follow them to -100"
-        )
-
-
-def _mark_uncomputed_logits(model, out, batch: int, columns: int, past: int, kwargs, context_mask):
-    """Under autograd the decoder leaves 0 in columns it did not compute (NaN would poison parameter
-    gradients); their logits become NaN here, after the lm_head, where masking is gradient-safe.
-    Inference without labels (every decode step) has nothing to mark or check and returns at once."""
-    labels = kwargs.get("labels")
-    marks_logits = out.logits is not None and out.logits.requires_grad
-    if labels is None and not marks_logits:
-        return out
-    call = resolve_inputs(batch, columns, past, kwargs.get("attention_mask"), None, context_mask, torch.device("cpu"))
-    uncomputed = uncomputed_columns(call, model._skiplayers.policy.context_stop_layer, model.config.num_hidden_layers)
-    if labels is not None:
-        _check_labels_computed(uncomputed, labels)
-    if marks_logits:
-        mask = _logit_columns(uncomputed, kwargs.get("logits_to_keep", 0)).to(out.logits.device)
-        out.logits = out.logits.masked_fill(mask[..., None], float("nan"))
-    return out
-
-
-def _causal_lm_forward(model, original_forward):
-    @functools.wraps(original_forward)
-    def forward(*args, context_mask: torch.Tensor | None = None, **kwargs):
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        batch, columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
-        _check_last_columns_computed(
-            model._skiplayers, context_mask, past, columns, kwargs.get("logits_to_keep", 0), model.config.num_hidden_layers
-        )
-        out = original_forward(*args, context_mask=context_mask, **kwargs)
-        return _mark_uncomputed_logits(model, out, batch, columns, past, kwargs, context_mask)
-
-    # generate() validates model kwargs against the signature: expose context_mask in it.
-    params = list(inspect.signature(original_forward).parameters.values())
-    extra = inspect.Parameter("context_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
-    params.insert(len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params), extra)
-    forward.__signature__ = inspect.Signature(params)
-    return forward
+def execution_device(model) -> torch.device:
+    """Where the model computes. For a model dispatched by accelerate (``device_map``; weights may
+    be offloaded to the CPU or disk and sit on ``meta``) this is the execution device of its input
+    embedding's hook; otherwise the device of its parameters."""
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    devices = [p.device for p in model.parameters() if p.device.type != "meta"]
+    return devices[0] if devices else next(model.parameters()).device
 
 
 def _cache_factory(model, original):
@@ -130,32 +67,51 @@ def _cache_factory(model, original):
     return _prepare_cache_for_generation
 
 
+@contextlib.contextmanager
+def patched(model, policy: SkipPolicy, backend: str | None = None):
+    """``with sk.patched(model, policy) as model: ...``: the model is patched inside the block and
+    unpatched on exit, also on an exception. If it was patched before the block, its previous
+    policy and backend are restored instead."""
+    before = model._skiplayers if is_patched(model) else None
+    patch(model, policy, backend)
+    try:
+        yield model
+    finally:
+        if before is not None:
+            patch(model, before.policy, before.backend)
+        elif is_patched(model):
+            unpatch(model)
+
+
 def patch(model, policy: SkipPolicy, backend: str | None = None):
-    """Makes ``model`` (a loaded ``LlamaForCausalLM``) skip the work ``policy`` names.
+    """Makes ``model`` (a loaded causal LM of the LLaMA family: ``families.SUPPORTED``) skip the
+    work ``policy`` names.
 
     ``backend``: "torch" (pure PyTorch, reference.py), "cpu" (C++ kernels), "triton" or "cuda";
-    default: the fastest available for the model's device. Patching an already patched model
-    replaces its policy and backend. Returns the model.
+    default: the fastest available for the model's execution device. Patching an already patched
+    model replaces its policy and backend. Returns the model (see also :func:`patched`).
     """
-    patcher = _patcher_for(model)
+    check_supported(model)
     if not isinstance(policy, SkipPolicy):
         raise TypeError(f"policy must be a SkipPolicy, got {type(policy).__name__}")
     policy.validate_for(model.config.num_hidden_layers)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     backend = backend or sk_ops.default_backend(device)
     if backend not in sk_ops.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sk_ops.BACKENDS}")
     sk_ops.check_backend_device(backend, device)
-    state = PatchState(policy=policy, backend=backend, ops=sk_ops.get_ops(backend))
 
     if is_patched(model):
         unpatch(model)
+    state = PatchState(policy=policy, backend=backend, ops=sk_ops.get_ops(backend),
+                       attention_before=model.config._attn_implementation)
     decoder = model.model
     decoder._skiplayers = state
-    decoder.forward = types.MethodType(patcher.packed_model_forward, decoder)
+    decoder.forward = types.MethodType(packed_model_forward, decoder)
     model._skiplayers = state
-    model.forward = _causal_lm_forward(model, model.forward)
+    model.forward = causal_lm_forward(model, model.forward)
     model._prepare_cache_for_generation = _cache_factory(model, model._prepare_cache_for_generation)
+    model.config._attn_implementation = ATTENTION_NAME
     return model
 
 
@@ -163,8 +119,10 @@ def unpatch(model):
     """Undoes :func:`patch`: the model computes exactly as before patching. Returns the model."""
     if not is_patched(model):
         raise ValueError("this model is not patched by skiplayers")
+    state: PatchState = model._skiplayers
     for obj in (model, model.model):
         for name in _INSTANCE_ATTRS:
             obj.__dict__.pop(name, None)
         obj.__dict__.pop("_skiplayers", None)
+    model.config._attn_implementation = state.attention_before
     return model

@@ -1,4 +1,4 @@
-"""What a patched model carries: its policy and the backend's ops."""
+"""What a patched model carries: its policy, the backend's ops, and what unpatching restores."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class PatchState:
     policy: SkipPolicy
     backend: str
     ops: OpSet
+    attention_before: str | None = None  # config._attn_implementation before patching
 
     @property
     def rule(self) -> int:

@@ -1,14 +1,20 @@
-"""The patch for the LLaMA family: a packed, compacting forward for ``LlamaModel``.
+"""The patched model-level forward: pack, compact at ℓ, run the model's own layers, unpack.
 
-The patched forward reuses the model's own modules (norms, projections, MLP, rotary embedding)
-and replaces only the data flow around them:
+The forward bound to the decoder (``model.model.forward``) replaces only the data flow around the
+model's modules:
 
-1. padding columns are dropped and the real tokens packed into ragged rows (``packing.py``);
-2. at layer ℓ (``context_stop_layer``) the context rows are dropped from the hidden states with the
+1. padding columns are dropped and the real tokens packed into ragged rows (``packing.py``), the
+   hidden states shaped ``[1, N, hidden]`` (one packed "sequence" in transformers' layout);
+2. every decoder layer runs through its own ``__call__`` (so forward hooks, accelerate's hooks and
+   gradient checkpointing run), with the packed rows' positions, their rotary embeddings, the
+   :class:`SkipCache`, and the step object (``attention.py``) that the registered attention
+   function uses to attend through the backend's ops;
+3. at layer ℓ (``context_stop_layer``) the context rows are dropped from the hidden states with the
    backend's compaction kernel, so layers >= ℓ never compute, attend to or store them;
-3. attention runs through the backend's ops on the packed rows and the :class:`SkipCache`;
 4. the final hidden states are scattered back to ``[B, T, hidden]``. Columns that were not
    computed (padding, and context columns when ℓ < L) hold NaN, so nothing reads them silently.
+
+Hooks on decoder layers therefore see packed hidden states ``[1, N, hidden]``.
 """
 
 from __future__ import annotations
@@ -16,21 +22,15 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.llama import modeling_llama
 
 from ..anchors import anchor_tags
 from ..cache import SkipCache
 from ..meta import TAG_CONTEXT
 from ..packing import PackedRows, drop_rows, pack, unpack
+from .attention import PackedStep
+from .families import sliding_window
 from .inputs import CallInputs, resolve_inputs
 from .state import PatchState
-
-# Keyword arguments of LlamaModel.forward that change what is computed and are not supported.
-_UNSUPPORTED_FLAGS = ("output_attentions", "output_hidden_states")
-
-
-def supports(model) -> bool:
-    return isinstance(model, modeling_llama.LlamaForCausalLM)
 
 
 def _resolve_cache(past_key_values, use_cache: bool, num_layers: int, state: PatchState) -> SkipCache | None:
@@ -100,6 +100,20 @@ def _check_context_coverage(call: CallInputs, cache: SkipCache | None, context_m
         cache.noncontext_counts = total_plain
 
 
+def _check_sliding_window(config, position_ids, past: int, columns: int) -> None:
+    """skiplayers' visibility predicate has no window: a windowed model is exact only while no query
+    is a window or more past the first key, i.e. while every position is below the window."""
+    window = sliding_window(config)
+    if window is None:
+        return
+    last = past + columns - 1 if position_ids is None else int(position_ids.max())
+    if last >= window:
+        raise NotImplementedError(
+            f"this model's attention has a sliding window of {window} tokens; skiplayers does not apply sliding "
+            f"windows, so it is exact only for positions below {window} (this call reaches position {last})"
+        )
+
+
 def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
     """Whether this call records an autograd graph (grad mode on and something requires grad)."""
     if not torch.is_grad_enabled():
@@ -107,43 +121,24 @@ def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
     return inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters())
 
 
-def _rope(q, k, cos, sin):
-    """RoPE on packed ``q [N, H, D]``, ``k [N, H_kv, D]`` with ``cos, sin [N, D]``."""
-    return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+def _compact(step: PackedStep, hidden, cos, sin):
+    """Drops the context rows (layer ℓ). ``hidden [1, N, hidden]``, ``cos, sin [1, N, D]``."""
+    rows = step.rows_on(hidden.device)
+    keep = ~rows.is_context()
+    moved = [t[0].to(hidden.device) for t in (hidden, cos, sin)]
+    rows, (hidden, cos, sin) = drop_rows(rows, keep, moved, step.state.ops)
+    step.set_rows(rows)
+    return hidden[None], cos[None], sin[None]
 
 
-def _attention(layer_idx: int, attn, hidden, rows: PackedRows, cos, sin, cache: SkipCache | None, state: PatchState):
-    """Self-attention sublayer on packed rows ``hidden [N, hidden_size]`` -> ``[N, hidden_size]``."""
-    n = hidden.shape[0]
-    head_dim = attn.head_dim
-    q = attn.q_proj(hidden).view(n, -1, head_dim)
-    k = attn.k_proj(hidden).view(n, -1, head_dim)
-    v = attn.v_proj(hidden).view(n, -1, head_dim)
-    q, k = _rope(q, k, cos, sin)
-    ops, rule = state.ops, state.rule
-    # Without a cache, or when the cache held nothing before these rows, the keys are exactly the
-    # packed rows: attend to them packed. Otherwise attend to what the cache stores.
-    packed_keys = cache is None or cache.is_empty(layer_idx)
-    if cache is not None:  # the cache stores values; gradients flow through this call's own k, v
-        cache.append(layer_idx, k.detach(), v.detach(), rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops)
-    if packed_keys:
-        out = ops.varlen_attention(
-            q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos, rows.tag, rows.tag, rule, attn.scaling
+def _output_hidden_states(self, kwargs) -> bool:
+    wanted = kwargs.get("output_hidden_states")
+    wanted = self.config.output_hidden_states if wanted is None else wanted
+    if not isinstance(wanted, bool):
+        raise NotImplementedError(
+            f"output_hidden_states={wanted!r}: a skiplayers-patched model returns all hidden states (True) or none"
         )
-    else:
-        keys, values, pos, tag, lengths = cache.stored(layer_idx)
-        out = ops.cache_attention(
-            q, keys, values, rows.cu_seqlens, lengths, rows.pos, pos, rows.tag, tag, rule, attn.scaling, 0
-        )
-    return attn.o_proj(out.reshape(n, -1))
-
-
-def _decoder_layer(layer_idx, layer, hidden, rows, cos, sin, cache, state):
-    residual = hidden
-    hidden = residual + _attention(
-        layer_idx, layer.self_attn, layer.input_layernorm(hidden), rows, cos, sin, cache, state
-    )
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return wanted
 
 
 def packed_model_forward(
@@ -157,17 +152,22 @@ def packed_model_forward(
     context_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
-    """Replacement for ``LlamaModel.forward`` (bound to the instance by :func:`skiplayers.patch`).
+    """Replacement for the decoder's ``forward`` (bound to the instance by :func:`skiplayers.patch`).
 
     Takes the usual arguments plus ``context_mask`` (bool ``[B, columns]``, True = context token;
     see ``patching/inputs.py`` for how columns are counted). Returns ``last_hidden_state``
     ``[B, T, hidden]`` with NaN in the columns that were not computed (0 while autograd records a
-    graph; see the end of this function), and the :class:`SkipCache`.
+    graph; see the end of this function), the :class:`SkipCache`, and with
+    ``output_hidden_states=True`` the transformers tuple of L + 1 ``[B, T, hidden]`` tensors (the
+    embeddings, each layer's output, the last one after the final norm), NaN where that layer did
+    not compute a column (context columns after layer ℓ, padding after the embeddings).
     """
     state: PatchState = self._skiplayers
-    for flag in _UNSUPPORTED_FLAGS:
-        if kwargs.get(flag):
-            raise NotImplementedError(f"{flag}=True is not supported by skiplayers' packed forward")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(
+            "output_attentions=True is not supported by skiplayers: its kernels never form attention weights"
+        )
+    want_hidden = _output_hidden_states(self, kwargs)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if inputs_embeds is None:
@@ -183,6 +183,7 @@ def packed_model_forward(
             "values, not their graph, so earlier tokens' K/V would get no gradient); train with use_cache=False "
             "or feed the whole sequence in one call, or run under torch.no_grad()"
         )
+    _check_sliding_window(self.config, position_ids, past, columns)
 
     call = resolve_inputs(batch, columns, past, attention_mask, position_ids, context_mask, inputs_embeds.device)
     stop = state.policy.context_stop_layer
@@ -193,24 +194,45 @@ def packed_model_forward(
 
     tags, new_anchor = _tags(call, input_ids, cache, state.policy)
     rows = pack(call.valid, call.positions, tags)
-    hidden = inputs_embeds.reshape(batch * columns, -1)[rows.index]
+    hidden = inputs_embeds.reshape(batch * columns, -1)[rows.index][None]
     cos, sin = self.rotary_emb(hidden, position_ids=rows.pos[None].long())
-    cos, sin = cos[0], sin[0]
-
-    for layer_idx, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-        if layer_idx == stop:
-            keep = ~rows.is_context()
-            if bool(call.context.any()):
-                rows, (hidden, cos, sin) = drop_rows(rows, keep, [hidden, cos, sin], state.ops)
-        hidden = _decoder_layer(layer_idx, layer, hidden, rows, cos, sin, cache, state)
-
-    hidden = self.norm(hidden)
-    if cache is not None:
-        cache.advance(columns)
-        if new_anchor:  # AnLLM: a finished sentence keeps only its anchor's K/V
-            cache.drop_finished_sentences(state.ops)
+    step = PackedStep(rows, state, cache)
     # Columns that were not computed hold NaN, so nothing reads them silently; but not when autograd
     # records a graph: a NaN row would poison the lm_head's weight gradient (0 * NaN = NaN), so they
-    # hold 0 and the causal-LM forward puts NaN into their logits instead (patching/__init__.py).
+    # hold 0 and the causal-LM forward puts NaN into their logits instead (causal_lm.py).
     fill = 0.0 if builds_graph else float("nan")
-    return BaseModelOutputWithPast(last_hidden_state=unpack(rows, hidden, batch, columns, fill), past_key_values=cache)
+    collected = [inputs_embeds] if want_hidden else None
+
+    if cache is not None:
+        cache.begin_call(step)
+    try:
+        for layer_idx, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if layer_idx == stop and bool(call.context.any()):
+                hidden, cos, sin = _compact(step, hidden, cos, sin)
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=step.rows.pos[None].long(),
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=(cos, sin),
+                skiplayers=step,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returned tuples
+            if collected is not None and layer_idx + 1 < len(self.layers):
+                collected.append(unpack(step.rows_on(hidden.device), hidden[0], batch, columns, fill))
+    finally:
+        if cache is not None:
+            cache.end_call()
+
+    hidden = self.norm(hidden)[0]
+    if cache is not None:
+        cache.advance(call.valid, call.context)
+        if new_anchor:  # AnLLM: a finished sentence keeps only its anchor's K/V
+            cache.drop_finished_sentences(state.ops)
+    last = unpack(step.rows_on(hidden.device), hidden, batch, columns, fill)
+    return BaseModelOutputWithPast(
+        last_hidden_state=last,
+        past_key_values=cache,
+        hidden_states=tuple(collected) + (last,) if collected is not None else None,
+    )

@@ -1,0 +1,93 @@
+"""The patched causal-LM forward: ``context_mask`` in the signature, checks before the decoder runs,
+and the treatment of columns the decoder did not compute (padding, dropped context) after it.
+
+* ``generate()`` reads the last column's logits: a prompt ending in context is refused up front.
+* A loss computed by the model (``labels=``) ignores the predictions of uncomputed columns, as if
+  the labels they predict were -100 (transformers' causal-LM loss pairs column c's logits with
+  label c + 1), so padding or dropped context never makes it NaN.
+* Under autograd the decoder leaves 0 in uncomputed columns (NaN would poison parameter gradients);
+  their logits become NaN here, after the lm_head, where masking is gradient-safe. Inference
+  without labels (every decode step) does no host work here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from .inputs import resolve_inputs, uncomputed_columns
+from .state import PatchState
+
+
+def _check_last_columns_computed(state: PatchState, context_mask, past: int, columns: int, logits_to_keep, layers: int):
+    """generate() reads the logits of the last column: it must not be a dropped context column."""
+    stop = state.policy.context_stop_layer
+    if context_mask is None or stop is None or stop >= layers or not isinstance(logits_to_keep, int):
+        return
+    if logits_to_keep <= 0:
+        return
+    first = past + columns - logits_to_keep
+    kept = context_mask[:, first : past + columns]
+    if kept.numel() and bool(kept.any()):
+        raise ValueError(
+            "logits were requested for context columns, which stop at the context-stop layer and have no "
+            "logits; the prompt of every sequence must end with a non-context token (e.g. the query)"
+        )
+
+
+def _logit_columns(uncomputed: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The rows of ``uncomputed`` ``[B, T]`` that the returned logits cover (transformers' rule)."""
+    if isinstance(logits_to_keep, int):
+        return uncomputed[:, -logits_to_keep:] if logits_to_keep > 0 else uncomputed
+    return uncomputed[:, logits_to_keep.cpu()]
+
+
+def _labels_without_uncomputed(labels: torch.Tensor, uncomputed: torch.Tensor) -> torch.Tensor:
+    """``labels`` with -100 wherever the column predicting them (one to the left) was not computed."""
+    ignored = torch.zeros_like(uncomputed)
+    ignored[:, 1:] = uncomputed[:, :-1]
+    return labels.masked_fill(ignored.to(labels.device), -100)
+
+
+def causal_lm_forward(model, original_forward):
+    """The forward bound to the causal-LM instance by :func:`skiplayers.patch`."""
+
+    @functools.wraps(original_forward)
+    def forward(*args, context_mask: torch.Tensor | None = None, **kwargs):
+        state: PatchState = model._skiplayers
+        layers = model.config.num_hidden_layers
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch, columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+        _check_last_columns_computed(state, context_mask, past, columns, kwargs.get("logits_to_keep", 0), layers)
+        labels = kwargs.get("labels")
+        uncomputed = None
+        if labels is not None:
+            uncomputed = _uncomputed(state, batch, columns, past, kwargs, context_mask, layers)
+            kwargs["labels"] = _labels_without_uncomputed(labels, uncomputed)
+        return_dict = kwargs.pop("return_dict", None)
+        out = original_forward(*args, context_mask=context_mask, return_dict=True, **kwargs)
+        logits = out.logits
+        if logits is not None and logits.requires_grad:
+            if uncomputed is None:
+                uncomputed = _uncomputed(state, batch, columns, past, kwargs, context_mask, layers)
+            mask = _logit_columns(uncomputed, kwargs.get("logits_to_keep", 0)).to(logits.device)
+            out.logits = logits.masked_fill(mask[..., None], float("nan"))
+        if return_dict is False or (return_dict is None and getattr(model.config, "return_dict", True) is False):
+            return out.to_tuple()
+        return out
+
+    # generate() validates model kwargs against the signature: expose context_mask in it.
+    params = list(inspect.signature(original_forward).parameters.values())
+    extra = inspect.Parameter("context_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params.insert(len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params), extra)
+    forward.__signature__ = inspect.Signature(params)
+    return forward
+
+
+def _uncomputed(state: PatchState, batch, columns, past, kwargs, context_mask, layers) -> torch.Tensor:
+    call = resolve_inputs(batch, columns, past, kwargs.get("attention_mask"), None, context_mask, torch.device("cpu"))
+    return uncomputed_columns(call, state.policy.context_stop_layer, layers)
