@@ -34,7 +34,7 @@ class SkipCacheLayer(CacheLayerMixin):
     """One layer's buffers. Written only through :meth:`SkipCache.append`."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # SkipCache.crop undoes the columns of the last call (anchors included)
     is_sliding = False
     supports_early_init = False
 
@@ -146,13 +146,22 @@ class SkipCache(Cache):
         # Per fed column (host bool [B, T] chunks): a real token? a context token? (what crop undoes)
         self._fed_valid: list[torch.Tensor] = []
         self._fed_context: list[torch.Tensor] = []
-        self._anchor_through = 0  # logical length after the last call in which a sentence finished
+        self._fed_anchor: list[torch.Tensor] = []
+        self._anchor_through = 0  # logical length when finished sentences were last dropped
+        # With anchors, finished sentences leave the cache lazily (see request_reduction): the ops to do it with.
+        self._pending_reduction: OpSet | None = None
         self._active_step = None  # the patched forward call now writing (set by begin_call)
 
     # --- writing ---
 
     def begin_call(self, step) -> None:
-        """A patched forward starts: the attention modules' ``update`` calls go to ``step.store``."""
+        """The layers of a patched forward start: the attention modules' ``update`` calls go to
+        ``step.store``. (The forward settles a pending reduction first, before it tags its new
+        columns: the reduction must use the sentence counts of the columns already fed.)"""
+        self.use_step(step)
+
+    def use_step(self, step) -> None:
+        """The step whose rows the next ``update`` calls store (a new one from the context-stop layer)."""
         self._active_step = step
 
     def end_call(self) -> None:
@@ -183,6 +192,19 @@ class SkipCache(Cache):
         ops.cache_append(layer.keys, layer.values, layer.pos, layer.tag, k, v, pos, tag, cu_seqlens, layer.lengths)
         layer.host_lengths += counts
         layer.lengths += counts.to(device=layer.lengths.device, dtype=torch.int32)
+
+    def request_reduction(self, ops: OpSet) -> None:
+        """A sentence finished: its tokens (but its anchor) leave the cache before it is next used
+        (:meth:`settle`). Deferring is exact (the AnSAN rule already hides them from every later
+        query) and lets :meth:`crop` undo the columns of the last call, anchors included, as
+        assisted decoding needs."""
+        self._pending_reduction = ops
+
+    def settle(self) -> None:
+        """Does a requested reduction now (before a forward, or when lengths or bytes are read)."""
+        ops, self._pending_reduction = self._pending_reduction, None
+        if ops is not None:
+            self.drop_finished_sentences(ops)
 
     def drop_finished_sentences(self, ops: OpSet) -> None:
         """AnLLM cache reduction: in every layer and sequence, keeps only the anchors (and sinks) of
@@ -215,12 +237,14 @@ class SkipCache(Cache):
         layer = self.layers[layer_idx]
         return layer.host_lengths is None or bool((layer.host_lengths == 0).all())
 
-    def advance(self, valid: torch.Tensor, context: torch.Tensor) -> None:
-        """Counts the columns of a finished call as seen: ``valid`` / ``context`` bool ``[B, T]``
-        (host) say which were real tokens and which context (kept so :meth:`crop` can undo them)."""
+    def advance(self, valid: torch.Tensor, context: torch.Tensor, anchor: torch.Tensor | None = None) -> None:
+        """Counts the columns of a finished call as seen: ``valid`` / ``context`` / ``anchor`` bool
+        ``[B, T]`` (host) say which were real tokens, context and anchors (kept so :meth:`crop` can
+        undo them)."""
         self.logical_length += valid.shape[1]
         self._fed_valid.append(valid)
         self._fed_context.append(context)
+        self._fed_anchor.append(torch.zeros_like(valid) if anchor is None else anchor)
 
     # --- reading ---
 
@@ -229,6 +253,7 @@ class SkipCache(Cache):
 
     def layer_lengths(self) -> torch.LongTensor:
         """LongTensor ``[L, B]``: slots stored per layer and sequence (0 where nothing is stored)."""
+        self.settle()
         batch = self.batch_size if self.batch_size > 0 else 0
         rows = [
             layer.host_lengths if layer.host_lengths is not None else torch.zeros(batch, dtype=torch.int64)
@@ -239,6 +264,7 @@ class SkipCache(Cache):
     def nbytes(self, include_metadata: bool = False) -> int:
         """Bytes the K/V buffers occupy (allocated capacity, not only the used slots); with
         ``include_metadata`` also the position, tag and length buffers."""
+        self.settle()
         return sum(layer.nbytes(include_metadata) for layer in self.layers)
 
     @property
@@ -252,11 +278,6 @@ class SkipCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    @property
-    def is_croppable(self) -> bool:
-        """Whether :meth:`crop` can always undo columns: not with anchors, whose reduction drops tokens."""
-        return self.policy is None or not self.policy.anchors_enabled
-
     def crop(self, tokens_to_remove: int) -> None:
         """Forgets the last columns fed, in every layer and sequence, as if they had never been fed
         (what assisted and prompt-lookup decoding do with rejected candidates).
@@ -265,7 +286,9 @@ class SkipCache(Cache):
         to keep; 0 does nothing. Per layer and sequence the slots removed are the real tokens of those
         columns that the layer stored: at layers >= ℓ the context tokens were never stored. With
         anchors, columns up to the end of a call in which a sentence finished cannot be removed (the
-        reduction already dropped that sentence's tokens) and are refused."""
+        reduction already dropped that sentence's tokens) and are refused; the reduction a call
+        requests is deferred (:meth:`request_reduction`), so the columns of the last call can
+        always be removed."""
         remove = -tokens_to_remove if tokens_to_remove <= 0 else self.logical_length - tokens_to_remove
         if remove == 0:
             return
@@ -278,6 +301,7 @@ class SkipCache(Cache):
                 f"and the anchor cache already dropped its tokens (columns up to {self._anchor_through} are fixed)"
             )
         valid, context = torch.cat(self._fed_valid, dim=1), torch.cat(self._fed_context, dim=1)
+        anchor = torch.cat(self._fed_anchor, dim=1)
         tokens = valid[:, keep:].sum(dim=1)
         contexts = context[:, keep:].sum(dim=1)
         stop = self.policy.context_stop_layer if self.policy is not None else None
@@ -294,14 +318,16 @@ class SkipCache(Cache):
             self.noncontext_counts = self.noncontext_counts - (tokens - contexts)
         if self.tokens_seen is not None:
             self.tokens_seen = self.tokens_seen - tokens
+            self.sentence_counts = self.sentence_counts - anchor[:, keep:].sum(dim=1)
         self.logical_length = keep
-        self._fed_valid, self._fed_context = [valid[:, :keep]], [context[:, :keep]]
+        self._fed_valid, self._fed_context, self._fed_anchor = [valid[:, :keep]], [context[:, :keep]], [anchor[:, :keep]]
 
     def reset(self) -> None:
         super().reset()
         self.logical_length = 0
         self.context_counts = self.noncontext_counts = self.sentence_counts = self.tokens_seen = None
-        self._fed_valid, self._fed_context, self._anchor_through = [], [], 0
+        self._fed_valid, self._fed_context, self._fed_anchor, self._anchor_through = [], [], [], 0
+        self._pending_reduction = None
 
     def _select(self, fn) -> None:
         """Applies a batch selection to the per-sequence host counters and column history."""
@@ -310,6 +336,7 @@ class SkipCache(Cache):
                 setattr(self, name, fn(getattr(self, name)))
         self._fed_valid = [fn(chunk) for chunk in self._fed_valid]
         self._fed_context = [fn(chunk) for chunk in self._fed_context]
+        self._fed_anchor = [fn(chunk) for chunk in self._fed_anchor]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -62,22 +62,23 @@ def packed(x: torch.Tensor) -> torch.Tensor:
 
 
 class PackedStep:
-    """One patched forward call as its layers see it: the packed rows (replaced at the
-    context-stop layer), the backend, and the cache.
+    """One patched forward call as its layers see it: the packed rows, the backend, and the cache.
 
     ``SkipCache.update`` calls :meth:`store`; the attention function calls :meth:`attend`. A layer
     attends to the cache when it held keys before this call, else to this call's own K/V (which is
-    also what happens when gradient checkpointing withholds the cache from the layer)."""
+    also what happens when gradient checkpointing withholds the cache from the layer). The rows of
+    a step never change (gradient checkpointing recomputes a layer with the step it first got);
+    the context-stop layer gets a new step (:meth:`with_rows`)."""
 
-    def __init__(self, rows: PackedRows, state: PatchState, cache):
+    def __init__(self, rows: PackedRows, state: PatchState, cache, reads_cache: set[int] | None = None):
         self.state = state
         self.cache = cache
-        self._reads_cache: set[int] = set()
-        self.set_rows(rows)
-
-    def set_rows(self, rows: PackedRows) -> None:
+        self._reads_cache = set() if reads_cache is None else reads_cache  # shared by the steps of one call
         self.rows = rows
         self._moved = {rows.cu_seqlens.device: rows}
+
+    def with_rows(self, rows: PackedRows) -> "PackedStep":
+        return PackedStep(rows, self.state, self.cache, self._reads_cache)
 
     def rows_on(self, device: torch.device) -> PackedRows:
         """The rows with their device tensors on ``device`` (layers of a multi-device map), moved once."""

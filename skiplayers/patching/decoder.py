@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..anchors import anchor_tags
 from ..cache import SkipCache
-from ..meta import TAG_CONTEXT
+from ..meta import TAG_ANCHOR, TAG_CONTEXT
 from ..packing import PackedRows, drop_rows, pack, unpack
 from .attention import PackedStep
 from .families import sliding_window
@@ -47,12 +47,13 @@ def _resolve_cache(past_key_values, use_cache: bool, num_layers: int, state: Pat
     )
 
 
-def _tags(call: CallInputs, input_ids, cache: SkipCache | None, policy) -> tuple[torch.Tensor, bool]:
+def _tags(call: CallInputs, input_ids, cache: SkipCache | None, policy) -> tuple[torch.Tensor, torch.Tensor | None]:
     """int32 ``[B, T]`` tag words of the new columns (on the model's device): the context bit and,
-    with anchors on, the anchor / sink / sentence bits continuing the cache's history. Also says
-    whether a new anchor arrived (then finished sentences can leave the cache)."""
+    with anchors on, the anchor / sink / sentence bits continuing the cache's history. Also, with
+    anchors on, which new columns are anchors (bool ``[B, T]``, host; then finished sentences can
+    leave the cache)."""
     tags = call.context.to(torch.int32) * TAG_CONTEXT
-    new_anchor = False
+    anchors = None
     if policy.anchors_enabled:
         if input_ids is None:
             raise NotImplementedError("anchors need input_ids (anchor tokens are recognised by id), not inputs_embeds")
@@ -63,10 +64,10 @@ def _tags(call: CallInputs, input_ids, cache: SkipCache | None, policy) -> tuple
             input_ids.detach().cpu(), call.valid, policy.anchor_token_ids, policy.anchor_keep_first, *prior
         )
         tags |= anchor_bits
-        new_anchor = bool((sentences > prior[0]).any())
+        anchors = (anchor_bits & TAG_ANCHOR) != 0
         if cache is not None:
             cache.sentence_counts, cache.tokens_seen = sentences, tokens
-    return tags.to(call.positions.device), new_anchor
+    return tags.to(call.positions.device), anchors
 
 
 def _check_context_coverage(call: CallInputs, cache: SkipCache | None, context_mask, attention_mask, past: int):
@@ -122,13 +123,16 @@ def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
 
 
 def _compact(step: PackedStep, hidden, cos, sin):
-    """Drops the context rows (layer ℓ). ``hidden [1, N, hidden]``, ``cos, sin [1, N, D]``."""
+    """Drops the context rows (layer ℓ). ``hidden [1, N, hidden]``, ``cos, sin [1, N, D]``.
+    Returns the step of the remaining layers and the compacted tensors."""
     rows = step.rows_on(hidden.device)
     keep = ~rows.is_context()
     moved = [t[0].to(hidden.device) for t in (hidden, cos, sin)]
     rows, (hidden, cos, sin) = drop_rows(rows, keep, moved, step.state.ops)
-    step.set_rows(rows)
-    return hidden[None], cos[None], sin[None]
+    step = step.with_rows(rows)
+    if step.cache is not None:
+        step.cache.use_step(step)
+    return step, hidden[None], cos[None], sin[None]
 
 
 def _output_hidden_states(self, kwargs) -> bool:
@@ -191,8 +195,9 @@ def packed_model_forward(
         _check_context_coverage(call, cache, context_mask, attention_mask, past)
     if cache is not None:
         cache.policy = state.policy
+        cache.settle()  # a reduction the previous call requested, with that call's sentence counts
 
-    tags, new_anchor = _tags(call, input_ids, cache, state.policy)
+    tags, anchors = _tags(call, input_ids, cache, state.policy)
     rows = pack(call.valid, call.positions, tags)
     hidden = inputs_embeds.reshape(batch * columns, -1)[rows.index][None]
     cos, sin = self.rotary_emb(hidden, position_ids=rows.pos[None].long())
@@ -208,7 +213,7 @@ def packed_model_forward(
     try:
         for layer_idx, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if layer_idx == stop and bool(call.context.any()):
-                hidden, cos, sin = _compact(step, hidden, cos, sin)
+                step, hidden, cos, sin = _compact(step, hidden, cos, sin)
             out = layer(
                 hidden,
                 attention_mask=None,
@@ -227,9 +232,9 @@ def packed_model_forward(
 
     hidden = self.norm(hidden)[0]
     if cache is not None:
-        cache.advance(call.valid, call.context)
-        if new_anchor:  # AnLLM: a finished sentence keeps only its anchor's K/V
-            cache.drop_finished_sentences(state.ops)
+        cache.advance(call.valid, call.context, anchors)
+        if anchors is not None and bool(anchors.any()):  # AnLLM: a finished sentence keeps only its anchor's K/V
+            cache.request_reduction(state.ops)
     last = unpack(step.rows_on(hidden.device), hidden, batch, columns, fill)
     return BaseModelOutputWithPast(
         last_hidden_state=last,
