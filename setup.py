@@ -31,6 +31,15 @@ from torch.utils import cpp_extension  # noqa: E402
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def read_version() -> str:
+    """skiplayers/_version.py, executed on its own: importing the package would need torch's
+    extension already built."""
+    namespace: dict = {}
+    with open(os.path.join(ROOT, "skiplayers", "_version.py")) as f:
+        exec(f.read(), namespace)
+    return namespace["__version__"]
+
+
 def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -88,7 +97,7 @@ def extension():
 
 setup(
     name="skiplayers",
-    version="0.1.0",
+    version=read_version(),
     description="Kernels that make LLaMA-family models skip work they do not need",
     python_requires=">=3.10",
     packages=["skiplayers", "skiplayers.patching", "skiplayers.triton_kernels"],

@@ -14,6 +14,7 @@ from . import _source_tree
 
 _source_tree.install()  # source checkouts: `skiplayers.triton_kernels` is the top-level triton_kernels/
 
+from ._version import __version__  # noqa: E402
 from .anchors import anchor_ids  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .cache import SkipCache  # noqa: E402
@@ -24,6 +25,7 @@ from .policy import SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
 
 __all__ = [
+    "__version__",
     "anchor_ids",
     "SkipCache",
     "SkipPolicy",

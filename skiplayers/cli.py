@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from ._version import __version__
+
 DEMO_ITEMS = 8  # queries of the calibrated task shown side by side (one batch)
 
 
@@ -148,6 +150,7 @@ def _builtin_names():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="skiplayers", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"skiplayers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="a calibrated few-shot task on SmolLM2: full vs context stop")
     p_demo.add_argument("--layer", type=int, default=None,
