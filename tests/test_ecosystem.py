@@ -259,3 +259,44 @@ def test_a_layer_called_outside_a_patched_forward_says_so(model, batch):
         cos_sin = model.model.rotary_emb(hidden, position_ids=torch.arange(3)[None])
         with pytest.raises(RuntimeError, match="outside a skiplayers forward"):
             model.model.layers[0](hidden, position_embeddings=cos_sin)
+
+
+# --- generate() options and torch.compile ---
+
+
+@torch.no_grad()
+def test_beam_search_equals_the_unpatched_model_and_runs_with_context_stop(model, batch):
+    ids, attn, ctx, _ = batch
+    want = model.generate(ids, attention_mask=attn, max_new_tokens=5, num_beams=3, do_sample=False)
+    with sk.patched(model, sk.SkipPolicy(context_stop_layer=4), backend="cpu"):
+        assert torch.equal(model.generate(ids, attention_mask=attn, max_new_tokens=5, num_beams=3, do_sample=False),
+                           want)
+    with sk.patched(model, POLICIES["stop"], backend="cpu"):
+        out = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=5, num_beams=3,
+                             do_sample=False, return_dict_in_generate=True)
+    lengths = out.past_key_values.layer_lengths()  # [L, B * beams]: no context stored from layer ℓ on
+    real = attn.sum(1).repeat_interleave(3)
+    context = (ctx & attn.bool()).sum(1).repeat_interleave(3)
+    assert torch.equal(lengths[STOP:].max(0).values, lengths[STOP:].min(0).values)
+    assert bool((lengths[STOP] <= real - context + 5).all()) and bool((lengths[0] > lengths[STOP]).all())
+
+
+def test_a_static_cache_is_refused(model, batch):
+    ids, attn, _, _ = batch
+    with sk.patched(model, sk.SkipPolicy(), backend="cpu"):
+        with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+            model.generate(ids, attention_mask=attn, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_torch_compile_equals_eager(batch):
+    """torch.compile runs a patched model and gives the eager logits (not yet without graph breaks:
+    the cache's and the packing's host-side bookkeeping breaks the graph; README table)."""
+    model = tiny_llama(layers=2)
+    ids, attn, ctx, pos = batch
+    with sk.patched(model, sk.SkipPolicy(context_stop_layer=1), backend="cpu"):
+        want = model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=sk.SkipCache(2))
+        got = torch.compile(model)(ids, attention_mask=attn, position_ids=pos, context_mask=ctx,
+                                   past_key_values=sk.SkipCache(2))
+    torch.testing.assert_close(got.logits, want.logits, equal_nan=True, atol=1e-5, rtol=1e-5)
