@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .handles import new_handle
 from .meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, TAG_SINK
 from .ops import OpSet
 
@@ -151,6 +152,7 @@ class SkipCache(Cache):
         # With anchors, finished sentences leave the cache lazily (see request_reduction): the ops to do it with.
         self._pending_reduction: OpSet | None = None
         self._active_step = None  # the patched forward call now writing (set by begin_call)
+        self.handle = new_handle(self)  # names this cache inside compiled graphs (handles.py)
 
     # --- writing ---
 

@@ -43,9 +43,9 @@ class MaskedStep:
     def __init__(self, policy: SkipPolicy, pos: torch.Tensor, tag: torch.Tensor, valid: torch.Tensor):
         self.policy, self.pos, self.tag, self.valid = policy, pos, tag, valid
 
-    def attend(self, module, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
         """``query [B, H, T, D]``, ``key/value [B, H_kv, T, D]`` -> ``[B, T, H, D]``."""
-        rule = layer_rule(self.policy, module.layer_idx)
+        rule = layer_rule(self.policy, layer_idx)
         out = torch.empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype,
                           device=query.device)
         for b in range(query.shape[0]):

@@ -21,7 +21,7 @@ class PackedRows:
     Attributes:
         index: int64 ``[N]``, each row's flat index into the ``[B * T]`` input columns.
         cu_seqlens: int32 ``[B + 1]`` on the model's device.
-        counts: int64 ``[B]`` on the host (rows per sequence).
+        counts: int64 ``[B]`` on the host (rows per sequence); None while dynamo traces (traced.py).
         pos: int32 ``[N]`` absolute positions; tag: int32 ``[N]`` tag words (``meta.py``).
     """
 
@@ -70,7 +70,10 @@ def drop_rows(rows: PackedRows, keep: torch.Tensor, tensors: list[torch.Tensor],
     index, cu = ops.compact_rows(rows.index, rows.cu_seqlens, keep)
     pos = ops.compact_rows(rows.pos, rows.cu_seqlens, keep)[0]
     tag = ops.compact_rows(rows.tag, rows.cu_seqlens, keep)[0]
-    counts = cu.diff().cpu().to(torch.int64)
+    for t in (*compacted, pos, tag):  # the same rows were kept in each: say so to a compiler (unbacked sizes)
+        torch._check(t.shape[0] == index.shape[0])
+    # Host counts (a device sync) only where the rows carry them: the traced path reads them in its ops.
+    counts = cu.diff().cpu().to(torch.int64) if rows.counts is not None else None
     return PackedRows(index, cu, counts, pos, tag), compacted
 
 

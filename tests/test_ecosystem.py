@@ -261,7 +261,7 @@ def test_a_layer_called_outside_a_patched_forward_says_so(model, batch):
             model.model.layers[0](hidden, position_embeddings=cos_sin)
 
 
-# --- generate() options and torch.compile ---
+# --- generate() options and torch.compile (patching/traced.py) ---
 
 
 @torch.no_grad()
@@ -288,15 +288,62 @@ def test_a_static_cache_is_refused(model, batch):
             model.generate(ids, attention_mask=attn, max_new_tokens=2, cache_implementation="static")
 
 
-@pytest.mark.slow
-@torch.no_grad()
-def test_torch_compile_equals_eager(batch):
-    """torch.compile runs a patched model and gives the eager logits (not yet without graph breaks:
-    the cache's and the packing's host-side bookkeeping breaks the graph; README table)."""
-    model = tiny_llama(layers=2)
+def _decode_inputs(batch):
     ids, attn, ctx, pos = batch
-    with sk.patched(model, sk.SkipPolicy(context_stop_layer=1), backend="cpu"):
-        want = model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=sk.SkipCache(2))
-        got = torch.compile(model)(ids, attention_mask=attn, position_ids=pos, context_mask=ctx,
-                                   past_key_values=sk.SkipCache(2))
-    torch.testing.assert_close(got.logits, want.logits, equal_nan=True, atol=1e-5, rtol=1e-5)
+    step = torch.tensor([[5], [6], [7]])
+    return step, torch.cat([attn, torch.ones_like(step)], 1), pos[:, -1:] + 1
+
+
+@pytest.mark.parametrize("policy", POLICIES.values(), ids=POLICIES.keys())
+@torch.no_grad()
+def test_torch_compile_traces_prefill_and_decode_without_graph_breaks(batch, policy):
+    ids, attn, ctx, pos = batch
+    model = tiny_llama(layers=3)
+    step, step_mask, step_pos = _decode_inputs(batch)
+    with sk.patched(model, policy, backend="cpu"):
+        cache = sk.SkipCache(3)
+        prefill = torch._dynamo.explain(model)(ids, attention_mask=attn, position_ids=pos, context_mask=ctx,
+                                               past_key_values=cache)
+        decode = torch._dynamo.explain(model)(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
+                                              past_key_values=cache)
+    assert prefill.graph_break_count == 0, [r.reason for r in prefill.break_reasons]
+    assert decode.graph_break_count == 0, [r.reason for r in decode.break_reasons]
+    assert prefill.graph_count == decode.graph_count == 1
+
+
+@pytest.mark.parametrize("policy", POLICIES.values(), ids=POLICIES.keys())
+@torch.no_grad()
+def test_torch_compile_fullgraph_equals_eager(batch, policy):
+    """Prefill, a decode step, and greedy generate() with the patched forward compiled
+    (``fullgraph=True``, inductor) give the eager results."""
+    ids, attn, ctx, pos = batch
+    model = tiny_llama(layers=3)
+    step, step_mask, step_pos = _decode_inputs(batch)
+    with sk.patched(model, policy, backend="cpu"):
+        compiled = torch.compile(model, fullgraph=True)
+        logits = {}
+        for name, run in (("eager", model), ("compiled", compiled)):
+            cache = sk.SkipCache(3)
+            first = run(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=cache).logits
+            second = run(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
+                         past_key_values=cache).logits
+            logits[name] = (first, second, cache.layer_lengths())
+        for eager, compiled_out in zip(logits["eager"][:2], logits["compiled"][:2]):
+            torch.testing.assert_close(compiled_out, eager, equal_nan=True, atol=1e-5, rtol=1e-5)
+        assert torch.equal(logits["eager"][2], logits["compiled"][2])
+        want = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward, fullgraph=True)  # how generate() runs a compiled forward
+        got = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    assert not sk.is_patched(model)
+
+
+@torch.no_grad()
+def test_torch_compile_refusals_are_clear(batch):
+    ids, attn, ctx, pos = batch
+    model = tiny_llama(layers=2)
+    with sk.patched(model, POLICIES["stop"], backend="cpu"):
+        with pytest.raises(Exception, match="pass the cache"):
+            torch.compile(model, fullgraph=True)(ids, attention_mask=attn, context_mask=ctx, use_cache=True)
+        with torch.enable_grad(), pytest.raises(Exception, match="training .* under torch.compile"):
+            torch.compile(model, fullgraph=True)(ids, attention_mask=attn, context_mask=ctx, use_cache=False)

@@ -27,6 +27,7 @@ import torch
 
 from .. import ops as sk_ops
 from ..cache import SkipCache
+from ..handles import new_handle
 from ..policy import SkipPolicy
 from .attention import ATTENTION_NAME
 from .causal_lm import causal_lm_forward
@@ -107,11 +108,16 @@ def patch(model, policy: SkipPolicy, backend: str | None = None):
                        attention_before=model.config._attn_implementation)
     decoder = model.model
     decoder._skiplayers = state
+    decoder._skiplayers_handle = new_handle(decoder)  # names the decoder inside compiled graphs (traced.py)
     decoder.forward = types.MethodType(packed_model_forward, decoder)
     model._skiplayers = state
     model.forward = causal_lm_forward(model, model.forward)
     model._prepare_cache_for_generation = _cache_factory(model, model._prepare_cache_for_generation)
     model.config._attn_implementation = ATTENTION_NAME
+    # Under torch.compile the packed rows have data-dependent sizes (traced.py): let dynamo capture
+    # such ops as unbacked sizes instead of breaking the graph. Only ops whose output size depends
+    # on data are affected, and only when something is compiled.
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return model
 
 
@@ -123,6 +129,7 @@ def unpatch(model):
     for obj in (model, model.model):
         for name in _INSTANCE_ATTRS:
             obj.__dict__.pop(name, None)
-        obj.__dict__.pop("_skiplayers", None)
+        for name in ("_skiplayers", "_skiplayers_handle", "_skiplayers_running"):
+            obj.__dict__.pop(name, None)
     model.config._attn_implementation = state.attention_before
     return model

@@ -39,7 +39,7 @@ def skiplayers_attention(module, query, key, value, attention_mask, scaling=None
             f"attention dropout ({dropout}) is not supported by skiplayers' attention; set config.attention_dropout "
             "to 0 or call model.eval()"
         )
-    return step.attend(module, query, key, value, scaling), None
+    return step.attend(module.layer_idx, query, key, value, scaling), None
 
 
 AttentionInterface.register(ATTENTION_NAME, skiplayers_attention)
@@ -70,15 +70,25 @@ class PackedStep:
     a step never change (gradient checkpointing recomputes a layer with the step it first got);
     the context-stop layer gets a new step (:meth:`with_rows`)."""
 
-    def __init__(self, rows: PackedRows, state: PatchState, cache, reads_cache: set[int] | None = None):
+    def __init__(self, rows: PackedRows, state: PatchState, cache, plan=None, reads_cache: set[int] | None = None):
         self.state = state
         self.cache = cache
+        self.plan = plan  # the call's host-side plan (decoder.CallPlan)
         self._reads_cache = set() if reads_cache is None else reads_cache  # shared by the steps of one call
         self.rows = rows
         self._moved = {rows.cu_seqlens.device: rows}
 
     def with_rows(self, rows: PackedRows) -> "PackedStep":
-        return PackedStep(rows, self.state, self.cache, self._reads_cache)
+        return PackedStep(rows, self.state, self.cache, self.plan, self._reads_cache)
+
+    def has_context(self, context_mask) -> bool:
+        """Whether this call has context rows to drop at the context-stop layer."""
+        return bool(self.plan.call.context.any())
+
+    def finish(self, decoder) -> None:
+        from .decoder import finish_call  # decoder.py imports this module
+
+        finish_call(decoder, self.cache, self.plan)
 
     def rows_on(self, device: torch.device) -> PackedRows:
         """The rows with their device tensors on ``device`` (layers of a multi-device map), moved once."""
@@ -97,12 +107,12 @@ class PackedStep:
         )
         return key_states, value_states
 
-    def attend(self, module, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
         rows = self.rows_on(query.device)
         ops, rule = self.state.ops, self.state.rule
         q = packed(query)
-        if module.layer_idx in self._reads_cache:
-            keys, values, pos, tag, lengths = self.cache.stored(module.layer_idx)
+        if layer_idx in self._reads_cache:
+            keys, values, pos, tag, lengths = self.cache.stored(layer_idx)
             out = ops.cache_attention(
                 q, keys, values, rows.cu_seqlens, lengths, rows.pos, pos, rows.tag, tag, rule, scaling, 0
             )

@@ -1,7 +1,8 @@
 """The patched causal-LM forward: ``context_mask`` in the signature, checks before the decoder runs,
 and the treatment of columns the decoder did not compute (padding, dropped context) after it.
 
-* ``generate()`` reads the last column's logits: a prompt ending in context is refused up front.
+* ``generate()`` reads the last column's logits: a prompt ending in context is refused before any
+  layer runs (the decoder's plan calls :func:`check_last_columns_computed`).
 * A loss computed by the model (``labels=``) ignores the predictions of uncomputed columns, as if
   the labels they predict were -100 (transformers' causal-LM loss pairs column c's logits with
   label c + 1), so padding or dropped context never makes it NaN.
@@ -21,9 +22,10 @@ from .inputs import resolve_inputs, uncomputed_columns
 from .state import PatchState
 
 
-def _check_last_columns_computed(state: PatchState, context_mask, past: int, columns: int, logits_to_keep, layers: int):
-    """generate() reads the logits of the last column: it must not be a dropped context column."""
-    stop = state.policy.context_stop_layer
+def check_last_columns_computed(policy, context_mask, past: int, columns: int, logits_to_keep, layers: int):
+    """generate() reads the logits of the last column: it must not be a dropped context column.
+    (Called by the decoder's host-side plan, which knows the cache length.)"""
+    stop = policy.context_stop_layer
     if context_mask is None or stop is None or stop >= layers or not isinstance(logits_to_keep, int):
         return
     if logits_to_keep <= 0:
@@ -58,22 +60,19 @@ def causal_lm_forward(model, original_forward):
     def forward(*args, context_mask: torch.Tensor | None = None, **kwargs):
         state: PatchState = model._skiplayers
         layers = model.config.num_hidden_layers
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        batch, columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
-        _check_last_columns_computed(state, context_mask, past, columns, kwargs.get("logits_to_keep", 0), layers)
         labels = kwargs.get("labels")
         uncomputed = None
         if labels is not None:
-            uncomputed = _uncomputed(state, batch, columns, past, kwargs, context_mask, layers)
+            uncomputed = _uncomputed(state, args, kwargs, context_mask, layers)
             kwargs["labels"] = _labels_without_uncomputed(labels, uncomputed)
         return_dict = kwargs.pop("return_dict", None)
-        out = original_forward(*args, context_mask=context_mask, return_dict=True, **kwargs)
+        # The decoder checks that the logits asked for exist (it knows the cache length).
+        out = original_forward(*args, context_mask=context_mask, return_dict=True,
+                               skiplayers_logits_to_keep=kwargs.get("logits_to_keep", 0), **kwargs)
         logits = out.logits
         if logits is not None and logits.requires_grad:
             if uncomputed is None:
-                uncomputed = _uncomputed(state, batch, columns, past, kwargs, context_mask, layers)
+                uncomputed = _uncomputed(state, args, kwargs, context_mask, layers)
             mask = _logit_columns(uncomputed, kwargs.get("logits_to_keep", 0)).to(logits.device)
             out.logits = logits.masked_fill(mask[..., None], float("nan"))
         if return_dict is False or (return_dict is None and getattr(model.config, "return_dict", True) is False):
@@ -88,6 +87,11 @@ def causal_lm_forward(model, original_forward):
     return forward
 
 
-def _uncomputed(state: PatchState, batch, columns, past, kwargs, context_mask, layers) -> torch.Tensor:
+def _uncomputed(state: PatchState, args, kwargs, context_mask, layers) -> torch.Tensor:
+    """Bool ``[B, T]`` (host): the columns of this call that the decoder does not compute."""
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    batch, columns = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
     call = resolve_inputs(batch, columns, past, kwargs.get("attention_mask"), None, context_mask, torch.device("cpu"))
     return uncomputed_columns(call, state.policy.context_stop_layer, layers)

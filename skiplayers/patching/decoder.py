@@ -19,6 +19,8 @@ Hooks on decoder layers therefore see packed hidden states ``[1, N, hidden]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -29,19 +31,24 @@ from ..meta import TAG_ANCHOR, TAG_CONTEXT
 from ..packing import PackedRows, drop_rows, pack, unpack
 from .attention import PackedStep
 from .families import sliding_window
+from . import traced
+from .causal_lm import check_last_columns_computed
 from .inputs import CallInputs, resolve_inputs
 from .state import PatchState
 
 
 def _resolve_cache(past_key_values, use_cache: bool, num_layers: int, state: PatchState) -> SkipCache | None:
     if isinstance(past_key_values, SkipCache):
-        if past_key_values.policy is not None and past_key_values.policy != state.policy:
-            raise ValueError(
-                "this SkipCache was filled under another SkipPolicy; start a new cache after re-patching"
-            )
         return past_key_values
     if past_key_values is None or (isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0):
-        return SkipCache(num_layers) if use_cache else None
+        if not use_cache:
+            return None
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "under torch.compile, pass the cache (past_key_values=sk.SkipCache(num_layers)) or use_cache=False; "
+                "generate() passes one itself"
+            )
+        return SkipCache(num_layers)
     raise TypeError(
         f"a model patched by skiplayers needs a SkipCache (or none); got a filled {type(past_key_values).__name__}"
     )
@@ -122,6 +129,56 @@ def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
     return inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters())
 
 
+@dataclass
+class CallPlan:
+    """The host-side plan of one forward call: its packed rows, its inputs, and (with anchors) which
+    new columns are anchors (bool ``[B, T]``, host)."""
+
+    rows: PackedRows
+    call: CallInputs
+    anchors: torch.Tensor | None
+
+
+def plan_call(decoder, cache: SkipCache | None, input_ids, like: torch.Tensor, attention_mask, position_ids,
+              context_mask, logits_to_keep, builds_graph: bool) -> CallPlan:
+    """Every host-side decision of a forward call, before its layers run: the checks, the cache's
+    per-sequence bookkeeping, the tags, and the packing. ``like`` is the input embeddings
+    ``[B, T, hidden]`` (their shape and device)."""
+    state: PatchState = decoder._skiplayers
+    layers = len(decoder.layers)
+    batch, columns = like.shape[:2]
+    if cache is not None and cache.policy is not None and cache.policy != state.policy:
+        raise ValueError("this SkipCache was filled under another SkipPolicy; start a new cache after re-patching")
+    past = cache.get_seq_length() if cache is not None else 0
+    if past > 0 and builds_graph:
+        raise NotImplementedError(
+            "backpropagation through a SkipCache filled by an earlier call is not supported (the cache holds "
+            "values, not their graph, so earlier tokens' K/V would get no gradient); train with use_cache=False "
+            "or feed the whole sequence in one call, or run under torch.no_grad()"
+        )
+    check_last_columns_computed(state.policy, context_mask, past, columns, logits_to_keep, layers)
+    _check_sliding_window(decoder.config, position_ids, past, columns)
+    call = resolve_inputs(batch, columns, past, attention_mask, position_ids, context_mask, like.device)
+    stop = state.policy.context_stop_layer
+    if stop is not None and stop < layers:
+        _check_context_coverage(call, cache, context_mask, attention_mask, past)
+    if cache is not None:
+        cache.policy = state.policy
+        cache.settle()  # a reduction the previous call requested, with that call's sentence counts
+    tags, anchors = _tags(call, input_ids, cache, state.policy)
+    return CallPlan(pack(call.valid, call.positions, tags), call, anchors)
+
+
+def finish_call(decoder, cache: SkipCache | None, plan: CallPlan) -> None:
+    """The cache's bookkeeping after the layers: the columns are seen; a finished sentence asks
+    for the anchor reduction (AnLLM: it keeps only its anchor's K/V)."""
+    if cache is None:
+        return
+    cache.advance(plan.call.valid, plan.call.context, plan.anchors)
+    if plan.anchors is not None and bool(plan.anchors.any()):
+        cache.request_reduction(decoder._skiplayers.ops)
+
+
 def _compact(step: PackedStep, hidden, cos, sin):
     """Drops the context rows (layer ℓ). ``hidden [1, N, hidden]``, ``cos, sin [1, N, D]``.
     Returns the step of the remaining layers and the compacted tensors."""
@@ -179,29 +236,19 @@ def packed_model_forward(
     batch, columns = inputs_embeds.shape[:2]
     use_cache = self.config.use_cache if use_cache is None else use_cache
     cache = _resolve_cache(past_key_values, use_cache, len(self.layers), state)
-    past = cache.get_seq_length() if cache is not None else 0
     builds_graph = _builds_graph(self, inputs_embeds)
-    if past > 0 and builds_graph:
-        raise NotImplementedError(
-            "backpropagation through a SkipCache filled by an earlier call is not supported (the cache holds "
-            "values, not their graph, so earlier tokens' K/V would get no gradient); train with use_cache=False "
-            "or feed the whole sequence in one call, or run under torch.no_grad()"
-        )
-    _check_sliding_window(self.config, position_ids, past, columns)
-
-    call = resolve_inputs(batch, columns, past, attention_mask, position_ids, context_mask, inputs_embeds.device)
+    logits_to_keep = kwargs.get("skiplayers_logits_to_keep", 0)
     stop = state.policy.context_stop_layer
-    if stop is not None and stop < len(self.layers):
-        _check_context_coverage(call, cache, context_mask, attention_mask, past)
-    if cache is not None:
-        cache.policy = state.policy
-        cache.settle()  # a reduction the previous call requested, with that call's sentence counts
-
-    tags, anchors = _tags(call, input_ids, cache, state.policy)
-    rows = pack(call.valid, call.positions, tags)
+    if torch.compiler.is_compiling():  # the host-side work runs inside opaque ops (traced.py)
+        step = traced.begin_call(self, cache, input_ids, inputs_embeds, attention_mask, position_ids, context_mask,
+                                 logits_to_keep, builds_graph)
+    else:
+        plan = plan_call(self, cache, input_ids, inputs_embeds, attention_mask, position_ids, context_mask,
+                         logits_to_keep, builds_graph)
+        step = PackedStep(plan.rows, state, cache, plan=plan)
+    rows = step.rows
     hidden = inputs_embeds.reshape(batch * columns, -1)[rows.index][None]
     cos, sin = self.rotary_emb(hidden, position_ids=rows.pos[None].long())
-    step = PackedStep(rows, state, cache)
     # Columns that were not computed hold NaN, so nothing reads them silently; but not when autograd
     # records a graph: a NaN row would poison the lm_head's weight gradient (0 * NaN = NaN), so they
     # hold 0 and the causal-LM forward puts NaN into their logits instead (causal_lm.py).
@@ -212,7 +259,7 @@ def packed_model_forward(
         cache.begin_call(step)
     try:
         for layer_idx, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if layer_idx == stop and bool(call.context.any()):
+            if layer_idx == stop and step.has_context(context_mask):
                 step, hidden, cos, sin = _compact(step, hidden, cos, sin)
             out = layer(
                 hidden,
@@ -231,10 +278,7 @@ def packed_model_forward(
             cache.end_call()
 
     hidden = self.norm(hidden)[0]
-    if cache is not None:
-        cache.advance(call.valid, call.context, anchors)
-        if anchors is not None and bool(anchors.any()):  # AnLLM: a finished sentence keeps only its anchor's K/V
-            cache.request_reduction(state.ops)
+    step.finish(self)
     last = unpack(step.rows_on(hidden.device), hidden, batch, columns, fill)
     return BaseModelOutputWithPast(
         last_hidden_state=last,
