@@ -78,3 +78,16 @@ def write_results(stem: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
             writer.writeheader()
             writer.writerows(rows)
     return json_path, csv_path
+
+
+def demo_batch(items: int = 8):
+    """SmolLM2 (float32) and the demo's batch: the first ``items`` prompts of the built-in
+    ``number_words`` task as ``sk.fewshot_batch`` builds them. Returns ``model, ids, attn, ctx``."""
+    import skiplayers as sk
+    from skiplayers.tasks import builtin_task
+
+    model, tok = sk.load_default_model(), sk.load_default_tokenizer()
+    chosen = builtin_task("number_words")[:items]
+    ids, attn, ctx = sk.fewshot_batch(tok, [it.instructions for it in chosen], [list(it.examples) for it in chosen],
+                                      [it.query for it in chosen])
+    return model, ids, attn, ctx

@@ -18,7 +18,7 @@ import time
 import torch
 
 import skiplayers as sk
-from skiplayers.tasks import builtin_task
+from common import demo_batch
 
 
 def main() -> None:
@@ -27,10 +27,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=27)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = sk.load_default_model(), sk.load_default_tokenizer()
-    items = builtin_task("number_words")[:8]
-    ids, attn, ctx = sk.fewshot_batch(tok, [it.instructions for it in items], [list(it.examples) for it in items],
-                                      [it.query for it in items])
+    model, ids, attn, ctx = demo_batch()
     sk.patch(model, sk.SkipPolicy(context_stop_layer=args.layer), backend="cpu")
     layers = model.config.num_hidden_layers
     eager = model.forward

@@ -22,7 +22,7 @@ import time
 import torch
 
 import skiplayers as sk
-from skiplayers.tasks import builtin_task
+from common import demo_batch
 
 
 def _timed(fn) -> float:
@@ -38,10 +38,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=27)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = sk.load_default_model(), sk.load_default_tokenizer()
-    items = builtin_task("number_words")[:8]
-    ids, attn, ctx = sk.fewshot_batch(tok, [it.instructions for it in items], [list(it.examples) for it in items],
-                                      [it.query for it in items])
+    model, ids, attn, ctx = demo_batch()
     step_ids = torch.full((ids.shape[0], 1), int(ids[0, -1]))
     step_mask = torch.cat([attn, attn.new_ones(ids.shape[0], 1)], dim=1)
     policy = sk.SkipPolicy(context_stop_layer=args.layer)

@@ -13,6 +13,12 @@ Two lengths, both exposed:
 
 Buffers are allocated for what is stored plus a small growth margin for decoding; at layers >= ℓ
 the context never enters them, not even during prefill (the rows are dropped before layer ℓ).
+
+Writes come through transformers' own path: each attention module of a patched model calls
+:meth:`SkipCache.update` with its new K/V, which stores them through the running forward's step
+(``patching/attention.py``). :meth:`SkipCache.crop` forgets the last columns fed (assisted and
+prompt-lookup decoding); with anchors the reduction a call requests is carried out lazily, before
+the cache is next used, so the last call can always be undone.
 """
 
 from __future__ import annotations

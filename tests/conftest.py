@@ -32,3 +32,19 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+# The tiny random LLaMA and its ragged, left-padded batch with context marks (model_helpers.py),
+# shared by the model-level test files (one instance per module).
+@pytest.fixture(scope="module")
+def model():
+    from model_helpers import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from model_helpers import ragged_batch
+
+    return ragged_batch()

@@ -7,20 +7,10 @@ import pytest
 import torch
 
 import skiplayers as sk
-from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama
+from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked
 from skiplayers.meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, TAG_SINK
 
 ANCHORS = tuple(range(3, 15))  # ~12% of the tiny vocabulary: sentences of ~8 tokens
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch()
 
 
 def policies():

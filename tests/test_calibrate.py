@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import skiplayers as sk
 from skiplayers import calibration as cal

@@ -9,23 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import skiplayers as sk
-from model_helpers import FP32_LOGIT_ATOL, computed_columns, ragged_batch, tiny_llama
+from model_helpers import FP32_LOGIT_ATOL, computed_columns, tiny_llama
 
 STOP = 2
 POLICIES = {
     "stop": sk.SkipPolicy(context_stop_layer=STOP),
     "stop-anchors": sk.SkipPolicy(context_stop_layer=STOP, anchor_token_ids=(7, 11)),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch()
 
 
 def _repetitive_prompt(batch):

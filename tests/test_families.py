@@ -13,7 +13,6 @@ from model_helpers import (
     FP32_LOGIT_ATOL,
     assert_forward_matches_masked,
     assert_generate_matches_masked,
-    ragged_batch,
     tiny_family,
     tiny_llama,
 )
@@ -24,11 +23,6 @@ POLICIES = {
     "stop1": sk.SkipPolicy(context_stop_layer=1),
     "stop3-anchors": sk.SkipPolicy(context_stop_layer=3, anchor_token_ids=(7, 11)),
 }
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -13,22 +13,11 @@ from model_helpers import (
     assert_forward_matches_masked,
     assert_generate_matches_masked,
     assert_reduced_precision_matches,
-    ragged_batch,
     tiny_llama,
 )
 
 BACKENDS = ["cpu", "torch"]
 STOPS = [None, 0, 2, 4]  # 4 = L: nothing stops
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
