@@ -3,19 +3,20 @@
 Everything the patched forward decides on the host (checks, the cache's per-sequence counts and
 capacities, anchor tags, packing, whether a layer reads its cache, the bookkeeping after the layers)
 would break a dynamo graph at every data-dependent read. Under compilation the decoder therefore
-calls four custom ops of the ``skiplayers_host`` namespace instead, which run exactly the eager code
+calls three custom ops of the ``skiplayers_host`` namespace instead, which run exactly the eager code
 (``decoder.plan_call``, :class:`~skiplayers.patching.attention.PackedStep`, ``decoder.finish_call``)
 when the compiled graph executes, while the dense work around them (embeddings, norms,
 projections, RoPE, MLP, lm_head) is traced and compiled:
 
 * ``plan``: the call's plan; returns the packed rows (``index [N]``, ``cu_seqlens [B + 1]``,
   ``pos [N]``, ``tag [N]``; N is data-dependent, an unbacked size to the compiler);
-* ``store``: ``SkipCache.update`` of one layer (append, growing buffers as needed);
-* ``attend``: one layer's attention over the packed rows or the cache;
+* ``attend``: one layer's ``SkipCache.update`` (append, growing buffers as needed; deferred from the
+  update call, which under tracing only records that it came) and its attention over the packed
+  rows or the cache;
 * ``finish``: the cache's bookkeeping after the layers.
 
 The ops find the decoder (and through it the running call) by its handle (``handles.py``).
-``store``, ``attend`` and ``finish`` declare that they mutate that handle, which is what keeps them
+``attend`` and ``finish`` declare that they mutate that handle, which is what keeps them
 in program order and out of dead-code elimination (none really writes to it); ``plan`` comes first
 because every other op consumes its rows (declared as a mutation too, its data-dependent outputs
 trip inductor's scheduler in torch 2.14).
@@ -84,28 +85,19 @@ def _(decoder_handle, cache_handle, like, input_ids, attention_mask, position_id
     )
 
 
-@torch.library.custom_op("skiplayers_host::store", mutates_args=("decoder_handle",))
-def _store(decoder_handle: torch.Tensor, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
-           cu_seqlens: torch.Tensor, pos: torch.Tensor, tag: torch.Tensor) -> None:
-    step = _running(decoder_handle)
-    step.with_rows(_rows(step, cu_seqlens, pos, tag)).store(step.cache, layer_idx, key_states, value_states)
-
-
-@_store.register_fake
-def _(decoder_handle, layer_idx, key_states, value_states, cu_seqlens, pos, tag):
-    return None
-
-
 @torch.library.custom_op("skiplayers_host::attend", mutates_args=("decoder_handle",))
-def _attend(decoder_handle: torch.Tensor, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+def _attend(decoder_handle: torch.Tensor, layer_idx: int, store: bool, query: torch.Tensor, key: torch.Tensor,
             value: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, tag: torch.Tensor,
             scaling: float) -> torch.Tensor:
-    step = _running(decoder_handle)
-    return step.with_rows(_rows(step, cu_seqlens, pos, tag)).attend(layer_idx, query, key, value, scaling)
+    running = _running(decoder_handle)
+    step = running.with_rows(_rows(running, cu_seqlens, pos, tag))
+    if store:  # SkipCache.update of this layer, deferred to here (one op per layer instead of two)
+        step.store(step.cache, layer_idx, key, value)
+    return step.attend(layer_idx, query, key, value, scaling)
 
 
 @_attend.register_fake
-def _(decoder_handle, layer_idx, query, key, value, cu_seqlens, pos, tag, scaling):
+def _(decoder_handle, layer_idx, store, query, key, value, cu_seqlens, pos, tag, scaling):
     _, heads, n, dim = query.shape
     return query.new_empty(1, n, heads, dim)
 
@@ -127,14 +119,15 @@ class TracedStep:
     """What the layers see while dynamo traces a patched forward: :class:`PackedStep`'s interface,
     each method a call of the matching op on traced tensors."""
 
-    def __init__(self, decoder_handle: torch.Tensor, rows: PackedRows, state, cache):
+    def __init__(self, decoder_handle: torch.Tensor, rows: PackedRows, state, cache, stores: set[int] | None = None):
         self.handle = decoder_handle
         self.rows = rows
         self.state = state  # PatchState: its ops (compaction) are traced as they are
         self.cache = cache
+        self._stores = set() if stores is None else stores  # layers whose update() came (trace time)
 
     def with_rows(self, rows: PackedRows) -> "TracedStep":
-        return TracedStep(self.handle, rows, self.state, self.cache)
+        return TracedStep(self.handle, rows, self.state, self.cache, self._stores)
 
     def rows_on(self, device: torch.device) -> PackedRows:
         return self.rows if self.rows.cu_seqlens.device == device else self.rows.to(device)
@@ -144,15 +137,15 @@ class TracedStep:
         return context_mask is not None
 
     def store(self, cache, layer_idx: int, key_states, value_states):
-        rows = self.rows_on(key_states.device)
-        torch.ops.skiplayers_host.store(self.handle, layer_idx, key_states, value_states, rows.cu_seqlens, rows.pos,
-                                        rows.tag)
+        # SkipCache.update hands back the K/V it got, which the attention function then passes to
+        # attend: the attend op stores them first (one host op per layer).
+        self._stores.add(layer_idx)
         return key_states, value_states
 
     def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
         rows = self.rows_on(query.device)
-        return torch.ops.skiplayers_host.attend(self.handle, layer_idx, query, key, value, rows.cu_seqlens, rows.pos,
-                                                rows.tag, float(scaling))
+        return torch.ops.skiplayers_host.attend(self.handle, layer_idx, layer_idx in self._stores, query, key, value,
+                                                rows.cu_seqlens, rows.pos, rows.tag, float(scaling))
 
     def finish(self, decoder) -> None:
         torch.ops.skiplayers_host.finish(self.handle)
