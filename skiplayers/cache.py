@@ -157,19 +157,14 @@ class SkipCache(Cache):
         self._anchor_through = 0  # logical length when finished sentences were last dropped
         # With anchors, finished sentences leave the cache lazily (see request_reduction): the ops to do it with.
         self._pending_reduction: OpSet | None = None
-        self._active_step = None  # the patched forward call now writing (set by begin_call)
+        self._active_step = None  # the patched forward call now writing (set by use_step)
         self.handle = new_handle(self)  # names this cache inside compiled graphs (handles.py)
 
     # --- writing ---
 
-    def begin_call(self, step) -> None:
-        """The layers of a patched forward start: the attention modules' ``update`` calls go to
-        ``step.store``. (The forward settles a pending reduction first, before it tags its new
-        columns: the reduction must use the sentence counts of the columns already fed.)"""
-        self.use_step(step)
-
     def use_step(self, step) -> None:
-        """The step whose rows the next ``update`` calls store (a new one from the context-stop layer)."""
+        """The layers of a patched forward start (or reach the context-stop layer, which gets a new
+        step): the attention modules' ``update`` calls go to ``step.store``."""
         self._active_step = step
 
     def end_call(self) -> None:

@@ -15,7 +15,9 @@ model's own modules rather than replacing them:
 the model computes as before. ``patch`` returns the model; ``with sk.patched(model, policy): ...``
 patches for the duration of a block and unpatches on exit, also on an exception.
 
-Which models: ``families.py`` (the LLaMA family by ``model_type`` and layer structure).
+Which models: ``families.py`` (the LLaMA family by ``model_type`` and layer structure). The host-side
+work of a call (checks, cache counts, tags, packing): ``plan.py``; under ``torch.compile`` it runs
+inside opaque ops (``traced.py``).
 """
 
 from __future__ import annotations

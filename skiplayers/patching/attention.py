@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface
 
 from ..packing import PackedRows
+from .plan import finish_call
 from .state import PatchState
 
 ATTENTION_NAME = "skiplayers"
@@ -73,7 +74,7 @@ class PackedStep:
     def __init__(self, rows: PackedRows, state: PatchState, cache, plan=None, reads_cache: set[int] | None = None):
         self.state = state
         self.cache = cache
-        self.plan = plan  # the call's host-side plan (decoder.CallPlan)
+        self.plan = plan  # the call's host-side plan (plan.CallPlan)
         self._reads_cache = set() if reads_cache is None else reads_cache  # shared by the steps of one call
         self.rows = rows
         self._moved = {rows.cu_seqlens.device: rows}
@@ -86,8 +87,6 @@ class PackedStep:
         return bool(self.plan.call.context.any())
 
     def finish(self, decoder) -> None:
-        from .decoder import finish_call  # decoder.py imports this module
-
         finish_call(decoder, self.cache, self.plan)
 
     def rows_on(self, device: torch.device) -> PackedRows:

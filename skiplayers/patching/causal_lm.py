@@ -2,7 +2,7 @@
 and the treatment of columns the decoder did not compute (padding, dropped context) after it.
 
 * ``generate()`` reads the last column's logits: a prompt ending in context is refused before any
-  layer runs (the decoder's plan calls :func:`check_last_columns_computed`).
+  layer runs (``plan.check_last_columns_computed``, which knows the cache length).
 * A loss computed by the model (``labels=``) ignores the predictions of uncomputed columns, as if
   the labels they predict were -100 (transformers' causal-LM loss pairs column c's logits with
   label c + 1), so padding or dropped context never makes it NaN.
@@ -20,23 +20,6 @@ import torch
 
 from .inputs import resolve_inputs, uncomputed_columns
 from .state import PatchState
-
-
-def check_last_columns_computed(policy, context_mask, past: int, columns: int, logits_to_keep, layers: int):
-    """generate() reads the logits of the last column: it must not be a dropped context column.
-    (Called by the decoder's host-side plan, which knows the cache length.)"""
-    stop = policy.context_stop_layer
-    if context_mask is None or stop is None or stop >= layers or not isinstance(logits_to_keep, int):
-        return
-    if logits_to_keep <= 0:
-        return
-    first = past + columns - logits_to_keep
-    kept = context_mask[:, first : past + columns]
-    if kept.numel() and bool(kept.any()):
-        raise ValueError(
-            "logits were requested for context columns, which stop at the context-stop layer and have no "
-            "logits; the prompt of every sequence must end with a non-context token (e.g. the query)"
-        )
 
 
 def _logit_columns(uncomputed: torch.Tensor, logits_to_keep) -> torch.Tensor:

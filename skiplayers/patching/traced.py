@@ -4,7 +4,7 @@ Everything the patched forward decides on the host (checks, the cache's per-sequ
 capacities, anchor tags, packing, whether a layer reads its cache, the bookkeeping after the layers)
 would break a dynamo graph at every data-dependent read. Under compilation the decoder therefore
 calls three custom ops of the ``skiplayers_host`` namespace instead, which run exactly the eager code
-(``decoder.plan_call``, :class:`~skiplayers.patching.attention.PackedStep`, ``decoder.finish_call``)
+(``plan.plan_call``, :class:`~skiplayers.patching.attention.PackedStep`, ``plan.finish_call``)
 when the compiled graph executes, while the dense work around them (embeddings, norms,
 projections, RoPE, MLP, lm_head) is traced and compiled:
 
@@ -29,6 +29,7 @@ import torch
 from ..handles import lookup
 from ..packing import PackedRows
 from .attention import PackedStep
+from .plan import plan_call
 
 
 def _running(decoder_handle: torch.Tensor) -> PackedStep:
@@ -59,8 +60,6 @@ def _plan(
     logits_to_keep: int,
     builds_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .decoder import plan_call  # decoder.py imports this module
-
     decoder = lookup(decoder_handle)
     cache = lookup(cache_handle) if cache_handle is not None else None
     plan = plan_call(decoder, cache, input_ids, like, attention_mask, position_ids, context_mask, logits_to_keep,
