@@ -100,9 +100,10 @@ setup(
     version=read_version(),
     description="Kernels that make LLaMA-family models skip work they do not need",
     python_requires=">=3.10",
-    packages=["skiplayers", "skiplayers.patching", "skiplayers.triton_kernels"],
+    packages=["skiplayers", "skiplayers.patching", "skiplayers.dispatch", "skiplayers.triton_kernels"],
     package_dir={"skiplayers.triton_kernels": "triton_kernels"},
-    package_data={"skiplayers": ["calibrated.json"]},  # the demo's calibrated layer
+    # the demo's calibrated layer; the measured attention dispatch tables
+    package_data={"skiplayers": ["calibrated.json"], "skiplayers.dispatch": ["tables/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["skiplayers=skiplayers.cli:main"]},

@@ -7,6 +7,7 @@
     out = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=32,
                          do_sample=False, return_dict_in_generate=True)
     out.past_key_values.layer_lengths()   # [L, B] tokens stored per layer and sequence
+    print(sk.dispatch_report(model))      # which attention kernel runs each pattern, and why
     sk.unpatch(model)
 """
 
@@ -17,6 +18,7 @@ _source_tree.install()  # source checkouts: `skiplayers.triton_kernels` is the t
 from ._version import __version__  # noqa: E402
 from .anchors import anchor_ids  # noqa: E402
 from .calibration import calibrate  # noqa: E402
+from .dispatch import dispatch_report  # noqa: E402
 from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
@@ -30,6 +32,7 @@ __all__ = [
     "SkipCache",
     "SkipPolicy",
     "calibrate",
+    "dispatch_report",
     "fewshot_batch",
     "is_patched",
     "load_default_model",

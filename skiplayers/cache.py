@@ -150,10 +150,15 @@ class SkipCache(Cache):
         # With anchors: per sequence, anchors (= finished sentences) and real tokens seen (host int64 [B]).
         self.sentence_counts: torch.Tensor | None = None
         self.tokens_seen: torch.Tensor | None = None
-        # Per fed column (host bool [B, T] chunks): a real token? a context token? (what crop undoes)
+        # Per sequence, the largest position fed so far (host int64 [B]; -1: none), which tells
+        # attention dispatch whether new positions continue the stored ones (dispatch/patterns.py).
+        self.last_positions: torch.Tensor | None = None
+        # Per fed column (host [B, T] chunks): a real token? a context token? an anchor? its position
+        # (-1 on padding)? What crop undoes.
         self._fed_valid: list[torch.Tensor] = []
         self._fed_context: list[torch.Tensor] = []
         self._fed_anchor: list[torch.Tensor] = []
+        self._fed_positions: list[torch.Tensor] = []
         self._anchor_through = 0  # logical length when finished sentences were last dropped
         # With anchors, finished sentences leave the cache lazily (see request_reduction): the ops to do it with.
         self._pending_reduction: OpSet | None = None
@@ -240,14 +245,19 @@ class SkipCache(Cache):
         layer = self.layers[layer_idx]
         return layer.host_lengths is None or bool((layer.host_lengths == 0).all())
 
-    def advance(self, valid: torch.Tensor, context: torch.Tensor, anchor: torch.Tensor | None = None) -> None:
+    def advance(self, valid: torch.Tensor, context: torch.Tensor, positions: torch.Tensor,
+                anchor: torch.Tensor | None = None) -> None:
         """Counts the columns of a finished call as seen: ``valid`` / ``context`` / ``anchor`` bool
-        ``[B, T]`` (host) say which were real tokens, context and anchors (kept so :meth:`crop` can
-        undo them)."""
+        ``[B, T]`` (host) say which were real tokens, context and anchors, ``positions`` (int64
+        ``[B, T]``, host) their positions (kept so :meth:`crop` can undo them)."""
         self.logical_length += valid.shape[1]
         self._fed_valid.append(valid)
         self._fed_context.append(context)
         self._fed_anchor.append(torch.zeros_like(valid) if anchor is None else anchor)
+        fed = torch.where(valid, positions, -1)
+        self._fed_positions.append(fed)
+        newest = fed.max(dim=1).values if fed.shape[1] else torch.full((valid.shape[0],), -1, dtype=torch.int64)
+        self.last_positions = newest if self.last_positions is None else torch.maximum(self.last_positions, newest)
 
     # --- reading ---
 
@@ -324,22 +334,25 @@ class SkipCache(Cache):
             self.sentence_counts = self.sentence_counts - anchor[:, keep:].sum(dim=1)
         self.logical_length = keep
         self._fed_valid, self._fed_context, self._fed_anchor = [valid[:, :keep]], [context[:, :keep]], [anchor[:, :keep]]
+        positions = torch.cat(self._fed_positions, dim=1)[:, :keep]
+        self._fed_positions = [positions]
+        self.last_positions = positions.max(dim=1).values if keep else torch.full_like(self.last_positions, -1)
 
     def reset(self) -> None:
         super().reset()
         self.logical_length = 0
         self.context_counts = self.noncontext_counts = self.sentence_counts = self.tokens_seen = None
         self._fed_valid, self._fed_context, self._fed_anchor, self._anchor_through = [], [], [], 0
+        self._fed_positions, self.last_positions = [], None
         self._pending_reduction = None
 
     def _select(self, fn) -> None:
         """Applies a batch selection to the per-sequence host counters and column history."""
-        for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen"):
+        for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen", "last_positions"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
-        self._fed_valid = [fn(chunk) for chunk in self._fed_valid]
-        self._fed_context = [fn(chunk) for chunk in self._fed_context]
-        self._fed_anchor = [fn(chunk) for chunk in self._fed_anchor]
+        for name in ("_fed_valid", "_fed_context", "_fed_anchor", "_fed_positions"):
+            setattr(self, name, [fn(chunk) for chunk in getattr(self, name)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

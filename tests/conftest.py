@@ -22,6 +22,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/cases.py, tests/op_contra
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every attention call that dispatch classifies as a standard pattern is checked against the
+# visibility predicate (skiplayers/dispatch/patterns.py): a wrong classification fails any test.
+os.environ.setdefault("SKIPLAYERS_VERIFY_DISPATCH", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where there is none)")

@@ -1,22 +1,16 @@
 """What every backend's ops must satisfy, as assertions each backend's test file calls.
 
-Tolerance policy for the attention ops (flash-attention's rule, against a float64 truth):
-
-    max |out - ref64|  <=  2 * max |ref_low - ref64|  +  ATOL[dtype]
-
-where ``ref_low`` is the same reference computed in plain low precision (float32 for float32
-inputs, the input dtype for float16/bfloat16). A kernel may thus be at most twice as far from
-the truth as the naive computation in its own precision, plus a small absolute floor that covers
-the rounding of the output itself. Row-moving ops (compaction, cache writes) must be exact.
+Tolerance policy for the attention ops: ``skiplayers/tolerance.py`` (flash-attention's rule against
+a float64 truth; the dispatch tuner applies the same one). Row-moving ops (compaction, cache
+writes) must be exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-from skiplayers import reference
-
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from skiplayers import reference, tolerance
+from skiplayers.tolerance import ATOL
 
 
 def _to_cpu(case: dict) -> dict:
@@ -31,10 +25,8 @@ def attention_error(out: torch.Tensor, case: dict, reference_fn) -> tuple[float,
     assert out.shape == case["q"].shape, f"output shape {tuple(out.shape)} != q's {tuple(case['q'].shape)}"
     assert torch.isfinite(out).all(), "non-finite values in the output"
     truth = reference_fn(**cpu_case, compute_dtype=torch.float64)
-    low = reference_fn(**cpu_case, compute_dtype=dtype if dtype != torch.float32 else torch.float32)
-    baseline = (low.double() - truth).abs().max().item() if truth.numel() else 0.0
-    err = (out.cpu().double() - truth).abs().max().item() if truth.numel() else 0.0
-    return err, 2 * baseline + ATOL[dtype]
+    low = reference_fn(**cpu_case, compute_dtype=dtype)
+    return tolerance.attention_error(out, truth, low)
 
 
 def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:

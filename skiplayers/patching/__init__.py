@@ -29,6 +29,7 @@ import torch
 
 from .. import ops as sk_ops
 from ..cache import SkipCache
+from ..dispatch.dispatcher import Dispatcher
 from ..handles import new_handle
 from ..policy import SkipPolicy
 from .attention import ATTENTION_NAME
@@ -90,23 +91,29 @@ def patch(model, policy: SkipPolicy, backend: str | None = None):
     """Makes ``model`` (a loaded causal LM of the LLaMA family: ``families.SUPPORTED``) skip the
     work ``policy`` names.
 
-    ``backend``: "torch" (pure PyTorch, reference.py), "cpu" (C++ kernels), "triton" or "cuda";
-    default: the fastest available for the model's execution device. Patching an already patched
-    model replaces its policy and backend. Returns the model (see also :func:`patched`).
+    ``backend``: "auto" (the default): each attention call goes to the fastest kernel that can
+    compute its pattern (``skiplayers/dispatch``: standard patterns may run on torch's kernels,
+    the ones only skiplayers' visibility predicate computes on ours; ``sk.dispatch_report(model)``
+    says which and why); the other work on our ops of the device (cpu, else cuda or triton).
+    "torch" (pure PyTorch, reference.py), "cpu" (C++ kernels), "triton" or "cuda" force our
+    kernels of that backend for every call. Patching an already patched model replaces its policy
+    and backend. Returns the model (see also :func:`patched`).
     """
     check_supported(model)
     if not isinstance(policy, SkipPolicy):
         raise TypeError(f"policy must be a SkipPolicy, got {type(policy).__name__}")
     policy.validate_for(model.config.num_hidden_layers)
     device = execution_device(model)
-    backend = backend or sk_ops.default_backend(device)
-    if backend not in sk_ops.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sk_ops.BACKENDS}")
-    sk_ops.check_backend_device(backend, device)
+    backend = backend or "auto"
+    if backend != "auto" and backend not in sk_ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sk_ops.BACKENDS}")
+    ours = sk_ops.default_backend(device) if backend == "auto" else backend
+    sk_ops.check_backend_device(ours, device)
 
     if is_patched(model):
         unpatch(model)
-    state = PatchState(policy=policy, backend=backend, ops=sk_ops.get_ops(backend),
+    ops = sk_ops.get_ops(ours)
+    state = PatchState(policy=policy, backend=backend, ops=ops, dispatcher=Dispatcher(ops, backend),
                        attention_before=model.config._attn_implementation)
     decoder = model.model
     decoder._skiplayers = state

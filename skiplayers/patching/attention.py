@@ -7,7 +7,9 @@ its own: the model-level loop passes a *step* object through the layers' keyword
 (``skiplayers=step``), and the step attends. Two kinds of step exist:
 
 * :class:`PackedStep` (the fast path, ``decoder.py``): the hidden states are packed rows
-  ``[1, N, hidden]``; attention runs through the backend's ops over the packed rows or the cache;
+  ``[1, N, hidden]``; attention over the packed rows or the cache goes through the patch's
+  dispatcher (``skiplayers/dispatch``), which runs the standard patterns on the fastest kernel
+  and the rest on the backend's ops;
 * the masked step of ``masked.py`` (the slow reference): dense ``[B, T]`` columns and a mask.
 
 Tensors arrive as transformers lays them out: ``query [1, H, N, D]``, ``key/value [1, H_kv, N, D]``;
@@ -21,6 +23,8 @@ import contextlib
 import torch
 from transformers import AttentionInterface
 
+from ..dispatch.kernels import CacheCall, PackedCall
+from ..dispatch.patterns import UNKNOWN
 from ..packing import PackedRows
 from .plan import finish_call
 from .state import PatchState
@@ -108,16 +112,19 @@ class PackedStep:
 
     def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
         rows = self.rows_on(query.device)
-        ops, rule = self.state.ops, self.state.rule
+        dispatcher, rule = self.state.dispatcher, self.state.rule
+        facts = self.plan.facts if self.plan is not None else UNKNOWN
         q = packed(query)
         if layer_idx in self._reads_cache:
             keys, values, pos, tag, lengths = self.cache.stored(layer_idx)
-            out = ops.cache_attention(
-                q, keys, values, rows.cu_seqlens, lengths, rows.pos, pos, rows.tag, tag, rule, scaling, 0
-            )
+            out = dispatcher.cache(facts, CacheCall(
+                q=q, keys=keys, values=values, cu_seqlens=rows.cu_seqlens, counts=rows.counts, lengths=lengths,
+                host_lengths=self.cache.layers[layer_idx].host_lengths, q_pos=rows.pos, q_tag=rows.tag,
+                pos_cache=pos, tag_cache=tag, rule=rule, scale=scaling,
+            ))
         else:  # the keys are exactly this call's packed rows
-            out = ops.varlen_attention(
-                q, packed(key), packed(value), rows.cu_seqlens, rows.cu_seqlens, rows.pos, rows.pos,
-                rows.tag, rows.tag, rule, scaling,
-            )
+            out = dispatcher.packed(facts, PackedCall(
+                q=q, k=packed(key), v=packed(value), cu_seqlens=rows.cu_seqlens, counts=rows.counts, pos=rows.pos,
+                tag=rows.tag, rule=rule, scale=scaling,
+            ))
         return out[None]

@@ -19,12 +19,14 @@ class CallInputs:
 
     valid:     bool ``[B, T]`` (host): the column is a real token (attention_mask 1).
     positions: int64 ``[B, T]`` (model device): absolute positions (RoPE indices).
+    host_positions: the same on the host (one copy of ``position_ids`` per call when they are given).
     context:   bool ``[B, T]`` (host): the column is a context token (always False on padding).
     """
 
     valid: torch.Tensor
     positions: torch.Tensor
     context: torch.Tensor
+    host_positions: torch.Tensor
 
 
 def _check_context_mask(context_mask: torch.Tensor, batch: int, seen: int) -> None:
@@ -69,11 +71,13 @@ def resolve_inputs(
         valid = attention_mask[:, past:].detach().cpu().bool()
 
     if position_ids is None:
-        positions = torch.arange(past, past + columns, device=device).expand(batch, columns)
+        host_positions = torch.arange(past, past + columns).expand(batch, columns)
+        positions = host_positions.to(device)
     else:
         if position_ids.dim() != 2 or position_ids.shape[-1] != columns or position_ids.shape[0] not in (1, batch):
             raise ValueError(f"position_ids must be [batch or 1, {columns}], got {tuple(position_ids.shape)}")
         positions = position_ids.to(device).expand(batch, columns)
+        host_positions = position_ids.detach().cpu().to(torch.int64).expand(batch, columns)
 
     context = torch.zeros(batch, columns, dtype=torch.bool)
     if context_mask is not None:
@@ -82,7 +86,7 @@ def resolve_inputs(
         if width > past:
             context[:, : width - past] = context_mask[:, past:].detach().cpu()
         context &= valid  # padding columns are never computed, context or not
-    return CallInputs(valid=valid, positions=positions, context=context)
+    return CallInputs(valid=valid, positions=positions, context=context, host_positions=host_positions)
 
 
 def uncomputed_columns(call: CallInputs, stop: int | None, num_layers: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from ..anchors import anchor_tags
 from ..cache import SkipCache
+from ..dispatch.patterns import CallFacts, positions_ordered
 from ..meta import TAG_ANCHOR, TAG_CONTEXT
 from ..packing import PackedRows, pack
 from .families import sliding_window
@@ -108,12 +109,13 @@ def _check_sliding_window(config, position_ids, past: int, columns: int) -> None
 
 @dataclass
 class CallPlan:
-    """The host-side plan of one forward call: its packed rows, its inputs, and (with anchors) which
-    new columns are anchors (bool ``[B, T]``, host)."""
+    """The host-side plan of one forward call: its packed rows, its inputs, (with anchors) which
+    new columns are anchors (bool ``[B, T]``, host), and the facts attention dispatch reads."""
 
     rows: PackedRows
     call: CallInputs
     anchors: torch.Tensor | None
+    facts: CallFacts
 
 
 def plan_call(decoder, cache: SkipCache | None, input_ids, like: torch.Tensor, attention_mask, position_ids,
@@ -143,7 +145,12 @@ def plan_call(decoder, cache: SkipCache | None, input_ids, like: torch.Tensor, a
         cache.policy = state.policy
         cache.settle()  # a reduction the previous call requested, with that call's sentence counts
     tags, anchors = _tags(call, input_ids, cache, state.policy)
-    return CallPlan(pack(call.valid, call.positions, tags), call, anchors)
+    facts = CallFacts(
+        positions_ordered=positions_ordered(call.host_positions, call.valid,
+                                            cache.last_positions if cache is not None else None),
+        new_anchor=anchors is not None and bool(anchors.any()),
+    )
+    return CallPlan(pack(call.valid, call.positions, tags), call, anchors, facts)
 
 
 def finish_call(decoder, cache: SkipCache | None, plan: CallPlan) -> None:
@@ -151,7 +158,7 @@ def finish_call(decoder, cache: SkipCache | None, plan: CallPlan) -> None:
     for the anchor reduction (AnLLM: it keeps only its anchor's K/V)."""
     if cache is None:
         return
-    cache.advance(plan.call.valid, plan.call.context, plan.anchors)
+    cache.advance(plan.call.valid, plan.call.context, plan.call.host_positions, plan.anchors)
     if plan.anchors is not None and bool(plan.anchors.any()):
         cache.request_reduction(decoder._skiplayers.ops)
 

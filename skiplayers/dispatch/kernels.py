@@ -1,0 +1,221 @@
+"""The attention kernels a patched model can call, behind one interface.
+
+* ``ours``: skiplayers' ops of the patch's backend (cpu, cuda, triton, torch); they evaluate the
+  visibility predicate, so they compute every pattern.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN / flash / efficient / math,
+  chosen by torch), on CPU and CUDA; standard patterns only (``patterns.py``).
+* ``varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over packed ragged
+  rows, CUDA, float16 / bfloat16); standard patterns only.
+
+A call is described by :class:`PackedCall` (the keys are the call's own packed rows) or
+:class:`CacheCall` (the keys are a layer's cache). The standard kernels read only what their
+pattern needs: they are exact only for calls the classifier gave them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from ..ops import OpSet
+from .patterns import Pattern
+
+
+@dataclass
+class PackedCall:
+    """Attention of packed rows over the same rows.
+
+    q ``[N, H, D]``, k/v ``[N, H_kv, D]``; cu_seqlens int32 ``[B + 1]`` (device); counts int64 ``[B]``
+    (host, rows per sequence); pos/tag int32 ``[N]``; rule: ``meta.RULE_*``; scale: softmax scale.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor
+    counts: torch.Tensor
+    pos: torch.Tensor
+    tag: torch.Tensor
+    rule: int
+    scale: float
+
+
+@dataclass
+class CacheCall:
+    """Attention of packed new rows over a layer's cache, which already holds their own K/V.
+
+    q ``[N, H, D]`` packed by cu_seqlens (device) / counts (host int64 ``[B]``); keys/values
+    ``[B, S_cap, H_kv, D]``, sequence b's first lengths[b] slots (int32 ``[B]`` device; host_lengths:
+    the same, int64 host); q_pos/q_tag int32 ``[N]``; pos_cache/tag_cache int32 ``[B, S_cap]``.
+    """
+
+    q: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    cu_seqlens: torch.Tensor
+    counts: torch.Tensor
+    lengths: torch.Tensor
+    host_lengths: torch.Tensor
+    q_pos: torch.Tensor
+    q_tag: torch.Tensor
+    pos_cache: torch.Tensor
+    tag_cache: torch.Tensor
+    rule: int
+    scale: float
+
+
+class Ours:
+    """skiplayers' own ops (any pattern)."""
+
+    name = "ours"
+
+    def __init__(self, ops: OpSet):
+        self.ops = ops
+
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        return None
+
+    def packed(self, c: PackedCall) -> torch.Tensor:
+        return self.ops.varlen_attention(c.q, c.k, c.v, c.cu_seqlens, c.cu_seqlens, c.pos, c.pos, c.tag, c.tag,
+                                         c.rule, c.scale)
+
+    def cache(self, c: CacheCall) -> torch.Tensor:
+        return self.ops.cache_attention(c.q, c.keys, c.values, c.cu_seqlens, c.lengths, c.q_pos, c.pos_cache,
+                                        c.q_tag, c.tag_cache, c.rule, c.scale, 0)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[..., T, H, D]`` -> ``[..., H, T, D]`` (a view: SDPA takes strided inputs)."""
+    return x.transpose(-3, -2)
+
+
+def _equal_nonzero(counts: list[int]) -> int | None:
+    """The common row count of the sequences that have rows, or None if they differ (or none has)."""
+    nonzero = {c for c in counts if c}
+    return nonzero.pop() if len(nonzero) == 1 else None
+
+
+class Sdpa:
+    """torch's scaled_dot_product_attention: one batched call when the sequences have the same
+    numbers of new rows (and, over the cache, of stored keys), else one call per sequence."""
+
+    name = "sdpa"
+
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        return "computes standard patterns only" if pattern == Pattern.PREDICATE else None
+
+    def _sdpa(self, q, k, v, scale, causal=False, mask=None):
+        gqa = q.shape[-3] != k.shape[-3]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+    def packed(self, c: PackedCall) -> torch.Tensor:
+        counts = c.counts.tolist()
+        heads, dim = c.q.shape[1:]
+        if c.q.shape[0] == 0:
+            return torch.empty_like(c.q)
+        n = _equal_nonzero(counts)
+        if n is not None:  # the rows of the non-empty sequences tile [batch, n]
+            shape = (c.q.shape[0] // n, n)
+            q, k, v = (_heads_first(t.reshape(*shape, *t.shape[1:])) for t in (c.q, c.k, c.v))
+            return _heads_first(self._sdpa(q, k, v, c.scale, causal=True)).reshape(-1, heads, dim)
+        outs, start = [], 0
+        for count in counts:
+            if count:
+                q, k, v = (_heads_first(t[start:start + count]) for t in (c.q, c.k, c.v))
+                outs.append(_heads_first(self._sdpa(q, k, v, c.scale, causal=True)))
+            start += count
+        return torch.cat(outs)
+
+    def cache(self, c: CacheCall) -> torch.Tensor:
+        counts, lengths = c.counts.tolist(), c.host_lengths.tolist()
+        heads, dim = c.q.shape[1:]
+        if c.q.shape[0] == 0:
+            return torch.empty_like(c.q)
+        # One batched call only when every sequence reads the same number of slots: the slots past a
+        # shorter sequence's length hold whatever the allocator left (NaN included), and a masked
+        # key still poisons SDPA's sum (NaN * 0), so a ragged batch is attended sequence by sequence.
+        n = _equal_nonzero(counts)
+        if n is not None and all(counts) and len(set(lengths)) == 1:
+            q = _heads_first(c.q.reshape(len(counts), n, heads, dim))
+            k, v = _heads_first(c.keys[:, :lengths[0]]), _heads_first(c.values[:, :lengths[0]])
+            mask = causal_lower_right(n, lengths[0]) if n > 1 else None
+            return _heads_first(self._sdpa(q, k, v, c.scale, mask=mask)).reshape(-1, heads, dim)
+        outs, start = [], 0
+        for b, (count, length) in enumerate(zip(counts, lengths)):
+            if count:
+                q = _heads_first(c.q[start:start + count])
+                k, v = _heads_first(c.keys[b, :length]), _heads_first(c.values[b, :length])
+                mask = causal_lower_right(count, length) if count > 1 else None
+                outs.append(_heads_first(self._sdpa(q, k, v, c.scale, mask=mask)))
+            start += count
+        return torch.cat(outs)
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415  (absent from older torch)
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+class VarlenAttn:
+    """``torch.nn.attention.varlen.varlen_attn``: one call over the packed rows; over the cache, the
+    cache's rows flattened with ``seqused_k`` (its per-sequence lengths)."""
+
+    name = "varlen_attn"
+
+    def __init__(self):
+        self.fn = _varlen_fn()
+        self.params = set(inspect.signature(self.fn).parameters) if self.fn is not None else set()
+
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        if pattern == Pattern.PREDICATE:
+            return "computes standard patterns only"
+        if self.fn is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        if device.type != "cuda":
+            return "flash attention runs on CUDA only"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return "flash attention takes float16 / bfloat16 only"
+        if "scale" not in self.params:
+            return "this torch's varlen_attn takes no softmax scale"
+        if pattern != Pattern.VARLEN_CAUSAL and "seqused_k" not in self.params:
+            return "this torch's varlen_attn takes no seqused_k (per-sequence cache lengths)"
+        return None
+
+    def _call(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **extra):
+        kwargs = dict(scale=scale, **extra)
+        if "window_size" in self.params:  # torch >= 2.10 spells causal as a window
+            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kwargs["is_causal"] = causal
+        if "enable_gqa" in self.params:
+            kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+        return self.fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    def packed(self, c: PackedCall) -> torch.Tensor:
+        if c.q.shape[0] == 0:
+            return torch.empty_like(c.q)
+        longest = int(c.counts.max())
+        return self._call(c.q, c.k, c.v, c.cu_seqlens, c.cu_seqlens, longest, longest, True, c.scale)
+
+    def cache(self, c: CacheCall) -> torch.Tensor:
+        if c.q.shape[0] == 0:
+            return torch.empty_like(c.q)
+        batch, slots = c.keys.shape[:2]
+        keys = c.keys.reshape(batch * slots, *c.keys.shape[2:])  # a view: the buffers are contiguous
+        values = c.values.reshape(batch * slots, *c.values.shape[2:])
+        cu_k = torch.arange(batch + 1, device=c.q.device, dtype=torch.int32) * slots
+        max_q, max_k = int(c.counts.max()), int(c.host_lengths.max())
+        # Flash aligns causality bottom-right, to each sequence's used keys: the new rows are the last ones.
+        return self._call(c.q, keys, values, c.cu_seqlens, cu_k, max_q, max_k, max_q > 1, c.scale,
+                          seqused_k=c.lengths.to(torch.int32))
+
+
+STANDARD_KERNELS = {"sdpa": Sdpa, "varlen_attn": VarlenAttn}
+KERNEL_NAMES = ("ours", *STANDARD_KERNELS)
