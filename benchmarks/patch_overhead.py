@@ -8,8 +8,10 @@ process each, in turn (how the redesign of issue 15 was compared with the patch 
     for i in 1 2 3; do for tree in /path/old /path/new; do
         PYTHONPATH=$tree python benchmarks/patch_overhead.py --label $tree; done; done
 
-Prints one JSON line: medians in ms of ``prefill`` and ``decode`` (patched) and of
-``prefill_unpatched`` / ``decode_unpatched``.
+Prints one JSON line: medians in ms of ``prefill`` and ``decode`` (patched, backend "cpu") and of
+``prefill_unpatched`` / ``decode_unpatched``; with ``--auto`` also ``prefill_auto`` / ``decode_auto``
+(patched with ``backend="auto"``, which on CPU runs the same kernels plus the attention dispatch:
+the difference is the dispatch's own cost).
 """
 
 from __future__ import annotations
@@ -36,18 +38,20 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layer", type=int, default=27)
+    parser.add_argument("--auto", action="store_true", help="also time backend='auto' (interleaved)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, ids, attn, ctx = demo_batch()
     step_ids = torch.full((ids.shape[0], 1), int(ids[0, -1]))
     step_mask = torch.cat([attn, attn.new_ones(ids.shape[0], 1)], dim=1)
     policy = sk.SkipPolicy(context_stop_layer=args.layer)
-    times = {"prefill": [], "decode": [], "prefill_unpatched": [], "decode_unpatched": []}
+    variants = {"": "cpu", "_unpatched": None, **({"_auto": "auto"} if args.auto else {})}
+    times = {f"{kind}{suffix}": [] for suffix in variants for kind in ("prefill", "decode")}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-        for patched in (True, False):
-            suffix = "" if patched else "_unpatched"
+        for suffix, backend in variants.items():
+            patched = backend is not None
             if patched:
-                sk.patch(model, policy, backend="cpu")
+                sk.patch(model, policy, backend=backend)
             kwargs = {"context_mask": ctx} if patched else {}
             out = {}
             times["prefill" + suffix].append(_timed(lambda: out.setdefault(
