@@ -51,25 +51,33 @@ def machine() -> dict:
     return info
 
 
-def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                        before: Callable[[str], object] | None = None) -> dict[str, float]:
     """Median seconds of each variant, run round-robin ``repeats`` times after ``warmup`` rounds,
-    so that machine noise hits every variant alike."""
+    so that machine noise hits every variant alike. ``before(name)``, if given, runs untimed before
+    every call of variant ``name`` (warmup included): per-call set-up such as a fresh cache."""
     for _ in range(warmup):
-        for fn in variants.values():
+        for name, fn in variants.items():
+            if before is not None:
+                before(name)
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            if before is not None:
+                before(name)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def write_results(stem: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
-    """Writes ``results/<stem>.json`` (rows + machine) and ``results/<stem>.csv``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.csv"
+def write_results(stem: str, rows: list[dict], meta: dict, directory: Path | None = None) -> tuple[Path, Path]:
+    """Writes ``<directory>/<stem>.json`` (rows + machine) and ``<directory>/<stem>.csv``;
+    ``directory`` defaults to ``results/``."""
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     json_path.write_text(json.dumps({"machine": machine(), **meta, "rows": rows}, indent=2))
     if rows:
         fields = list(dict.fromkeys(k for row in rows for k in row))

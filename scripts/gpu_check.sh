@@ -2,10 +2,17 @@
 # GPU checks for a machine with a CUDA GPU and a CUDA build of torch already installed (no .venv):
 # builds the extension in place against that torch, then runs the cuda-marked tests, the Triton
 # tests on the GPU, compute-sanitizer on a few kernels, and the kernel benchmarks.
-#   OUT=/tmp/gpu scripts/gpu_check.sh [quick]
+#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch]
+# quick: only the cuda-marked tests. dispatch: after the build, only the dispatch checks, in about
+# 9 minutes on an H200 (build included): the cuda-marked tests of tests/test_dispatch_cuda.py,
+# `python -m skiplayers.dispatch.tune --out $OUT/dispatch_table.json` (each only if its file
+# exists), then benchmarks/e2e_gpu.py with --budget-s set to what is left of DISPATCH_TOTAL_S
+# (default 540 s) minus a margin for its last case; its results are copied to $OUT.
 # Logs go to $OUT; the last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+begin=$(date +%s)
+MODE="${1:-}"
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -35,10 +42,26 @@ run() {  # name, command...
   summary+=("$name: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/$name.log" | tail -1)")
 }
 
+if [ "$MODE" = "dispatch" ]; then
+  if [ -f tests/test_dispatch_cuda.py ]; then run dispatch_tests "$PY" -m pytest -q -rs -m cuda tests/test_dispatch_cuda.py; fi
+  if [ -f skiplayers/dispatch/tune.py ]; then
+    run dispatch_tune "$PY" -m skiplayers.dispatch.tune --out "$OUT/dispatch_table.json"
+  fi
+  # What is left of the mode's time, less a margin: e2e_gpu.py checks its budget between cases, so
+  # the last case it starts (up to a minute for Llama-3-8B, B=8, 16k context) runs past it.
+  budget=$(( ${DISPATCH_TOTAL_S:-540} - ($(date +%s) - begin) - 75 ))
+  [ "$budget" -lt 60 ] && budget=60
+  run e2e_gpu "$PY" benchmarks/e2e_gpu.py --out "$OUT" --budget-s "$budget"
+  summary+=("e2e_gpu: budget ${budget} s; $(grep -E '^elapsed' "$OUT/e2e_gpu.log" | tail -1)")
+  cp benchmarks/results/e2e_gpu.* "$OUT/" 2>/dev/null
+  printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+  exit 0
+fi
+
 run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "not rejects and not device_side"
 run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "rejects or device_side"
 run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py
-if [ "${1:-}" != "quick" ]; then
+if [ "$MODE" != "quick" ]; then
   # With a GPU visible, the Triton tests run compiled on CUDA tensors instead of the interpreter.
   run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_triton_interpret.py
   run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
