@@ -16,7 +16,7 @@ import torch
 from ..ops import OpSet
 from .kernels import STANDARD_KERNELS, CacheCall, Ours, PackedCall
 from .patterns import STANDARD, CallFacts, Pattern, check_standard, classify
-from .table import band, device_key, table_for
+from .table import band, device_key, table_for, tables_epoch
 
 _standard_kernels = {}  # one instance per process: they hold no state
 
@@ -46,11 +46,12 @@ class Dispatcher:
 
     def choose(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int, size_band: str):
         """``(kernel, reason)`` for one case."""
-        table = None if self.forced or pattern == Pattern.PREDICATE else table_for(device)
-        key = (pattern, device, dtype, head_dim, size_band, id(table))
-        if key not in self._chosen:
-            self._chosen[key] = self._decide(pattern, device, dtype, head_dim, size_band, table)
-        return self._chosen[key]
+        key = (pattern, device, dtype, head_dim, size_band, tables_epoch())
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            table = None if self.forced or pattern == Pattern.PREDICATE else table_for(device)
+            chosen = self._chosen[key] = self._decide(pattern, device, dtype, head_dim, size_band, table)
+        return chosen
 
     def _usable(self, name: str, pattern, device, dtype, head_dim):
         kernel = self.ours if name == "ours" else standard_kernel(name)
@@ -84,8 +85,8 @@ class Dispatcher:
                     return kernel, f"not measured on {where}: torch's kernel for a standard pattern"
         return self.ours, f"not measured on {where}: ours (skiplayers' CPU attention beat SDPA where measured)"
 
-    def packed(self, facts: CallFacts, c: PackedCall) -> torch.Tensor:
-        longest = int(c.counts.max()) if c.counts.numel() else 0
+    def packed(self, facts: CallFacts, c: PackedCall, longest: int) -> torch.Tensor:
+        """``longest``: the most rows of one sequence (host)."""
         pattern, _ = classify(facts, reads_cache=False, max_new_rows=longest)
         kernel, _ = self.choose(pattern, c.q.device, c.q.dtype, c.q.shape[-1], band(c.q.shape[0]))
         self.calls[(pattern, kernel.name)] += 1
@@ -95,8 +96,7 @@ class Dispatcher:
                 check_standard(pattern, c.rule, c.pos[s:e], c.tag[s:e], c.pos[s:e], c.tag[s:e])
         return kernel.packed(c)
 
-    def cache(self, facts: CallFacts, c: CacheCall) -> torch.Tensor:
-        longest = int(c.counts.max()) if c.counts.numel() else 0
+    def cache(self, facts: CallFacts, c: CacheCall, longest: int) -> torch.Tensor:
         pattern, _ = classify(facts, reads_cache=True, max_new_rows=longest)
         kernel, _ = self.choose(pattern, c.q.device, c.q.dtype, c.q.shape[-1], band(int(c.host_lengths.sum())))
         self.calls[(pattern, kernel.name)] += 1

@@ -115,6 +115,12 @@ def _shipped(device: str, env_path: str | None) -> Table | None:
     return Table.load(path) if path.exists() else None
 
 
+def tables_epoch() -> tuple:
+    """Changes whenever :func:`table_for` could answer differently (an override entered or left,
+    the environment's table changed): what a cached choice is keyed by."""
+    return (id(_override[-1]) if _override else None, len(_override), os.environ.get("SKIPLAYERS_DISPATCH_TABLE"))
+
+
 def table_for(device: torch.device) -> Table | None:
     """The table dispatch uses for ``device``: an override, else the environment's, else the shipped one."""
     key = device_key(device)

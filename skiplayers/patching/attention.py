@@ -82,6 +82,7 @@ class PackedStep:
         self._reads_cache = set() if reads_cache is None else reads_cache  # shared by the steps of one call
         self.rows = rows
         self._moved = {rows.cu_seqlens.device: rows}
+        self._longest: int | None = None  # the most rows of one sequence (host), once per step
 
     def with_rows(self, rows: PackedRows) -> "PackedStep":
         return PackedStep(rows, self.state, self.cache, self.plan, self._reads_cache)
@@ -114,6 +115,8 @@ class PackedStep:
         rows = self.rows_on(query.device)
         dispatcher, rule = self.state.dispatcher, self.state.rule
         facts = self.plan.facts if self.plan is not None else UNKNOWN
+        if self._longest is None:
+            self._longest = int(rows.counts.max()) if rows.counts.numel() else 0
         q = packed(query)
         if layer_idx in self._reads_cache:
             keys, values, pos, tag, lengths = self.cache.stored(layer_idx)
@@ -121,10 +124,10 @@ class PackedStep:
                 q=q, keys=keys, values=values, cu_seqlens=rows.cu_seqlens, counts=rows.counts, lengths=lengths,
                 host_lengths=self.cache.layers[layer_idx].host_lengths, q_pos=rows.pos, q_tag=rows.tag,
                 pos_cache=pos, tag_cache=tag, rule=rule, scale=scaling,
-            ))
+            ), self._longest)
         else:  # the keys are exactly this call's packed rows
             out = dispatcher.packed(facts, PackedCall(
                 q=q, k=packed(key), v=packed(value), cu_seqlens=rows.cu_seqlens, counts=rows.counts, pos=rows.pos,
                 tag=rows.tag, rule=rule, scale=scaling,
-            ))
+            ), self._longest)
         return out[None]
