@@ -46,6 +46,9 @@ if [ "$MODE" = "dispatch" ]; then
   if [ -f tests/test_dispatch_cuda.py ]; then run dispatch_tests "$PY" -m pytest -q -rs -m cuda tests/test_dispatch_cuda.py; fi
   if [ -f skiplayers/dispatch/tune.py ]; then
     run dispatch_tune "$PY" -m skiplayers.dispatch.tune --out "$OUT/dispatch_table.json"
+    # The end-to-end run dispatches by the table just measured (ship it as
+    # skiplayers/dispatch/tables/<device>.json: the "device" field of the file names it).
+    [ -f "$OUT/dispatch_table.json" ] && export SKIPLAYERS_DISPATCH_TABLE="$OUT/dispatch_table.json"
   fi
   # What is left of the mode's time, less a margin: e2e_gpu.py checks its budget between cases, so
   # the last case it starts (up to a minute for Llama-3-8B, B=8, 16k context) runs past it.
