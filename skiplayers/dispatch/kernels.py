@@ -178,24 +178,24 @@ class VarlenAttn:
             return "computes standard patterns only"
         if self.fn is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        # The arguments this adapter passes appeared over torch releases: 2.9 had is_causal only,
+        # 2.10 scale and window_size, 2.12 enable_gqa and seqused_k (the documentation of each).
         if device.type != "cuda":
             return "flash attention runs on CUDA only"
         if dtype not in (torch.float16, torch.bfloat16):
             return "flash attention takes float16 / bfloat16 only"
-        if "scale" not in self.params:
+        if "scale" not in self.params:  # torch 2.9
             return "this torch's varlen_attn takes no softmax scale"
+        if "enable_gqa" not in self.params:  # torch 2.10: whether GQA works is not documented there
+            return "this torch's varlen_attn has no enable_gqa (grouped K/V heads)"
         if pattern != Pattern.VARLEN_CAUSAL and "seqused_k" not in self.params:
             return "this torch's varlen_attn takes no seqused_k (per-sequence cache lengths)"
         return None
 
     def _call(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **extra):
         kwargs = dict(scale=scale, **extra)
-        if "window_size" in self.params:  # torch >= 2.10 spells causal as a window
-            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-        else:
-            kwargs["is_causal"] = causal
-        if "enable_gqa" in self.params:
-            kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)  # causal is a window (torch >= 2.10)
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
         return self.fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     def packed(self, c: PackedCall) -> torch.Tensor:
