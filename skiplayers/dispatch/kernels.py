@@ -218,4 +218,3 @@ class VarlenAttn:
 
 
 STANDARD_KERNELS = {"sdpa": Sdpa, "varlen_attn": VarlenAttn}
-KERNEL_NAMES = ("ours", *STANDARD_KERNELS)

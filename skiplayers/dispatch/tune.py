@@ -29,7 +29,7 @@ from .. import ops as sk_ops
 from .. import reference
 from ..tolerance import attention_error
 from .dispatcher import standard_kernel
-from .kernels import KERNEL_NAMES, STANDARD_KERNELS, CacheCall, Ours, PackedCall
+from .kernels import STANDARD_KERNELS, CacheCall, Ours, PackedCall
 from .patterns import STANDARD, Pattern
 from .table import BANDS, Table, band, device_key, dtype_name
 
