@@ -148,6 +148,9 @@ def _builtin_names():
     return list(BUILTIN_TASKS)
 
 
+BACKEND_HELP = "auto (default: the fastest kernel per attention pattern) | torch | cpu | triton | cuda (ours forced)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="skiplayers", description=__doc__)
     parser.add_argument("--version", action="version", version=f"skiplayers {__version__}")
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--task", default=None, help="built-in task (default: the shipped demo task)")
     p_demo.add_argument("--new-tokens", type=int, default=8, help="tokens to generate")
     p_demo.add_argument("--runs", type=int, default=5, help="interleaved timing runs (medians)")
-    p_demo.add_argument("--backend", default=None, help="auto (default: the fastest kernel per attention pattern) | torch | cpu | triton | cuda (ours forced)")
+    p_demo.add_argument("--backend", default=None, help=BACKEND_HELP)
     p_demo.set_defaults(fn=demo)
     p_cal = sub.add_parser("calibrate", help="find the cheapest setting that keeps a task's score within a budget")
     p_cal.add_argument("tasks", nargs="?", help="TASKS.jsonl: one {instructions, examples, query, answer} per line")
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
     p_cal.add_argument("--batch-size", type=int, default=8)
     p_cal.add_argument("--max-new-tokens", type=int, default=16)
     p_cal.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2)")
-    p_cal.add_argument("--backend", default=None, help="auto (default: the fastest kernel per attention pattern) | torch | cpu | triton | cuda (ours forced)")
+    p_cal.add_argument("--backend", default=None, help=BACKEND_HELP)
     p_cal.add_argument("--verify", action="store_true",
                        help="check the recommendation with the slow masked model (at ℓ and ℓ-1)")
     p_cal.set_defaults(fn=calibrate_cmd)
