@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, interleaved_medians, write_results  # noqa: E402
 
 import skiplayers as sk  # noqa: E402
-from skiplayers.measure import token_layer_bound  # noqa: E402
+from skiplayers.measure import greedy_step, token_layer_bound  # noqa: E402
 from skiplayers.ops import cuda_kernels_built  # noqa: E402
 
 STEM = "e2e_gpu"
@@ -272,11 +272,8 @@ class Greedy:
     tokens: list[torch.Tensor]
 
     def step(self, model) -> None:
-        """One single-token forward with the cache, as ``skiplayers.measure.run_once`` decodes."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = model(self.token, attention_mask=self.mask, past_key_values=self.cache, use_cache=True,
-                    logits_to_keep=1)
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        """One single-token forward with the cache (``skiplayers.measure.greedy_step``)."""
+        self.token, self.mask = greedy_step(model, self.token, self.mask, self.cache)
         self.tokens.append(self.token)
 
 

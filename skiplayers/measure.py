@@ -47,6 +47,14 @@ class RunResult:
     kv_bytes: int
 
 
+def greedy_step(model, token: torch.Tensor, attention_mask: torch.Tensor, cache):
+    """One greedy decode step: feeds ``token`` [B, 1] with the cache, the mask grown by one column.
+    Returns the next token [B, 1] and the grown mask [B, T + 1]."""
+    mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+    out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1, keepdim=True), mask
+
+
 @torch.no_grad()
 def run_once(model, input_ids, attention_mask, context_mask, steps: int) -> RunResult:
     kwargs = {} if context_mask is None else {"context_mask": context_mask}
@@ -58,9 +66,7 @@ def run_once(model, input_ids, attention_mask, context_mask, steps: int) -> RunR
     tokens = [token]
     start = time.perf_counter()
     for _ in range(steps - 1):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token, mask = greedy_step(model, token, mask, cache)
         tokens.append(token)
     decode = time.perf_counter() - start
     return RunResult(prefill, decode, torch.cat(tokens, dim=1), kv_cache_bytes(cache))

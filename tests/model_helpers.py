@@ -139,3 +139,24 @@ def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: in
     truth = sk.masked_generate(model, ids, attn, ctx, policy, new_tokens)
     assert torch.equal(out.sequences, truth), f"greedy tokens differ:\n{out.sequences}\n{truth}"
     return out.past_key_values
+
+
+def decode_step_inputs(batch):
+    """One decode step after the :func:`ragged_batch` prompt: ``(input_ids [3, 1], attention_mask,
+    position_ids)``, the new tokens 5, 6, 7."""
+    ids, attn, _, pos = batch
+    step = torch.tensor([[5], [6], [7]], device=ids.device)
+    return step, torch.cat([attn, torch.ones_like(step)], 1), pos[:, -1:] + 1
+
+
+def prefill_and_decode_logits(run, batch, layers: int):
+    """Logits of a prefill of ``batch`` and of one decode step after it (:func:`decode_step_inputs`),
+    through ``run`` (a patched model, or the same compiled), on a fresh ``SkipCache``; and its
+    ``layer_lengths()``."""
+    ids, attn, ctx, pos = batch
+    step, step_mask, step_pos = decode_step_inputs(batch)
+    cache = sk.SkipCache(layers)
+    first = run(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=cache).logits
+    second = run(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
+                 past_key_values=cache).logits
+    return first, second, cache.layer_lengths()

@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import skiplayers as sk
-from model_helpers import FP32_LOGIT_ATOL, computed_columns, tiny_llama
+from model_helpers import (
+    FP32_LOGIT_ATOL,
+    computed_columns,
+    decode_step_inputs,
+    prefill_and_decode_logits,
+    tiny_llama,
+)
 
 STOP = 2
 POLICIES = {
@@ -278,18 +284,12 @@ def test_a_static_cache_is_refused(model, batch):
             model.generate(ids, attention_mask=attn, max_new_tokens=2, cache_implementation="static")
 
 
-def _decode_inputs(batch):
-    ids, attn, ctx, pos = batch
-    step = torch.tensor([[5], [6], [7]])
-    return step, torch.cat([attn, torch.ones_like(step)], 1), pos[:, -1:] + 1
-
-
 @pytest.mark.parametrize("policy", POLICIES.values(), ids=POLICIES.keys())
 @torch.no_grad()
 def test_torch_compile_traces_prefill_and_decode_without_graph_breaks(batch, policy):
     ids, attn, ctx, pos = batch
     model = tiny_llama(layers=3)
-    step, step_mask, step_pos = _decode_inputs(batch)
+    step, step_mask, step_pos = decode_step_inputs(batch)
     with sk.patched(model, policy, backend="cpu"):
         cache = sk.SkipCache(3)
         prefill = torch._dynamo.explain(model)(ids, attention_mask=attn, position_ids=pos, context_mask=ctx,
@@ -306,18 +306,12 @@ def test_torch_compile_traces_prefill_and_decode_without_graph_breaks(batch, pol
 def test_torch_compile_fullgraph_equals_eager(batch, policy):
     """Prefill, a decode step, and greedy generate() with the patched forward compiled
     (``fullgraph=True``, inductor) give the eager results."""
-    ids, attn, ctx, pos = batch
+    ids, attn, ctx, _ = batch
     model = tiny_llama(layers=3)
-    step, step_mask, step_pos = _decode_inputs(batch)
     with sk.patched(model, policy, backend="cpu"):
         compiled = torch.compile(model, fullgraph=True)
-        logits = {}
-        for name, run in (("eager", model), ("compiled", compiled)):
-            cache = sk.SkipCache(3)
-            first = run(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=cache).logits
-            second = run(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
-                         past_key_values=cache).logits
-            logits[name] = (first, second, cache.layer_lengths())
+        logits = {name: prefill_and_decode_logits(run, batch, 3) for name, run in (("eager", model),
+                                                                                    ("compiled", compiled))}
         for eager, compiled_out in zip(logits["eager"][:2], logits["compiled"][:2]):
             torch.testing.assert_close(compiled_out, eager, equal_nan=True, atol=1e-5, rtol=1e-5)
         assert torch.equal(logits["eager"][2], logits["compiled"][2])

@@ -77,19 +77,25 @@ class Dispatcher:
                 if kernel is not None:
                     others = ", ".join(f"{n} {t:.0f} µs" for n, t in ranked if n != name)
                     return kernel, f"fastest measured on {table.device}: {us:.0f} µs ({others or 'no other'})"
-        where = table.device if table is not None else device_key(device) if device.type == "cpu" else "this GPU"
         if device.type == "cuda":
+            where = table.device if table is not None else "this GPU"
             for name in ("varlen_attn", "sdpa"):
                 kernel = self._usable(name, pattern, device, dtype, head_dim)
                 if kernel is not None:
                     return kernel, f"not measured on {where}: torch's kernel for a standard pattern"
-        return self.ours, f"not measured on {where}: ours (skiplayers' CPU attention beat SDPA where measured)"
+        return self.ours, (f"not measured on {device_key(device)}: ours (skiplayers' CPU attention beat SDPA "
+                           "where measured)")
+
+    def _kernel_for(self, facts: CallFacts, reads_cache: bool, longest: int, q: torch.Tensor, tokens: int):
+        """Classifies one call, picks its kernel and counts it. ``longest``: the most new rows of one
+        sequence (host); ``tokens``: the call's size for the band (rows, or stored keys read)."""
+        pattern, _ = classify(facts, reads_cache=reads_cache, max_new_rows=longest)
+        kernel, _ = self.choose(pattern, q.device, q.dtype, q.shape[-1], band(tokens))
+        self.calls[(pattern, kernel.name)] += 1
+        return pattern, kernel
 
     def packed(self, facts: CallFacts, c: PackedCall, longest: int) -> torch.Tensor:
-        """``longest``: the most rows of one sequence (host)."""
-        pattern, _ = classify(facts, reads_cache=False, max_new_rows=longest)
-        kernel, _ = self.choose(pattern, c.q.device, c.q.dtype, c.q.shape[-1], band(c.q.shape[0]))
-        self.calls[(pattern, kernel.name)] += 1
+        pattern, kernel = self._kernel_for(facts, False, longest, c.q, c.q.shape[0])
         if pattern in STANDARD and verifying():
             cu = c.cu_seqlens.tolist()
             for s, e in zip(cu[:-1], cu[1:]):
@@ -97,9 +103,7 @@ class Dispatcher:
         return kernel.packed(c)
 
     def cache(self, facts: CallFacts, c: CacheCall, longest: int) -> torch.Tensor:
-        pattern, _ = classify(facts, reads_cache=True, max_new_rows=longest)
-        kernel, _ = self.choose(pattern, c.q.device, c.q.dtype, c.q.shape[-1], band(int(c.host_lengths.sum())))
-        self.calls[(pattern, kernel.name)] += 1
+        pattern, kernel = self._kernel_for(facts, True, longest, c.q, int(c.host_lengths.sum()))
         if pattern in STANDARD and verifying():
             cu = c.cu_seqlens.tolist()
             for b, (s, e, n) in enumerate(zip(cu[:-1], cu[1:], c.host_lengths.tolist())):

@@ -28,7 +28,8 @@ from .patterns import Pattern
 TABLES = Path(__file__).resolve().parent / "tables"
 
 # Size bands: the pattern's work in tokens (the call's rows for VARLEN_CAUSAL, the stored keys
-# read for the cache patterns), split where the kernels' relative speed is seen to change.
+# read for the cache patterns). The edges are chosen, not measured: a decade apart, so that a
+# table can follow a kernel whose relative speed changes with size.
 BAND_EDGES = (512, 4096, 32768)
 BANDS = ("s", "m", "l", "xl")
 
