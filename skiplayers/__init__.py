@@ -23,12 +23,14 @@ from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
 from .patching import is_patched, patch, patched, unpatch  # noqa: E402
-from .policy import SkipPolicy  # noqa: E402
+from .policy import EarlyExit, SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
+from .work import work_report  # noqa: E402
 
 __all__ = [
     "__version__",
     "anchor_ids",
+    "EarlyExit",
     "SkipCache",
     "SkipPolicy",
     "calibrate",
@@ -42,4 +44,5 @@ __all__ = [
     "patch",
     "patched",
     "unpatch",
+    "work_report",
 ]

@@ -162,10 +162,30 @@ class SkipCache(Cache):
         self._anchor_through = 0  # logical length when finished sentences were last dropped
         # With anchors, finished sentences leave the cache lazily (see request_reduction): the ops to do it with.
         self._pending_reduction: OpSet | None = None
+        # Per sequence and layer, whether the sequence runs it (host bool [B, L], the forward's
+        # layer_mask; None: every sequence runs every layer the policy keeps).
+        self.layer_mask: torch.Tensor | None = None
+        # Whether some rows exited early and deeper layers stored nothing for them (EarlyExit(kv="none")):
+        # then the layers hold different columns, which crop cannot undo.
+        self.uneven_exits = False
         self._active_step = None  # the patched forward call now writing (set by use_step)
         self.handle = new_handle(self)  # names this cache inside compiled graphs (handles.py)
 
     # --- writing ---
+
+    def check_layer_mask(self, mask: torch.Tensor | None) -> None:
+        """A call's ``layer_mask`` (host bool ``[B, L]`` or None) must be the one the cache was filled
+        with: a sequence stores nothing at a layer it skips, so it cannot start running it later."""
+        if self.logical_length == 0:
+            self.layer_mask = mask
+            return
+        same = (mask is None and self.layer_mask is None) or (
+            mask is not None and self.layer_mask is not None and torch.equal(mask, self.layer_mask))
+        if not same:
+            raise ValueError(
+                "layer_mask differs from the one this SkipCache was filled with (pass the same layer_mask to every "
+                "call of a generation, or none to all; generate() does so)"
+            )
 
     def use_step(self, step) -> None:
         """The layers of a patched forward start (or reach the context-stop layer, which gets a new
@@ -305,6 +325,11 @@ class SkipCache(Cache):
         remove = -tokens_to_remove if tokens_to_remove <= 0 else self.logical_length - tokens_to_remove
         if remove == 0:
             return
+        if self.uneven_exits:
+            raise NotImplementedError(
+                "cannot crop a SkipCache after early exits with kv='none' (deeper layers hold different columns); "
+                "use EarlyExit(kv='propagate') with assisted decoding"
+            )
         if not 0 < remove <= self.logical_length:
             raise ValueError(f"cannot crop {remove} columns from a SkipCache holding {self.logical_length}")
         keep = self.logical_length - remove
@@ -320,6 +345,8 @@ class SkipCache(Cache):
         stop = self.policy.context_stop_layer if self.policy is not None else None
         for idx, layer in enumerate(self.layers):
             stored = tokens - contexts if stop is not None and idx >= stop else tokens
+            if self.layer_mask is not None:  # a sequence stores nothing at a layer it skips
+                stored = stored * self.layer_mask[:, idx]
             if layer.host_lengths is None:
                 continue
             if bool((stored > layer.host_lengths).any()):
@@ -345,10 +372,12 @@ class SkipCache(Cache):
         self._fed_valid, self._fed_context, self._fed_anchor, self._anchor_through = [], [], [], 0
         self._fed_positions, self.last_positions = [], None
         self._pending_reduction = None
+        self.layer_mask, self.uneven_exits = None, False
 
     def _select(self, fn) -> None:
         """Applies a batch selection to the per-sequence host counters and column history."""
-        for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen", "last_positions"):
+        for name in ("context_counts", "noncontext_counts", "sentence_counts", "tokens_seen", "last_positions",
+                     "layer_mask"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         for name in ("_fed_valid", "_fed_context", "_fed_anchor", "_fed_positions"):

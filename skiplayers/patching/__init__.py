@@ -8,7 +8,8 @@ model's own modules rather than replacing them:
 * the config names ``"skiplayers"`` as the attention implementation, a function registered with
   transformers' ``AttentionInterface`` (``attention.py``), so each attention module runs its own
   projections, norms and RoPE and then our ops;
-* the causal-LM forward gains ``context_mask`` and the handling of uncomputed columns
+* the attention modules of ``drop_attention_layers`` get a forward that adds nothing;
+* the causal-LM forward gains ``context_mask``, ``layer_mask`` and the handling of uncomputed columns
   (``causal_lm.py``), and ``generate()`` creates a :class:`SkipCache`.
 
 ``unpatch`` removes exactly these instance attributes and restores the attention implementation, so
@@ -113,9 +114,13 @@ def patch(model, policy: SkipPolicy, backend: str | None = None):
     if is_patched(model):
         unpatch(model)
     ops = sk_ops.get_ops(ours)
-    state = PatchState(policy=policy, backend=backend, ops=ops, dispatcher=Dispatcher(ops, backend),
-                       attention_before=model.config._attn_implementation)
     decoder = model.model
+    dropped = tuple(decoder.layers[idx].self_attn for idx in policy.drop_attention_layers)
+    state = PatchState(policy=policy, backend=backend, ops=ops, dispatcher=Dispatcher(ops, backend),
+                       attention_before=model.config._attn_implementation, lm_head=model.lm_head,
+                       dropped_attention=dropped)
+    for attention in dropped:
+        attention.forward = types.MethodType(dropped_attention_forward, attention)
     decoder._skiplayers = state
     decoder._skiplayers_handle = new_handle(decoder)  # names the decoder inside compiled graphs (traced.py)
     decoder.forward = types.MethodType(packed_model_forward, decoder)
@@ -140,5 +145,15 @@ def unpatch(model):
             obj.__dict__.pop(name, None)
         for name in ("_skiplayers", "_skiplayers_handle", "_skiplayers_running"):
             obj.__dict__.pop(name, None)
+    for attention in state.dropped_attention:
+        attention.__dict__.pop("forward", None)
     model.config._attn_implementation = state.attention_before
     return model
+
+
+def dropped_attention_forward(self, hidden_states, *args, **kwargs):
+    """The forward of an attention module in ``drop_attention_layers`` (Tyukin et al. 2024): the
+    sublayer adds nothing to the residual stream, so it returns zeros ``[1, n, hidden]`` without
+    computing projections or attention, and stores nothing. The decoder layer around it still runs
+    through its own ``__call__`` (its input norm, the residual, the MLP; its hooks)."""
+    return torch.zeros_like(hidden_states), None

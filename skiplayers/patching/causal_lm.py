@@ -62,10 +62,11 @@ def causal_lm_forward(model, original_forward):
             return out.to_tuple()
         return out
 
-    # generate() validates model kwargs against the signature: expose context_mask in it.
+    # generate() validates model kwargs against the signature: expose context_mask and layer_mask in it.
     params = list(inspect.signature(original_forward).parameters.values())
-    extra = inspect.Parameter("context_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
-    params.insert(len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params), extra)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("context_mask", "layer_mask")]
+    at = len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params)
+    params[at:at] = extra
     forward.__signature__ = inspect.Signature(params)
     return forward
 

@@ -14,7 +14,9 @@ model's modules:
 4. the final hidden states are scattered back to ``[B, T, hidden]``. Columns that were not
    computed (padding, and context columns when ℓ < L) hold NaN, so nothing reads them silently.
 
-Hooks on decoder layers therefore see packed hidden states ``[1, N, hidden]``.
+Layers the policy skips, or that no row runs (``layer_mask``, early exit), are not called; a
+layer some rows skip runs on the gathered rows that run it (``routes.py``). Hooks on decoder
+layers therefore see packed hidden states ``[1, n, hidden]``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from ..cache import SkipCache
 from ..packing import drop_rows, unpack
 from . import traced
 from .attention import PackedStep
+from ..work import CallWork
 from .plan import plan_call
+from .routes import LayerRouter, check_layer_mask
 from .state import PatchState
 
 
@@ -68,6 +72,64 @@ def _compact(step: PackedStep, hidden, cos, sin):
     return step, hidden[None], cos[None], sin[None]
 
 
+def _run_layer(layer, hidden, positions, cache, position_embeddings, step):
+    """One decoder layer through its own ``__call__`` on packed rows ``[1, n, hidden]``."""
+    out = layer(
+        hidden,
+        attention_mask=None,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=cache is not None,
+        position_embeddings=position_embeddings,
+        skiplayers=step,
+    )
+    return out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returned tuples
+
+
+def _checked_layer_mask(decoder, state: PatchState, cache, layer_mask, batch: int, builds_graph: bool):
+    """The call's ``layer_mask`` on the host (or None), checked before the call changes the cache;
+    refuses what the router cannot do (``routes.py``)."""
+    policy = state.policy
+    if torch.compiler.is_compiling() and (layer_mask is not None or policy.early_exit is not None):
+        raise NotImplementedError(
+            "layer_mask and early exit choose rows per layer from data, which torch.compile cannot trace; run them "
+            "eagerly (static skip_layers and drop_attention_layers compile)"
+        )
+    if policy.early_exit is not None and builds_graph:
+        raise NotImplementedError("early exit is an inference technique: run it under torch.no_grad()")
+    mask = check_layer_mask(layer_mask, batch, len(decoder.layers), policy.skip_layers)
+    if cache is not None:
+        cache.check_layer_mask(mask)
+    return mask
+
+
+def _router(decoder, state: PatchState, step, mask, context_mask) -> LayerRouter:
+    """The call's layer router. Only decode steps (at most one row per sequence, no context) exit."""
+    counts = step.rows.counts
+    exits = state.policy.early_exit is not None and counts is not None \
+        and (counts.numel() == 0 or int(counts.max()) <= 1) and not step.has_context(context_mask)
+
+    def head(h):
+        return state.lm_head(decoder.norm(h))
+
+    return LayerRouter(state.policy, len(decoder.layers), mask, head, exits)
+
+
+def _log_work(state: PatchState, router: LayerRouter, rows: int, layers: int) -> None:
+    """Appends the call's layer-row work to the model's log (``work.py``); not under torch.compile."""
+    if torch.compiler.is_compiling():
+        return
+    exit_rows = exits = exit_sum = 0
+    if router.rule is not None:
+        exit_rows = rows
+        if router.exited is not None:
+            exits = int(router.exited.sum())
+            exit_sum = int(torch.where(router.exited, router.exit_layer, layers - 1).sum())
+        else:
+            exit_sum = rows * (layers - 1)
+    state.work.append(CallWork(rows, router.row_layers, rows * layers, exit_rows, exits, exit_sum))
+
+
 def _output_hidden_states(self, kwargs) -> bool:
     wanted = kwargs.get("output_hidden_states")
     wanted = self.config.output_hidden_states if wanted is None else wanted
@@ -87,12 +149,14 @@ def packed_model_forward(
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool | None = None,
     context_mask: torch.Tensor | None = None,
+    layer_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
     """Replacement for the decoder's ``forward`` (bound to the instance by :func:`skiplayers.patch`).
 
     Takes the usual arguments plus ``context_mask`` (bool ``[B, columns]``, True = context token;
-    see ``patching/inputs.py`` for how columns are counted). Returns ``last_hidden_state``
+    see ``patching/inputs.py`` for how columns are counted) and ``layer_mask`` (bool ``[B, L]``,
+    True = the sequence runs that layer; the same in every call on one cache). Returns ``last_hidden_state``
     ``[B, T, hidden]`` with NaN in the columns that were not computed (0 while autograd records a
     graph; see the end of this function), the :class:`SkipCache`, and with
     ``output_hidden_states=True`` the transformers tuple of L + 1 ``[B, T, hidden]`` tensors (the
@@ -115,6 +179,7 @@ def packed_model_forward(
     builds_graph = _builds_graph(self, inputs_embeds)
     logits_to_keep = kwargs.get("skiplayers_logits_to_keep", 0)
     stop = state.policy.context_stop_layer
+    layer_mask = _checked_layer_mask(self, state, cache, layer_mask, batch, builds_graph)
     if torch.compiler.is_compiling():  # the host-side work runs inside opaque ops (traced.py)
         step = traced.begin_call(self, cache, input_ids, inputs_embeds, attention_mask, position_ids, context_mask,
                                  logits_to_keep, builds_graph)
@@ -132,6 +197,7 @@ def packed_model_forward(
     collected = [inputs_embeds] if want_hidden else None
 
     positions = rows.pos[None].long()  # [1, N]: what the layers take as position_ids
+    router = _router(self, state, step, layer_mask, context_mask)
     if cache is not None:
         cache.use_step(step)
     try:
@@ -139,21 +205,30 @@ def packed_model_forward(
             if layer_idx == stop and step.has_context(context_mask):
                 step, hidden, cos, sin = _compact(step, hidden, cos, sin)
                 positions = step.rows.pos[None].long()
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                position_embeddings=(cos, sin),
-                skiplayers=step,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returned tuples
+                router.rebase()
+            runs, subset = router.route(layer_idx, step, cos, sin)
+            if runs:
+                if subset is None:
+                    hidden = _run_layer(layer, hidden, positions, cache, (cos, sin), step)
+                else:
+                    index = subset.index.to(hidden.device)
+                    if cache is not None:
+                        cache.use_step(subset.step)
+                    out = _run_layer(layer, hidden[:, index], subset.positions, cache, (subset.cos, subset.sin),
+                                     subset.step)
+                    hidden = hidden[0].index_copy(0, index.to(out.device), out[0].to(hidden.dtype))[None]
+                    if cache is not None:
+                        cache.use_step(step)
+            router.propagate(layer_idx, layer, step, hidden[0], cos, sin, cache)
+            router.decide_exits(layer_idx, hidden[0])
             if collected is not None and layer_idx + 1 < len(self.layers):
                 collected.append(unpack(step.rows_on(hidden.device), hidden[0], batch, columns, fill))
     finally:
         if cache is not None:
             cache.end_call()
+    if cache is not None and router.exited is not None and not router.rule.propagates and bool(router.exited.any()):
+        cache.uneven_exits = True
+    _log_work(state, router, rows.num_rows, len(self.layers))
 
     hidden = self.norm(hidden)[0]
     step.finish(self)

@@ -3,7 +3,7 @@ unpatching restores."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..dispatch.dispatcher import Dispatcher
 from ..meta import RULE_ANCHORS, RULE_CAUSAL
@@ -18,6 +18,9 @@ class PatchState:
     ops: OpSet  # ours: compaction, cache writes, and the attention the dispatcher gives to ours
     dispatcher: Dispatcher
     attention_before: str | None = None  # config._attn_implementation before patching
+    lm_head: object = None  # the causal LM's head (early exit reads it)
+    dropped_attention: tuple = ()  # the attention modules whose forward the patch replaced (drop_attention_layers)
+    work: list = field(default_factory=list)  # work.CallWork of each forward call (sk.work_report)
 
     @property
     def rule(self) -> int:

@@ -1,0 +1,192 @@
+"""Which rows each decoder layer computes in one patched call: static layer skips, the per-sequence
+``layer_mask`` and token early exit (``SkipPolicy``; DESIGN: every token has a depth profile).
+
+At each layer a packed row is either computed (it runs the layer), carried (its hidden state passes
+unchanged: its sequence skips the layer, or it exited), or, after an exit with KV propagation,
+propagated: the layer stores its K/V, computed from the carried hidden state, and nothing else.
+
+Rows that do not run a layer are left out of the computation, not masked: the layer runs on the
+gathered subset of rows (``ops.compact_rows``, the backend's row-compaction kernel, which gathers
+the hidden states, rotary tables and row metadata with ragged ``cu_seqlens`` in which a skipping
+sequence has no rows) and its output is scattered back with ``index_copy`` (one indexed copy, which
+every device has natively; no kernel of ours would do less). A subset is built once per distinct set
+of rows and reused by the layers that share it.
+
+Propagated K/V go through the same ``SkipCache.append`` (``ops.cache_append``) as computed rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..packing import drop_rows
+from .attention import packed
+
+
+def check_layer_mask(layer_mask, batch: int, num_layers: int, skip_layers) -> torch.Tensor | None:
+    """Validates ``layer_mask`` (bool ``[B, L]``, True = the sequence runs that layer). Returns it on
+    the host, or None when absent."""
+    if layer_mask is None:
+        return None
+    if not isinstance(layer_mask, torch.Tensor):
+        raise TypeError(f"layer_mask must be a torch.Tensor of dtype torch.bool, got {type(layer_mask).__name__}")
+    if layer_mask.dtype != torch.bool:
+        raise TypeError(f"layer_mask must have dtype torch.bool (True = the sequence runs the layer), got {layer_mask.dtype}")
+    if layer_mask.shape != (batch, num_layers):
+        raise ValueError(f"layer_mask must have shape [batch={batch}, layers={num_layers}], got {tuple(layer_mask.shape)}")
+    mask = layer_mask.detach().cpu()
+    runs = mask.clone()
+    if skip_layers:
+        runs[:, list(skip_layers)] = False
+    empty = (~runs.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"layer_mask (with the policy's skip_layers) leaves sequences {empty} without any layer to run"
+        )
+    return mask
+
+
+def propagated_kv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """K/V a layer would compute for rows whose hidden states are ``hidden`` ``[1, n, hidden]``:
+    the layer's input norm, its K/V projections (and k-norm, where the family has one: Qwen3) and
+    RoPE at the rows' positions (``cos, sin [1, n, D]``; none on a SmolLM3 NoPE layer), by the
+    family's own modules and RoPE function. Returns packed ``k, v [n, H_kv, D]``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    if getattr(attn, "use_rope", True):
+        apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        _, k = apply_rope(k, k, cos, sin)
+    return packed(k), packed(v)
+
+
+@dataclass
+class RowSubset:
+    """The rows of the base step that run a layer: their step, their indices among the base rows
+    (int64 ``[n]``, device) and their rotary tables ``[1, n, D]`` and positions ``[1, n]``."""
+
+    step: object
+    index: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+
+
+class LayerRouter:
+    """Per call: which base rows (the step's rows after the context-stop layer) each layer computes,
+    which rows exited (early exit), and the layer-row work done.
+
+    ``layer_mask``: host bool ``[B, L]`` or None; ``head``: hidden ``[n, hidden]`` -> logits (the
+    final norm and LM head), used by the exit test; ``exits``: whether this call may exit (decode
+    steps only, see ``EarlyExit``)."""
+
+    def __init__(self, policy, num_layers: int, layer_mask: torch.Tensor | None, head, exits: bool):
+        self.skip = frozenset(policy.skip_layers)
+        self.dropped = frozenset(policy.drop_attention_layers)
+        self.layer_mask = layer_mask
+        self.rule = policy.early_exit if exits else None
+        self.head = head
+        self.num_layers = num_layers
+        self.exited: torch.Tensor | None = None  # host bool [N] over the base rows
+        self.exit_layer: torch.Tensor | None = None  # host int64 [N]: the layer a row exited after, -1: none
+        self._version = 0  # bumps when rows exit (subsets keyed by it)
+        self._subsets: dict = {}
+        self.row_layers = 0  # rows computed, summed over layers (the work done)
+
+    def rebase(self) -> None:
+        """The base rows changed (the context-stop layer): subsets built on the old rows are stale."""
+        if self.exited is not None:
+            raise RuntimeError("rows exited before the context-stop layer compacted them")  # exits need no context
+        self._subsets.clear()
+
+    def _sequences(self, layer_idx: int) -> torch.Tensor | None:
+        """Host bool ``[B]``: the sequences running the layer; None when all do."""
+        if self.layer_mask is None:
+            return None
+        column = self.layer_mask[:, layer_idx]
+        return None if bool(column.all()) else column
+
+    def _alive(self) -> torch.Tensor | None:
+        return None if self.exited is None or not bool(self.exited.any()) else ~self.exited
+
+    def _rows(self, sequences, rows) -> torch.Tensor | None:
+        """Host bool ``[N]`` of the rows whose sequence runs the layer (None: all)."""
+        return None if sequences is None else sequences.repeat_interleave(rows.counts)
+
+    def _subset(self, key, keep: torch.Tensor, step, cos, sin) -> RowSubset:
+        device = cos.device
+        cached = self._subsets.get((key, device))
+        if cached is not None:
+            return cached
+        rows = step.rows_on(device)
+        every = torch.arange(rows.num_rows, device=device)
+        sub_rows, (index, sub_cos, sub_sin) = drop_rows(rows, keep.to(device), [every, cos[0], sin[0]], step.state.ops)
+        subset = RowSubset(step.with_rows(sub_rows), index, sub_cos[None], sub_sin[None], sub_rows.pos[None].long())
+        self._subsets[(key, device)] = subset
+        return subset
+
+    def route(self, layer_idx: int, step, cos, sin) -> tuple[bool, RowSubset | None]:
+        """Whether any row computes the layer and, if only some do, their :class:`RowSubset`
+        (None: every base row computes it)."""
+        if layer_idx in self.skip:
+            return False, None
+        sequences, alive = self._sequences(layer_idx), self._alive()
+        keep = self._rows(sequences, step.rows)
+        if alive is not None:
+            keep = alive if keep is None else keep & alive
+        if keep is None:
+            self.row_layers += step.rows.num_rows
+            return True, None
+        running = int(keep.sum())
+        if running == 0:
+            return False, None
+        self.row_layers += running
+        key = ("run", None if sequences is None else tuple(sequences.tolist()), self._version)
+        return True, self._subset(key, keep, step, cos, sin)
+
+    def propagate(self, layer_idx: int, layer, step, hidden, cos, sin, cache) -> None:
+        """Stores the K/V of exited rows at a deeper layer (``EarlyExit(kv="propagate")``) from
+        their carried hidden states (``hidden [N, hidden]``). Nothing where the layer is skipped for
+        the row's sequence or its attention is dropped (such a layer stores nothing)."""
+        if self.rule is None or not self.rule.propagates or self._alive() is None or cache is None:
+            return
+        if layer_idx in self.skip or layer_idx in self.dropped:
+            return
+        sequences = self._sequences(layer_idx)
+        rows = self._rows(sequences, step.rows)
+        keep = self.exited if rows is None else self.exited & rows
+        if not bool(keep.any()):
+            return
+        key = ("propagate", None if sequences is None else tuple(sequences.tolist()), self._version)
+        subset = self._subset(key, keep, step, cos, sin)
+        k, v = propagated_kv(layer, hidden[subset.index.to(hidden.device)][None], subset.cos, subset.sin)
+        r = subset.step.rows_on(k.device)
+        cache.append(layer_idx, k.detach(), v.detach(), r.pos, r.tag, r.cu_seqlens, r.counts, step.state.ops)
+
+    def decide_exits(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """After an exit layer: rows still computing whose top probability reaches the threshold
+        exit (``hidden [N, hidden]``)."""
+        if self.rule is None or layer_idx not in self.rule.layers:
+            return
+        n = hidden.shape[0]
+        if self.exited is None:
+            self.exited = torch.zeros(n, dtype=torch.bool)
+            self.exit_layer = torch.full((n,), -1, dtype=torch.int64)
+        candidates = (~self.exited).nonzero().flatten()
+        if candidates.numel() == 0:
+            return
+        logits = self.head(hidden[candidates.to(hidden.device)])
+        confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1).cpu()
+        leaving = candidates[confidence >= self.rule.threshold]
+        if leaving.numel():
+            self.exited[leaving] = True
+            self.exit_layer[leaving] = layer_idx
+            self._version += 1
