@@ -93,18 +93,20 @@ def computed_columns(attn: torch.Tensor, ctx: torch.Tensor, policy: sk.SkipPolic
 
 
 @torch.no_grad()
-def patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache: bool) -> torch.Tensor:
+def patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache: bool, layer_mask=None) -> torch.Tensor:
     sk.patch(model, policy, backend=backend)
     try:
-        return model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=use_cache).logits
+        return model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=use_cache,
+                     layer_mask=layer_mask).logits
     finally:
         sk.unpatch(model)
 
 
-def assert_forward_matches_masked(model, policy, backend, batch, use_cache=False, atol=FP32_LOGIT_ATOL):
+def assert_forward_matches_masked(model, policy, backend, batch, use_cache=False, atol=FP32_LOGIT_ATOL,
+                                  layer_mask=None):
     ids, attn, ctx, pos = batch
-    out = patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache)
-    truth = sk.masked_forward(model, ids, attn, ctx, policy, pos)
+    out = patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache, layer_mask)
+    truth = sk.masked_forward(model, ids, attn, ctx, policy, pos, layer_mask=layer_mask)
     keep = computed_columns(attn, ctx, policy, model.config.num_hidden_layers)
     assert torch.isnan(out[~keep]).all(), "columns that are not computed must be NaN"
     err = (out.float() - truth.float())[keep].abs().max().item()
@@ -126,18 +128,35 @@ def assert_reduced_precision_matches(model_lp, model_fp32, policy, backend, batc
 
 
 @torch.no_grad()
-def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: int):
+def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: int, layer_mask=None,
+                                   atol=FP32_LOGIT_ATOL):
+    """Greedy generation, patched vs :func:`skiplayers.masked_generate`: the same tokens, and each
+    step's logits within ``atol`` of the masked model's (with early exit: the same exit layers).
+    Returns the patched run's cache, and sets ``.work`` on it to its ``sk.work_report``."""
     ids, attn, ctx, _ = batch
     sk.patch(model, policy, backend=backend)
     try:
         out = model.generate(
             ids, attention_mask=attn, context_mask=ctx, max_new_tokens=new_tokens, do_sample=False,
-            return_dict_in_generate=True,
+            return_dict_in_generate=True, output_logits=True, layer_mask=layer_mask,
         )
+        work = sk.work_report(model)
     finally:
         sk.unpatch(model)
-    truth = sk.masked_generate(model, ids, attn, ctx, policy, new_tokens)
+    truth, exit_layers = sk.masked_generate(model, ids, attn, ctx, policy, new_tokens, layer_mask=layer_mask,
+                                            return_exit_layers=True)
     assert torch.equal(out.sequences, truth), f"greedy tokens differ:\n{out.sequences}\n{truth}"
+    if policy.early_exit is not None:
+        assert work.exits == int((exit_layers >= 0).sum()), "exits differ from the masked model's"
+    full = truth.new_ones(truth.shape)
+    mask = torch.cat([attn, full[:, attn.shape[1]:]], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = sk.masked_forward(model, truth, mask, ctx, policy, pos, layer_mask=layer_mask,
+                              exit_from=ids.shape[1])[:, ids.shape[1] - 1 : -1]
+    got = torch.stack(out.logits, 1).float()
+    err = (got - steps.float()).abs().max().item()
+    assert err <= atol, f"generated logits differ from the masked model's by {err:.3g} (> {atol})"
+    out.past_key_values.work = work
     return out.past_key_values
 
 

@@ -86,15 +86,22 @@ def _run_layer(layer, hidden, positions, cache, position_embeddings, step):
     return out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returned tuples
 
 
+@torch._dynamo.disable
+def _refuse_data_dependent_routes():
+    # Run outside the graph (dynamo calls a disabled function eagerly), so the error reaches the
+    # caller instead of making dynamo fall back to tracing the checks frame by frame.
+    raise NotImplementedError(
+        "layer_mask and early exit choose rows per layer from data, which torch.compile cannot trace; run them "
+        "eagerly (static skip_layers and drop_attention_layers compile)"
+    )
+
+
 def _checked_layer_mask(decoder, state: PatchState, cache, layer_mask, batch: int, builds_graph: bool):
     """The call's ``layer_mask`` on the host (or None), checked before the call changes the cache;
     refuses what the router cannot do (``routes.py``)."""
     policy = state.policy
     if torch.compiler.is_compiling() and (layer_mask is not None or policy.early_exit is not None):
-        raise NotImplementedError(
-            "layer_mask and early exit choose rows per layer from data, which torch.compile cannot trace; run them "
-            "eagerly (static skip_layers and drop_attention_layers compile)"
-        )
+        _refuse_data_dependent_routes()
     if policy.early_exit is not None and builds_graph:
         raise NotImplementedError("early exit is an inference technique: run it under torch.no_grad()")
     mask = check_layer_mask(layer_mask, batch, len(decoder.layers), policy.skip_layers)
