@@ -23,6 +23,7 @@ from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
 from .patching import is_patched, patch, patched, unpatch  # noqa: E402
+from .oracle import oracle_routes, run_routes  # noqa: E402
 from .policy import EarlyExit, SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
 from .work import work_report  # noqa: E402
@@ -41,8 +42,10 @@ __all__ = [
     "load_default_tokenizer",
     "masked_forward",
     "masked_generate",
+    "oracle_routes",
     "patch",
     "patched",
+    "run_routes",
     "unpatch",
     "work_report",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``skiplayers demo``, ``skiplayers calibrate`` and ``skiplayers prepare-model``."""
+"""Command line: ``skiplayers demo``, ``skiplayers calibrate``, ``skiplayers oracle`` and ``skiplayers prepare-model``."""
 
 from __future__ import annotations
 
@@ -135,6 +135,53 @@ def calibrate_cmd(args) -> int:
     return 0
 
 
+def oracle_cmd(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .calibration import load_model_and_tokenizer
+    from .oracle import load_prompts, oracle_routes, plot_routes, run_routes
+    from .tasks import TaskFileError
+
+    if args.limit is not None and args.limit < 1:
+        print("skiplayers oracle: --limit must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    try:
+        names, prompts = [], []
+        for spec in args.prompts:
+            name, found = load_prompts(spec, tokenizer)
+            names.append(name)
+            prompts += found
+        name = "+".join(names)
+        prompts = prompts[: args.limit]
+        result = oracle_routes(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, budget=args.budget,
+                               min_agreement=args.min_agreement, seed=args.seed, backend=args.backend)
+    except (TaskFileError, ValueError) as err:
+        print(f"skiplayers oracle: {err}", file=sys.stderr)
+        return 2
+    layers = model.config.num_hidden_layers
+    kept = [len(r.layers) for r in result.routes]
+    print(f"{name}: {len(prompts)} prompts, {args.max_new_tokens} greedy tokens, min agreement {args.min_agreement:g}: "
+          f"mean {100 * result.mean_fraction:.1f}% of {layers} layers (min {min(kept)}, max {max(kept)}; "
+          f"{result.seconds:.0f} s)")
+    summary = result.to_json() | {"prompts_from": args.prompts}
+    if args.runs > 0:
+        print(f"running the {len(prompts)} prompts as one batch with their routes ({args.runs} interleaved runs) ...")
+        batch = run_routes(model, tokenizer, prompts, result, runs=args.runs, backend=args.backend)
+        summary["batch"] = batch
+        print(f"batch: unpatched {batch['full_s']:.2f} s, routed {batch['routed_s']:.2f} s: {batch['speedup']:.2f}x "
+              f"(layer-row bound {batch['work_bound']:.2f}x); tokens equal to the unpatched batch: "
+              f"{100 * batch['token_agreement']:.1f}%")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oracle.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_routes(result, out / "oracle.png")
+    print(f"wrote {out}/oracle.json and oracle.png")
+    return 0
+
+
 def prepare_model(args) -> int:
     from skiplayers.models import prepare_default_model
 
@@ -180,6 +227,20 @@ def main(argv=None) -> int:
     p_cal.add_argument("--verify", action="store_true",
                        help="check the recommendation with the slow masked model (at ℓ and ℓ-1)")
     p_cal.set_defaults(fn=calibrate_cmd)
+    p_or = sub.add_parser("oracle", help="per prompt, the fewest layers that keep the full model's greedy output")
+    p_or.add_argument("prompts", nargs="+",
+                      help="PROMPTS.jsonl ({\"prompt\": ...} lines, or task items) or builtin:NAME; several are joined")
+    p_or.add_argument("--out", required=True, help="output directory (oracle.json, oracle.png)")
+    p_or.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens that must agree (default 32)")
+    p_or.add_argument("--budget", type=int, default=8, help="random layer subsets tried per layer count (default 8)")
+    p_or.add_argument("--min-agreement", type=float, default=1.0,
+                      help="fraction of the greedy tokens that must equal the full model's (default 1.0)")
+    p_or.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p_or.add_argument("--runs", type=int, default=3, help="interleaved timing runs of the routed batch (0: none)")
+    p_or.add_argument("--seed", type=int, default=0)
+    p_or.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2)")
+    p_or.add_argument("--backend", default=None, help=BACKEND_HELP)
+    p_or.set_defaults(fn=oracle_cmd)
     p_prep = sub.add_parser("prepare-model", help="convert the default model to a local safetensors copy")
     p_prep.set_defaults(fn=prepare_model)
     args = parser.parse_args(argv)

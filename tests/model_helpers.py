@@ -179,3 +179,15 @@ def prefill_and_decode_logits(run, batch, layers: int):
     second = run(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
                  past_key_values=cache).logits
     return first, second, cache.layer_lengths()
+
+
+def char_tokenizer():
+    """Character-level tokenizer: <pad>=0, <s>=1, </s>=2, newline=3, printable ASCII (99 ids)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<s>", "</s>", "\n"] + [chr(c) for c in range(32, 127)]
+    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    raw.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="left")

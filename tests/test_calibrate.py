@@ -15,7 +15,7 @@ from skiplayers import calibration as cal
 from skiplayers.measure import context_stop_savings, token_layer_bound
 from skiplayers.tasks import BUILTIN_TASKS, TaskFileError, load_tasks, parse_jsonl
 
-from model_helpers import tiny_llama
+from model_helpers import char_tokenizer, tiny_llama
 
 
 def line(**kw):
@@ -179,18 +179,6 @@ def test_plot_is_written(tmp_path):
 
 
 # --- tiny model end to end ---------------------------------------------------------------------
-
-
-def char_tokenizer():
-    """Character-level tokenizer: <pad>=0, <s>=1, </s>=2, newline=3, printable ASCII (99 ids)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["<pad>", "<s>", "</s>", "\n"] + [chr(c) for c in range(32, 127)]
-    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
-    raw.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   padding_side="left")
 
 
 @pytest.fixture(scope="module")
