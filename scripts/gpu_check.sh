@@ -63,7 +63,7 @@ fi
 
 run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "not rejects and not device_side"
 run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "rejects or device_side"
-run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py
+run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_skipping.py
 if [ "$MODE" != "quick" ]; then
   # With a GPU visible, the Triton tests run compiled on CUDA tensors instead of the interpreter.
   run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_triton_interpret.py

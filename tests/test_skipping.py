@@ -316,3 +316,17 @@ def test_layer_mask_is_refused_under_compile(model, batch):
             compiled(ids, attention_mask=attn, position_ids=pos, layer_mask=LAYER_MASK,
                      past_key_values=sk.SkipCache(LAYERS))
 
+
+
+# --- on a GPU --------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+@pytest.mark.parametrize("name", ["all_with_context_stop", "all_with_anchors", "early_exit_kv_none"])
+def test_gpu_backends_match_masked_model(name, backend):
+    model, batch = tiny_llama(layers=LAYERS, device="cuda"), ragged_batch(device="cuda")
+    policy = sk.SkipPolicy(**POLICIES[name])
+    assert_forward_matches_masked(model, policy, backend, batch, use_cache=True, layer_mask=LAYER_MASK)
+    assert_generate_matches_masked(model, policy, backend, batch, new_tokens=6, layer_mask=LAYER_MASK)

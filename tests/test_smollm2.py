@@ -150,3 +150,31 @@ def test_anchor_cache_matches_ansan_masked_model(model, model64, batch, anchors,
     assert torch.equal(generated.sequences, sk.masked_generate(model, ids, attn, ctx, policy, 32))
     # the prompts hold several finished sentences (newline-terminated examples): the cache shrank
     assert (out.past_key_values.layer_lengths()[0] < attn.sum(1)).all()
+
+
+# Per sequence of the batch: the middle layers each run (True) or skip, so the three sequences run
+# 30, 26 and 24 of the 30 layers.
+SMOLLM2_LAYER_MASK = torch.ones(3, 30, dtype=torch.bool)
+SMOLLM2_LAYER_MASK[1, 12:16] = False
+SMOLLM2_LAYER_MASK[2, [11, 13, 15, 17, 19, 21]] = False
+
+
+@pytest.mark.parametrize("name,policy", [
+    ("drop attention 24-29 + skip 20 + context stop 10",
+     sk.SkipPolicy(context_stop_layer=10, drop_attention_layers=range(24, 30), skip_layers=[20])),
+    ("early exit at 16/22",
+     sk.SkipPolicy(early_exit=sk.EarlyExit(layers=[16, 22], threshold=0.5))),
+])
+def test_skipping_family_matches_masked_model(model, batch, name, policy):
+    """The skipping policies with real weights, per-sequence layer masks included: greedy tokens,
+    exits and each generated step's logits as the masked model computes them (float32; the file's
+    float32-vs-float32 gap of ~1e-3, see the module docstring, sets the logit tolerance)."""
+    from model_helpers import assert_generate_matches_masked
+
+    cache = assert_generate_matches_masked(model, policy, "cpu", batch, new_tokens=8, layer_mask=SMOLLM2_LAYER_MASK,
+                                           atol=5e-3)
+    print(f"\n{name}: {cache.work}")
+    lengths = cache.layer_lengths()
+    assert (lengths[:, 1][12:16] == 0).all() and (lengths[:, 2][[11, 13, 15]] == 0).all()
+    if policy.drop_attention_layers:
+        assert (lengths[24:] == 0).all()
