@@ -26,6 +26,14 @@ class CallWork:
     exits: int = 0
     exit_layer_sum: int = 0
 
+    @property
+    def fraction_saved(self) -> float:
+        return 1.0 - self.row_layers / self.full_row_layers if self.full_row_layers else 0.0
+
+    @property
+    def mean_exit_layer(self) -> float | None:
+        return self.exit_layer_sum / self.exit_rows if self.exit_rows else None
+
 
 @dataclass(frozen=True)
 class WorkReport:
@@ -38,6 +46,7 @@ class WorkReport:
     exit_rows: int
     exits: int
     mean_exit_layer: float | None  # over the rows that could exit; None when none could
+    per_call: tuple[CallWork, ...] = ()  # each call's own figures (its fraction_saved, mean_exit_layer)
 
     @property
     def fraction_saved(self) -> float:
@@ -63,6 +72,7 @@ def summarise(log: list[CallWork]) -> WorkReport:
         calls=len(log), rows=sum(c.rows for c in log), row_layers=sum(c.row_layers for c in log),
         full_row_layers=sum(c.full_row_layers for c in log), exit_rows=exit_rows, exits=sum(c.exits for c in log),
         mean_exit_layer=sum(c.exit_layer_sum for c in log) / exit_rows if exit_rows else None,
+        per_call=tuple(log),
     )
 
 

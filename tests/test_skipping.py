@@ -141,6 +141,22 @@ def test_work_report_counts_the_layers_computed(model, batch):
     assert report.row_layers == int((runs.long() * attn.sum(1)[:, None]).sum())
     assert report.full_row_layers == rows * LAYERS
     assert report.fraction_saved == pytest.approx(1 - report.row_layers / (rows * LAYERS))
+    assert [c.row_layers for c in report.per_call] == [report.row_layers]
+
+
+@torch.no_grad()
+def test_work_report_per_call_gives_each_decode_steps_exits(model, batch):
+    ids, attn, _, _ = batch
+    with sk.patched(model, sk.SkipPolicy(early_exit=sk.EarlyExit(layers=[1, 3], threshold=THRESHOLD))):
+        model.generate(ids, attention_mask=attn, max_new_tokens=5, do_sample=False)
+        report = sk.work_report(model)
+    prefill, *steps = report.per_call
+    assert prefill.exit_rows == 0 and prefill.fraction_saved == 0.0  # a prompt runs every layer
+    assert len(steps) == 4 and all(c.exit_rows == 3 for c in steps)
+    for call in steps:  # an exit after layer e leaves LAYERS - 1 - e layers undone for its row
+        assert call.row_layers == 3 * LAYERS - (3 * (LAYERS - 1) - call.exit_layer_sum)
+    assert report.exits == sum(c.exits for c in steps) > 0
+    assert report.mean_exit_layer == pytest.approx(sum(c.exit_layer_sum for c in steps) / 12)
 
 
 @torch.no_grad()
