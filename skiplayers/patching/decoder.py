@@ -96,6 +96,21 @@ def _refuse_data_dependent_routes():
     )
 
 
+def _run_layer_on_subset(layer, hidden, cache, subset, step):
+    """A layer on the rows of ``subset`` (``routes.RowSubset``) of ``hidden [1, N, hidden]``: they
+    are gathered, run, and scattered back; the other rows pass unchanged. The cache writes of the
+    layer go through the subset's step."""
+    index = subset.index.to(hidden.device)
+    if cache is not None:
+        cache.use_step(subset.step)
+    try:
+        out = _run_layer(layer, hidden[:, index], subset.positions, cache, (subset.cos, subset.sin), subset.step)
+    finally:
+        if cache is not None:
+            cache.use_step(step)
+    return hidden[0].index_copy(0, index.to(out.device), out[0].to(hidden.dtype))[None]
+
+
 def _checked_layer_mask(decoder, state: PatchState, cache, layer_mask, batch: int, builds_graph: bool):
     """The call's ``layer_mask`` on the host (or None), checked before the call changes the cache;
     refuses what the router cannot do (``routes.py``)."""
@@ -214,18 +229,10 @@ def packed_model_forward(
                 positions = step.rows.pos[None].long()
                 router.rebase()
             runs, subset = router.route(layer_idx, step, cos, sin)
-            if runs:
-                if subset is None:
-                    hidden = _run_layer(layer, hidden, positions, cache, (cos, sin), step)
-                else:
-                    index = subset.index.to(hidden.device)
-                    if cache is not None:
-                        cache.use_step(subset.step)
-                    out = _run_layer(layer, hidden[:, index], subset.positions, cache, (subset.cos, subset.sin),
-                                     subset.step)
-                    hidden = hidden[0].index_copy(0, index.to(out.device), out[0].to(hidden.dtype))[None]
-                    if cache is not None:
-                        cache.use_step(step)
+            if runs and subset is None:
+                hidden = _run_layer(layer, hidden, positions, cache, (cos, sin), step)
+            elif runs:
+                hidden = _run_layer_on_subset(layer, hidden, cache, subset, step)
             router.propagate(layer_idx, layer, step, hidden[0], cos, sin, cache)
             router.decide_exits(layer_idx, hidden[0])
             if collected is not None and layer_idx + 1 < len(self.layers):

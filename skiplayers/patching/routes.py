@@ -6,11 +6,12 @@ unchanged: its sequence skips the layer, or it exited), or, after an exit with K
 propagated: the layer stores its K/V, computed from the carried hidden state, and nothing else.
 
 Rows that do not run a layer are left out of the computation, not masked: the layer runs on the
-gathered subset of rows (``ops.compact_rows``, the backend's row-compaction kernel, which gathers
-the hidden states, rotary tables and row metadata with ragged ``cu_seqlens`` in which a skipping
-sequence has no rows) and its output is scattered back with ``index_copy`` (one indexed copy, which
-every device has natively; no kernel of ours would do less). A subset is built once per distinct set
-of rows and reused by the layers that share it.
+gathered subset of rows and its output is scattered back. A subset is built once per distinct set
+of rows and reused by the layers that share it: ``ops.compact_rows`` (the backend's row-compaction
+kernel) compacts its row metadata (``cu_seqlens``, in which a skipping sequence has no rows;
+positions, tags), rotary tables and the row indices; each layer then gathers the hidden states with
+those indices and scatters its output back with ``index_copy`` (one indexed copy each, native on
+every device: a kernel of ours would move the same bytes).
 
 Propagated K/V go through the same ``SkipCache.append`` (``ops.cache_append``) as computed rows.
 """
