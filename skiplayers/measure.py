@@ -47,17 +47,23 @@ class RunResult:
     kv_bytes: int
 
 
-def greedy_step(model, token: torch.Tensor, attention_mask: torch.Tensor, cache):
-    """One greedy decode step: feeds ``token`` [B, 1] with the cache, the mask grown by one column.
+def greedy_step(model, token: torch.Tensor, attention_mask: torch.Tensor, cache, layer_mask=None):
+    """One greedy decode step: feeds ``token`` [B, 1] with the cache, the mask grown by one column
+    (and ``layer_mask`` [B, L], a patched model's per-sequence layers, when given).
     Returns the next token [B, 1] and the grown mask [B, T + 1]."""
     mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-    out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kwargs = {} if layer_mask is None else {"layer_mask": layer_mask}
+    out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1].argmax(-1, keepdim=True), mask
 
 
 @torch.no_grad()
-def run_once(model, input_ids, attention_mask, context_mask, steps: int) -> RunResult:
+def run_once(model, input_ids, attention_mask, context_mask, steps: int, layer_mask=None) -> RunResult:
+    """Prefill and ``steps - 1`` greedy decode steps (``layer_mask``: a patched model's per-sequence
+    layers, passed to every call)."""
     kwargs = {} if context_mask is None else {"context_mask": context_mask}
+    if layer_mask is not None:
+        kwargs["layer_mask"] = layer_mask
     start = time.perf_counter()
     out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **kwargs)
     prefill = time.perf_counter() - start
@@ -66,7 +72,7 @@ def run_once(model, input_ids, attention_mask, context_mask, steps: int) -> RunR
     tokens = [token]
     start = time.perf_counter()
     for _ in range(steps - 1):
-        token, mask = greedy_step(model, token, mask, cache)
+        token, mask = greedy_step(model, token, mask, cache, layer_mask)
         tokens.append(token)
     decode = time.perf_counter() - start
     return RunResult(prefill, decode, torch.cat(tokens, dim=1), kv_cache_bytes(cache))
@@ -82,14 +88,15 @@ class Comparison:
 
 
 def compare(model, policy: SkipPolicy, input_ids, attention_mask, context_mask, runs: int, steps: int,
-            backend: str | None = None, progress=None) -> Comparison:
-    """Interleaved runs of the unpatched model and the model patched with ``policy``."""
+            backend: str | None = None, progress=None, layer_mask=None) -> Comparison:
+    """Interleaved runs of the unpatched model and the model patched with ``policy`` (which alone
+    gets ``context_mask`` and ``layer_mask``)."""
     result = Comparison()
     for _ in range(runs):
         result.full.append(run_once(model, input_ids, attention_mask, None, steps))
         patch(model, policy, backend=backend)
         try:
-            result.skip.append(run_once(model, input_ids, attention_mask, context_mask, steps))
+            result.skip.append(run_once(model, input_ids, attention_mask, context_mask, steps, layer_mask))
         finally:
             unpatch(model)
         if progress is not None:
