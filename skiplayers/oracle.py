@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -32,7 +33,12 @@ from .patching import patched
 from .policy import SkipPolicy
 from .prompts import left_padded, pad_token_id
 
-CANDIDATE_FAMILIES = ("first", "spread", "ends", "random")
+def routes_mask(routes: Sequence[Sequence[int]], num_layers: int) -> torch.Tensor:
+    """bool ``[len(routes), num_layers]``: True where a route runs the layer."""
+    mask = torch.zeros(len(routes), num_layers, dtype=torch.bool)
+    for row, layers in enumerate(routes):
+        mask[row, list(layers)] = True
+    return mask
 
 
 def candidate_layers(num_layers: int, kept: int, budget: int, seed: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -78,10 +84,7 @@ class OracleResult:
     @property
     def layer_mask(self) -> torch.Tensor:
         """bool ``[P, L]``: the routes, for the prompts run as one batch."""
-        mask = torch.zeros(len(self.routes), self.num_layers, dtype=torch.bool)
-        for i, route in enumerate(self.routes):
-            mask[i, route.layers] = True
-        return mask
+        return routes_mask([route.layers for route in self.routes], self.num_layers)
 
     @property
     def mean_fraction(self) -> float:
@@ -142,9 +145,7 @@ def oracle_routes(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32,
             while low < high:
                 kept = (low + high) // 2
                 candidates = candidate_layers(num_layers, kept, budget, seed + index)
-                mask = torch.zeros(len(candidates), num_layers, dtype=torch.bool)
-                for row, (_, layers) in enumerate(candidates):
-                    mask[row, list(layers)] = True
+                mask = routes_mask([layers for _, layers in candidates], num_layers)
                 tokens = _greedy(model, prompt, mask, max_new_tokens, pad)
                 agreement = (tokens == full[None]).float().mean(dim=1)
                 best.tried += len(candidates)
@@ -187,7 +188,7 @@ def run_routes(model, tokenizer, prompts: Sequence, result: OracleResult, runs: 
             outputs["routed"] = model.generate(ids, layer_mask=mask, **kwargs)
             times["routed"].append(time.perf_counter() - begin)
             work = work_report(model)
-    full_s, routed_s = (sorted(t)[len(t) // 2] for t in (times["full"], times["routed"]))
+    full_s, routed_s = statistics.median(times["full"]), statistics.median(times["routed"])
     new = slice(ids.shape[1], None)
     return {
         "batch": ids.shape[0], "prompt_columns": ids.shape[1], "runs": runs,

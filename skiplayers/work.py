@@ -28,6 +28,7 @@ class CallWork:
 
     @property
     def fraction_saved(self) -> float:
+        """Fraction of the layer-row work not done (0 when nothing was computed)."""
         return 1.0 - self.row_layers / self.full_row_layers if self.full_row_layers else 0.0
 
     @property
@@ -36,22 +37,13 @@ class CallWork:
 
 
 @dataclass(frozen=True)
-class WorkReport:
-    """Sums over the logged calls (see :func:`work_report`)."""
+class WorkReport(CallWork):
+    """The logged calls' figures summed (see :func:`work_report`): a :class:`CallWork` over all of
+    them, so its ``fraction_saved`` and ``mean_exit_layer`` (over the rows that could exit; None when
+    none could) are those of the sums; ``per_call`` keeps each call's own figures."""
 
-    calls: int
-    rows: int
-    row_layers: int
-    full_row_layers: int
-    exit_rows: int
-    exits: int
-    mean_exit_layer: float | None  # over the rows that could exit; None when none could
-    per_call: tuple[CallWork, ...] = ()  # each call's own figures (its fraction_saved, mean_exit_layer)
-
-    @property
-    def fraction_saved(self) -> float:
-        """Fraction of the layer-row work not done (0 when nothing was logged)."""
-        return 1.0 - self.row_layers / self.full_row_layers if self.full_row_layers else 0.0
+    calls: int = 0
+    per_call: tuple[CallWork, ...] = ()
 
     @property
     def exit_rate(self) -> float | None:
@@ -67,12 +59,11 @@ class WorkReport:
 
 
 def summarise(log: list[CallWork]) -> WorkReport:
-    exit_rows = sum(c.exit_rows for c in log)
     return WorkReport(
-        calls=len(log), rows=sum(c.rows for c in log), row_layers=sum(c.row_layers for c in log),
-        full_row_layers=sum(c.full_row_layers for c in log), exit_rows=exit_rows, exits=sum(c.exits for c in log),
-        mean_exit_layer=sum(c.exit_layer_sum for c in log) / exit_rows if exit_rows else None,
-        per_call=tuple(log),
+        rows=sum(c.rows for c in log), row_layers=sum(c.row_layers for c in log),
+        full_row_layers=sum(c.full_row_layers for c in log), exit_rows=sum(c.exit_rows for c in log),
+        exits=sum(c.exits for c in log), exit_layer_sum=sum(c.exit_layer_sum for c in log),
+        calls=len(log), per_call=tuple(log),
     )
 
 

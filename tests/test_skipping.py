@@ -17,6 +17,7 @@ from model_helpers import (
     FP32_LOGIT_ATOL,
     assert_forward_matches_masked,
     assert_generate_matches_masked,
+    prefill_and_decode_logits,
     ragged_batch,
     tiny_family,
     tiny_llama,
@@ -239,8 +240,6 @@ def test_beam_search_expands_the_layer_mask(model, batch):
 
 
 def test_static_skips_and_dropped_attention_compile(model, batch):
-    from model_helpers import prefill_and_decode_logits
-
     policy = sk.SkipPolicy(context_stop_layer=2, skip_layers=[1], drop_attention_layers=[4])
     with sk.patched(model, policy), torch.no_grad():
         eager = prefill_and_decode_logits(model, batch, LAYERS)

@@ -134,7 +134,7 @@ def _router(decoder, state: PatchState, step, mask, context_mask) -> LayerRouter
     def head(h):
         return state.lm_head(decoder.norm(h))
 
-    return LayerRouter(state.policy, len(decoder.layers), mask, head, exits)
+    return LayerRouter(state.policy, mask, head, exits)
 
 
 def _log_work(state: PatchState, router: LayerRouter, rows: int, layers: int) -> None:

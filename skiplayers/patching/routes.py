@@ -89,13 +89,12 @@ class LayerRouter:
     final norm and LM head), used by the exit test; ``exits``: whether this call may exit (decode
     steps only, see ``EarlyExit``)."""
 
-    def __init__(self, policy, num_layers: int, layer_mask: torch.Tensor | None, head, exits: bool):
+    def __init__(self, policy, layer_mask: torch.Tensor | None, head, exits: bool):
         self.skip = frozenset(policy.skip_layers)
         self.dropped = frozenset(policy.drop_attention_layers)
         self.layer_mask = layer_mask
         self.rule = policy.early_exit if exits else None
         self.head = head
-        self.num_layers = num_layers
         self.exited: torch.Tensor | None = None  # host bool [N] over the base rows
         self.exit_layer: torch.Tensor | None = None  # host int64 [N]: the layer a row exited after, -1: none
         self._version = 0  # bumps when rows exit (subsets keyed by it)
@@ -121,6 +120,10 @@ class LayerRouter:
     def _rows(self, sequences, rows) -> torch.Tensor | None:
         """Host bool ``[N]`` of the rows whose sequence runs the layer (None: all)."""
         return None if sequences is None else sequences.repeat_interleave(rows.counts)
+
+    def _key(self, kind: str, sequences: torch.Tensor | None) -> tuple:
+        """Names a subset: what it is for, the sequences running the layer, and the exits so far."""
+        return kind, None if sequences is None else tuple(sequences.tolist()), self._version
 
     def _subset(self, key, keep: torch.Tensor, step, cos, sin) -> RowSubset:
         device = cos.device
@@ -150,8 +153,7 @@ class LayerRouter:
         if running == 0:
             return False, None
         self.row_layers += running
-        key = ("run", None if sequences is None else tuple(sequences.tolist()), self._version)
-        return True, self._subset(key, keep, step, cos, sin)
+        return True, self._subset(self._key("run", sequences), keep, step, cos, sin)
 
     def propagate(self, layer_idx: int, layer, step, hidden, cos, sin, cache) -> None:
         """Stores the K/V of exited rows at a deeper layer (``EarlyExit(kv="propagate")``) from
@@ -166,8 +168,7 @@ class LayerRouter:
         keep = self.exited if rows is None else self.exited & rows
         if not bool(keep.any()):
             return
-        key = ("propagate", None if sequences is None else tuple(sequences.tolist()), self._version)
-        subset = self._subset(key, keep, step, cos, sin)
+        subset = self._subset(self._key("propagate", sequences), keep, step, cos, sin)
         k, v = propagated_kv(layer, hidden[subset.index.to(hidden.device)][None], subset.cos, subset.sin)
         r = subset.step.rows_on(k.device)
         cache.append(layer_idx, k.detach(), v.detach(), r.pos, r.tag, r.cu_seqlens, r.counts, step.state.ops)
