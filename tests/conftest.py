@@ -38,6 +38,16 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """Fails a test that leaves autograd switched off (a CLI command once did, in-process), and
+    switches it back so that the tests after it run as written."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's grad mode disabled for the tests after it")
+
+
 # The tiny random LLaMA and its ragged, left-padded batch with context marks (model_helpers.py),
 # shared by the model-level test files (one instance per module).
 @pytest.fixture(scope="module")
