@@ -8,7 +8,7 @@ Cases (SmolLM2's 9 query / 3 KV heads unless noted; --dtype, default bfloat16):
   takes a dense [B, 1, T, T] causal + padding mask;
 * prefill, context-stopped: one sequence of c context + q query tokens at a layer >= ℓ. SDPA runs
   the masked form (all rows, dense mask hiding the context keys); we run the compacted form (the q
-  rows only) and, for reference, our masked form (RULE_HIDE_CONTEXT, which skips hidden key blocks);
+  rows only) and, for reference, our masked form (Rule.HIDE_CONTEXT, which skips hidden key blocks);
 * decode: one new token per sequence over caches of 512 .. 16384 keys, B=1 and B=8, and a ragged
   B=8 batch (SDPA pads it and masks).
 
@@ -164,7 +164,7 @@ def prefill_ragged(lengths, dim, dtype, extras):
 
 
 def prefill_context_stopped(context, query, dim, dtype, extras):
-    from skiplayers.meta import RULE_HIDE_CONTEXT, TAG_CONTEXT  # noqa: PLC0415
+    from skiplayers.meta import Rule, TAG_CONTEXT  # noqa: PLC0415
 
     dev, scale, T = "cuda", dim**-0.5, context + query
     q, k, v = (torch.randn(T, h, dim, dtype=dtype, device=dev) for h in (HEADS, KV_HEADS, KV_HEADS))
@@ -182,7 +182,7 @@ def prefill_context_stopped(context, query, dim, dtype, extras):
     variants = {
         "skiplayers_cuda_compacted": lambda: ops.varlen_attention(qc, kc, vc, cuc, cuc, pc, pc, None, None, 0, scale),
         "skiplayers_cuda_masked_form": lambda: ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag,
-                                                                    RULE_HIDE_CONTEXT, scale),
+                                                                    Rule.HIDE_CONTEXT, scale),
         "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True, scale=scale),
     }
     # Counted work: what the compacted form needs (the q query rows over the kept keys).

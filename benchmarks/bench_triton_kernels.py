@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from skiplayers import ops as sk_ops  # noqa: E402
-from skiplayers.meta import RULE_HIDE_CONTEXT, TAG_CONTEXT  # noqa: E402
+from skiplayers.meta import Rule, TAG_CONTEXT  # noqa: E402
 
 MODELS = {"smollm2": (9, 3, 64), "llama-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # heads, kv heads, dim
 
@@ -68,7 +68,7 @@ def _cu(lengths, device):
 
 def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, compacted=False) -> Case:
     """Self-attention of packed sequences. With ``context_fraction``, that share of each sequence
-    (after its first token) is context hidden from every query (RULE_HIDE_CONTEXT); ``compacted``
+    (after its first token) is context hidden from every query (Rule.HIDE_CONTEXT); ``compacted``
     drops those rows instead (the fast path at layers >= ℓ), keeping absolute positions."""
     heads, kv_heads, dim = model
     pos_parts, ctx_parts = [], []
@@ -85,7 +85,7 @@ def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, comp
     total = sum(kept)
     pos, ctx = torch.cat(pos_parts).to(device), torch.cat(ctx_parts).to(device)
     tag = ctx.to(torch.int32) * TAG_CONTEXT
-    rule = RULE_HIDE_CONTEXT if ctx.any() else 0
+    rule = Rule.HIDE_CONTEXT if ctx.any() else 0
     q = torch.randn(total, heads, dim, dtype=dtype, device=device)
     k = torch.randn(total, kv_heads, dim, dtype=dtype, device=device)
     v = torch.randn(total, kv_heads, dim, dtype=dtype, device=device)

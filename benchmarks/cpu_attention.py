@@ -7,8 +7,8 @@ Cases (float32, SmolLM2's 9 query / 3 KV heads, head dim 64):
   dense [B, 1, T, T] mask (causal and padding);
 * context-stopped: one sequence of c context + q query tokens at a layer >= ℓ. SDPA runs the masked
   form (all rows, dense mask hiding context keys); we run the compacted form (the q rows only), and
-  for reference also our masked form (RULE_HIDE_CONTEXT, which skips the hidden key blocks);
-* AnSAN prefill (anchors every 20 tokens, T=4096): our op under RULE_ANCHORS (it reads earlier
+  for reference also our masked form (Rule.HIDE_CONTEXT, which skips the hidden key blocks);
+* AnSAN prefill (anchors every 20 tokens, T=4096): our op under Rule.ANCHORS (it reads earlier
   sentences' anchors and the tile's own sentences only) against our own dense causal pass and SDPA
   with the AnSAN rule as a dense mask.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, interleaved_medians, write_results  # noqa: E402
 
 import skiplayers.ops as sk_ops  # noqa: E402
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT  # noqa: E402
+from skiplayers.meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT  # noqa: E402
 from skiplayers.reference import visibility_mask  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -119,7 +119,7 @@ def context_stopped(context, query, flex):
     variants = {
         "skiplayers_cpu_compacted": lambda: sk_ops.varlen_attention(qc, kc, vc, cuc, cuc, pc, pc, None, None, 0, SCALE),
         "skiplayers_cpu_masked_form": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag,
-                                                                       RULE_HIDE_CONTEXT, SCALE),
+                                                                       Rule.HIDE_CONTEXT, SCALE),
         "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True, scale=SCALE),
     }
     return variants, "sdpa_dense_mask"
@@ -132,10 +132,10 @@ def ansan_prefill(T, sentence, flex):
     anchor[sentence - 1 :: sentence] = True
     sent = anchor.to(torch.int32).cumsum(0) - anchor.to(torch.int32)
     tag = ((anchor.to(torch.int32) * TAG_ANCHOR) | (sent << TAG_SENTENCE_SHIFT)).to(torch.int32)
-    mask = visibility_mask(RULE_ANCHORS, pos, tag, pos, tag)
+    mask = visibility_mask(Rule.ANCHORS, pos, tag, pos, tag)
     qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
     variants = {
-        "skiplayers_cpu_ansan": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag, RULE_ANCHORS, SCALE),
+        "skiplayers_cpu_ansan": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag, Rule.ANCHORS, SCALE),
         "skiplayers_cpu_causal": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, None, None, 0, SCALE),
         "sdpa_ansan_dense_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True,
                                                                         scale=SCALE),

@@ -21,6 +21,7 @@ from .calibration import calibrate  # noqa: E402
 from .dispatch import dispatch_report  # noqa: E402
 from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
+from .meta import Rule  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
 from .patching import is_patched, patch, patched, unpatch  # noqa: E402
 from .oracle import oracle_routes, run_routes  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "anchor_ids",
     "EarlyExit",
     "SkipCache",
+    "Rule",
     "SkipPolicy",
     "calibrate",
     "dispatch_report",

@@ -217,7 +217,10 @@ class SkipCache(Cache):
             needed = int((layer.host_lengths + counts).max()) if batch else 0
             if needed > layer.capacity:
                 layer._allocate(batch, _grown_capacity(needed), k)
-        ops.cache_append(layer.keys, layer.values, layer.pos, layer.tag, k, v, pos, tag, cu_seqlens, layer.lengths)
+        ops.cache_append(
+            k_cache=layer.keys, v_cache=layer.values, pos_cache=layer.pos, tag_cache=layer.tag, k=k, v=v, pos=pos,
+            tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=layer.lengths,
+        )
         layer.host_lengths += counts
         layer.lengths += counts.to(device=layer.lengths.device, dtype=torch.int32)
 
@@ -251,8 +254,8 @@ class SkipCache(Cache):
             if torch.equal(kept, layer.host_lengths):
                 continue
             keys, values, pos, tag, lengths = ops.cache_compact(
-                layer.keys, layer.values, layer.pos, layer.tag, layer.lengths, keep,
-                _grown_capacity(int(kept.max()) if kept.numel() else 0),
+                k_cache=layer.keys, v_cache=layer.values, pos_cache=layer.pos, tag_cache=layer.tag,
+                cache_seqlens=layer.lengths, keep=keep, capacity=_grown_capacity(int(kept.max()) if kept.numel() else 0),
             )
             layer.replace(keys, values, pos, tag, lengths, kept.to(torch.int64))
 

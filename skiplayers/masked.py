@@ -2,8 +2,8 @@
 
 It runs the model's own modules on the full padded batch, every token at every layer, and applies
 the visibility predicate as a dense mask per layer (``reference.visibility_mask``): at layers >= ℓ
-the context key columns are masked for every query (``RULE_HIDE_CONTEXT``); with anchors, every
-layer applies the AnSAN rule (``RULE_ANCHORS``) and nothing is ever dropped from a cache; padding
+the context key columns are masked for every query (``Rule.HIDE_CONTEXT``); with anchors, every
+layer applies the AnSAN rule (``Rule.ANCHORS``) and nothing is ever dropped from a cache; padding
 keys are always masked. Each decoder layer runs through its own ``__call__`` (so its projections,
 biases, q/k norms and RoPE are the model's), with the ``"skiplayers"`` attention function
 (``patching/attention.py``) and a :class:`MaskedStep` in place of an attention implementation;
@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 from .anchors import anchor_tags
-from .meta import RULE_ANCHORS, RULE_CAUSAL, RULE_HIDE_CONTEXT, TAG_CONTEXT
+from .meta import Rule, TAG_CONTEXT
 from .patching.attention import attention_implementation, packed
 from .policy import SkipPolicy
 
@@ -41,8 +41,8 @@ def _positions(attention_mask: torch.Tensor | None, position_ids, batch: int, co
 def layer_rule(policy: SkipPolicy, layer_idx: int) -> int:
     """The visibility rule of the masked model at ``layer_idx``."""
     stop = policy.context_stop_layer
-    rule = RULE_HIDE_CONTEXT if stop is not None and layer_idx >= stop else RULE_CAUSAL
-    return rule | (RULE_ANCHORS if policy.anchors_enabled else 0)
+    rule = Rule.HIDE_CONTEXT if stop is not None and layer_idx >= stop else Rule.CAUSAL
+    return rule | (Rule.ANCHORS if policy.anchors_enabled else 0)
 
 
 class MaskedStep:

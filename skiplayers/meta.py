@@ -7,11 +7,13 @@ and checks that the numbers agree). Every token carries
 * ``tag``: int32, ``CONTEXT | ANCHOR | SINK`` flag bits and, from bit 3 up, the sentence id (the
   number of anchors strictly before the token).
 
-The ``rule`` word passed to the attention ops switches optional terms of the visibility predicate on:
-``RULE_HIDE_CONTEXT`` (the masked form of context stop) and ``RULE_ANCHORS`` (the AnSAN rule).
+The ``rule`` word passed to the attention ops is a :class:`Rule`: its bits switch optional terms of
+the visibility predicate on.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 
@@ -20,9 +22,16 @@ TAG_ANCHOR = 2
 TAG_SINK = 4
 TAG_SENTENCE_SHIFT = 3
 
-RULE_CAUSAL = 0
-RULE_HIDE_CONTEXT = 1
-RULE_ANCHORS = 2
+
+
+class Rule(enum.IntFlag):
+    """The ``rule`` argument of ``varlen_attention`` / ``cache_attention``: which optional terms of
+    the visibility predicate apply (an ``int`` to the ops; bits may be combined with ``|``)."""
+
+    CAUSAL = 0  # no optional term: key j is visible to query i iff pos[j] <= pos[i]
+    HIDE_CONTEXT = 1  # context keys are invisible (the masked form of context stop)
+    ANCHORS = 2  # the AnSAN rule: own sentence, earlier anchors, sinks
+    ALL = HIDE_CONTEXT | ANCHORS  # every bit the kernels know; any other bit is refused
 
 
 def make_tags(

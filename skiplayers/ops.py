@@ -17,16 +17,32 @@ Conventions shared by every op:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 
 from . import reference
 from .autograd import register_autograd
+from .meta import Rule
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-OP_NAMES = ("varlen_attention", "cache_attention", "compact_rows", "cache_append", "cache_compact")
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The five ops of one backend: the one list of the ops (``OP_NAMES`` is derived from it). Each
+    takes the arguments of its schema (``schema_arguments``), by position or by name."""
+
+    name: str
+    varlen_attention: Callable
+    cache_attention: Callable
+    compact_rows: Callable
+    cache_append: Callable
+    cache_compact: Callable
+
+
+OP_NAMES = tuple(f.name for f in fields(OpSet) if f.name != "name")
 
 
 def _load_extension() -> None:
@@ -42,6 +58,12 @@ def _load_extension() -> None:
 
 _load_extension()
 _ops = torch.ops.skiplayers
+
+
+def schema_arguments(op: str) -> tuple[str, ...]:
+    """The argument names of ``skiplayers::<op>``, in order, read from the registered schema
+    (``csrc/skiplayers.cpp`` defines them once; every backend, fake and test follows it)."""
+    return tuple(a.name for a in getattr(_ops, op).default._schema.arguments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,18 +143,6 @@ register_autograd("skiplayers", _autograd_lib)
 # Backends
 
 
-@dataclass(frozen=True)
-class OpSet:
-    """The five ops of one backend; each takes the arguments of the schema, in order."""
-
-    name: str
-    varlen_attention: Callable
-    cache_attention: Callable
-    compact_rows: Callable
-    cache_append: Callable
-    cache_compact: Callable
-
-
 def _compiled_op_set(name: str) -> OpSet:
     return OpSet(name, *(getattr(_ops, op) for op in OP_NAMES))
 
@@ -205,7 +215,7 @@ def varlen_attention(
     k_pos: torch.Tensor,
     q_tag: torch.Tensor | None = None,
     k_tag: torch.Tensor | None = None,
-    rule: int = 0,
+    rule: Rule | int = Rule.CAUSAL,
     scale: float | None = None,
     ops: OpSet | None = None,
 ) -> torch.Tensor:
@@ -217,11 +227,11 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``; sequence b's queries and keys.
         q_pos, k_pos: int32 ``[Nq]``, ``[Nk]`` absolute positions.
         q_tag, k_tag: int32 tags or None (all zero).
-        rule: ``meta.RULE_*`` bits. 0 is plain causal attention by position.
+        rule: :class:`skiplayers.Rule` bits; ``Rule.CAUSAL`` (0) is plain causal attention by position.
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns ``[Nq, H, D]`` in q's dtype. Query i of sequence b attends to key j of sequence b iff
-    ``visible(rule, q_pos[i], q_tag[i], k_pos[j], k_tag[j])``; for rule 0 that is
+    ``visible(rule, q_pos[i], q_tag[i], k_pos[j], k_tag[j])``; for ``Rule.CAUSAL`` that is
     ``k_pos[j] <= q_pos[i]``, e.g. for positions 0..3 (x = visible)::
 
         q\\k 0 1 2 3
@@ -232,7 +242,10 @@ def varlen_attention(
     """
     ops = ops or _compiled_op_set("compiled")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule, scale)
+    return ops.varlen_attention(
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_pos=q_pos, k_pos=k_pos, q_tag=q_tag,
+        k_tag=k_tag, rule=rule, scale=scale,
+    )
 
 
 def cache_attention(
@@ -245,7 +258,7 @@ def cache_attention(
     pos_cache: torch.Tensor,
     q_tag: torch.Tensor | None = None,
     tag_cache: torch.Tensor | None = None,
-    rule: int = 0,
+    rule: Rule | int = Rule.CAUSAL,
     scale: float | None = None,
     num_splits: int = 0,
     ops: OpSet | None = None,
@@ -266,7 +279,8 @@ def cache_attention(
     ops = ops or _compiled_op_set("compiled")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return ops.cache_attention(
-        q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits
+        q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, q_pos=q_pos,
+        pos_cache=pos_cache, q_tag=q_tag, tag_cache=tag_cache, rule=rule, scale=scale, num_splits=num_splits,
     )
 
 
@@ -279,7 +293,7 @@ def compact_rows(
     the context rows dropped, every sequence shrinking by its own amount.
     """
     ops = ops or _compiled_op_set("compiled")
-    return ops.compact_rows(x, cu_seqlens, keep)
+    return ops.compact_rows(x=x, cu_seqlens=cu_seqlens, keep=keep)
 
 
 def cache_append(
@@ -289,7 +303,10 @@ def cache_append(
     cache slots ``cache_seqlens[b] ..`` in place. ``cache_seqlens`` is not changed (the caller adds
     the counts); the caller guarantees the capacity."""
     ops = ops or _compiled_op_set("compiled")
-    ops.cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens)
+    ops.cache_append(
+        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, k=k, v=v, pos=pos, tag=tag,
+        cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens,
+    )
 
 
 def cache_compact(
@@ -300,4 +317,7 @@ def cache_compact(
     ``(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens)``; slots past each new length are
     unspecified."""
     ops = ops or _compiled_op_set("compiled")
-    return ops.cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity)
+    return ops.cache_compact(
+        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, cache_seqlens=cache_seqlens,
+        keep=keep, capacity=capacity,
+    )

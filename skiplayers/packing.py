@@ -66,10 +66,13 @@ def drop_rows(rows: PackedRows, keep: torch.Tensor, tensors: list[torch.Tensor],
     """Drops the rows where ``keep`` (bool ``[N]``, device) is False from ``rows`` and from each of
     ``tensors`` (all ``[N, ...]``), with the backend's compaction kernel. Returns the new
     ``PackedRows`` and the compacted tensors."""
-    compacted = [ops.compact_rows(t, rows.cu_seqlens, keep)[0] for t in tensors]
-    index, cu = ops.compact_rows(rows.index, rows.cu_seqlens, keep)
-    pos = ops.compact_rows(rows.pos, rows.cu_seqlens, keep)[0]
-    tag = ops.compact_rows(rows.tag, rows.cu_seqlens, keep)[0]
+    def compacted_rows(x):
+        return ops.compact_rows(x=x, cu_seqlens=rows.cu_seqlens, keep=keep)
+
+    compacted = [compacted_rows(t)[0] for t in tensors]
+    index, cu = compacted_rows(rows.index)
+    pos = compacted_rows(rows.pos)[0]
+    tag = compacted_rows(rows.tag)[0]
     for t in (*compacted, pos, tag):  # the same rows were kept in each: say so to a compiler (unbacked sizes)
         torch._check(t.shape[0] == index.shape[0])
     # Host counts (a device sync) only where the rows carry them: the traced path reads them in its ops.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, TAG_ANCHOR, TAG_CONTEXT, TAG_SINK, tag_has, tag_sentence
+from .meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SINK, tag_has, tag_sentence
 
 
 def visibility_mask(
@@ -26,9 +26,9 @@ def visibility_mask(
     qp, kp = q_pos[:, None], k_pos[None, :]
     qt, kt = q_tag[:, None], k_tag[None, :]
     visible = kp <= qp
-    if rule & RULE_HIDE_CONTEXT:
+    if rule & Rule.HIDE_CONTEXT:
         visible = visible & ~tag_has(kt, TAG_CONTEXT)
-    if rule & RULE_ANCHORS:
+    if rule & Rule.ANCHORS:
         qs, ks = tag_sentence(qt), tag_sentence(kt)
         same_sentence = ks == qs
         earlier_anchor = ~tag_has(qt, TAG_ANCHOR) & tag_has(kt, TAG_ANCHOR) & (ks < qs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from skiplayers.meta import RULE_ANCHORS, TAG_ANCHOR, TAG_CONTEXT, TAG_SINK, TAG_SENTENCE_SHIFT
+from skiplayers.meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, TAG_SINK
 
 
 def sequence_metadata(length: int, gen: torch.Generator, rule: int, gapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,9 +18,9 @@ def sequence_metadata(length: int, gen: torch.Generator, rule: int, gapped: bool
     pos = (steps.cumsum(0) - 1).to(torch.int32)
     context = torch.rand(length, generator=gen) < 0.35
     context[:1] = False  # like fewshot_batch: the first token is never context
-    anchor = torch.rand(length, generator=gen) < (0.2 if rule & RULE_ANCHORS else 0.0)
+    anchor = torch.rand(length, generator=gen) < (0.2 if rule & Rule.ANCHORS else 0.0)
     sentence = torch.cumsum(anchor.to(torch.int32), 0) - anchor.to(torch.int32)
-    sink = torch.arange(length) < (2 if rule & RULE_ANCHORS else 0)
+    sink = torch.arange(length) < (2 if rule & Rule.ANCHORS else 0)
     tag = (
         context.to(torch.int32) * TAG_CONTEXT
         | anchor.to(torch.int32) * TAG_ANCHOR

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from skiplayers import ops as sk_ops
 from skiplayers import reference, tolerance
 from skiplayers.tolerance import ATOL
 
@@ -83,10 +84,9 @@ BAD_VARLEN_INPUTS = [
     (dict(q_tag=torch.zeros(3, dtype=torch.int32)), "q_tag"),
 ]
 
-_VARLEN_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "q_pos", "k_pos", "q_tag", "k_tag", "rule", "scale")
-_CACHE_ARGS = (
-    "q", "k_cache", "v_cache", "cu_seqlens_q", "cache_seqlens", "q_pos", "pos_cache", "q_tag", "tag_cache", "rule",
-    "scale", "num_splits",
-)
-_APPEND_ARGS = ("k_cache", "v_cache", "pos_cache", "tag_cache", "k", "v", "pos", "tag", "cu_seqlens", "cache_seqlens")
-_COMPACT_ARGS = ("k_cache", "v_cache", "pos_cache", "tag_cache", "cache_seqlens", "keep", "capacity")
+# Argument orders, read from the schemas (``csrc/skiplayers.cpp``): a case dict is turned into a call
+# with ``[case[k] for k in _VARLEN_ARGS]``.
+_VARLEN_ARGS = sk_ops.schema_arguments("varlen_attention")
+_CACHE_ARGS = sk_ops.schema_arguments("cache_attention")
+_APPEND_ARGS = sk_ops.schema_arguments("cache_append")
+_COMPACT_ARGS = sk_ops.schema_arguments("cache_compact")

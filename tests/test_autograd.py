@@ -21,10 +21,10 @@ import skiplayers as sk
 from model_helpers import ragged_batch, tiny_llama
 from skiplayers import ops as sk_ops
 from skiplayers import reference
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT
+from skiplayers.meta import Rule
 
 BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton)]
-RULES = [0, RULE_HIDE_CONTEXT, RULE_ANCHORS, RULE_HIDE_CONTEXT | RULE_ANCHORS]
+RULES = [0, Rule.HIDE_CONTEXT, Rule.ANCHORS, Rule.HIDE_CONTEXT | Rule.ANCHORS]
 _VARLEN_DIFF = ("q", "k", "v")
 _CACHE_DIFF = ("q", "k_cache", "v_cache")
 
@@ -82,7 +82,7 @@ def test_varlen_attention_gradients(backend, rule, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_attention_gradients_with_queries_that_see_nothing(backend):
     """Rows with no visible key output zeros; their gradient is zero, not NaN."""
-    case = cases.make_varlen_attention([6], rule=RULE_HIDE_CONTEXT, seed=1)
+    case = cases.make_varlen_attention([6], rule=Rule.HIDE_CONTEXT, seed=1)
     case["k_tag"] = torch.ones_like(case["k_tag"])  # every key is context
     got = _grads(getattr(sk_ops.get_ops(backend), "varlen_attention"), case, op_contract._VARLEN_ARGS, _VARLEN_DIFF)
     for name, g in got.items():
@@ -90,7 +90,7 @@ def test_varlen_attention_gradients_with_queries_that_see_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rule", [0, RULE_ANCHORS])
+@pytest.mark.parametrize("rule", [0, Rule.ANCHORS])
 def test_cache_attention_gradients(backend, rule):
     case = cases.make_cache_attention([20, 0, 9], [3, 0, 1], heads=6, kv_heads=3, rule=rule, seed=4)
     _check_attention_grads(backend, "cache_attention", case, op_contract._CACHE_ARGS, _CACHE_DIFF,
@@ -99,7 +99,7 @@ def test_cache_attention_gradients(backend, rule):
 
 def test_reference_attention_gradients_pass_gradcheck_in_float64():
     """The backward differentiates these very functions; gradcheck proves their gradients."""
-    case = cases.make_varlen_attention([3, 0, 4], heads=4, kv_heads=2, head_dim=8, rule=RULE_ANCHORS, seed=2)
+    case = cases.make_varlen_attention([3, 0, 4], heads=4, kv_heads=2, head_dim=8, rule=Rule.ANCHORS, seed=2)
     fixed = {k: case[k] for k in op_contract._VARLEN_ARGS if k not in _VARLEN_DIFF}
 
     def varlen(q, k, v):
@@ -108,7 +108,7 @@ def test_reference_attention_gradients_pass_gradcheck_in_float64():
     inputs = tuple(case[k].double().requires_grad_() for k in _VARLEN_DIFF)
     assert torch.autograd.gradcheck(varlen, inputs)
 
-    cache = cases.make_cache_attention([5, 3], [2, 1], heads=4, kv_heads=2, head_dim=8, rule=RULE_HIDE_CONTEXT, seed=3)
+    cache = cases.make_cache_attention([5, 3], [2, 1], heads=4, kv_heads=2, head_dim=8, rule=Rule.HIDE_CONTEXT, seed=3)
     fixed_c = {k: cache[k] for k in op_contract._CACHE_ARGS if k not in _CACHE_DIFF}
 
     def cached(q, k_cache, v_cache):

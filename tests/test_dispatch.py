@@ -29,7 +29,7 @@ from skiplayers.dispatch.dispatcher import Dispatcher
 from skiplayers.dispatch.kernels import Ours, Sdpa, VarlenAttn
 from skiplayers.dispatch.patterns import CallFacts, check_standard, classify, positions_ordered
 from skiplayers.dispatch.table import TABLES, band
-from skiplayers.meta import RULE_ANCHORS, RULE_CAUSAL, make_tags
+from skiplayers.meta import Rule, make_tags
 
 ANCHORS = tuple(range(3, 15))  # ~12% of the tiny vocabulary (as in test_anchors.py)
 POLICIES = {
@@ -85,12 +85,12 @@ def test_a_wrong_standard_claim_is_caught():
     """The verifier behind SKIPLAYERS_VERIFY_DISPATCH fails on a call that is not its pattern."""
     pos = torch.arange(4, dtype=torch.int32)
     plain = torch.zeros(4, dtype=torch.int32)
-    check_standard(Pattern.VARLEN_CAUSAL, RULE_ANCHORS, pos, plain, pos, plain)  # one sentence: causal
+    check_standard(Pattern.VARLEN_CAUSAL, Rule.ANCHORS, pos, plain, pos, plain)  # one sentence: causal
     tags = make_tags(anchor=torch.tensor([False, True, False, False]), sentence=torch.tensor([0, 0, 1, 1]))
     with pytest.raises(RuntimeError, match="not that pattern"):
-        check_standard(Pattern.VARLEN_CAUSAL, RULE_ANCHORS, pos, tags, pos, tags)  # token 2 cannot see token 0
+        check_standard(Pattern.VARLEN_CAUSAL, Rule.ANCHORS, pos, tags, pos, tags)  # token 2 cannot see token 0
     with pytest.raises(RuntimeError, match="not that pattern"):
-        check_standard(Pattern.CACHE_DECODE, RULE_CAUSAL, pos[:1], plain[:1], pos, plain)  # keys past the query
+        check_standard(Pattern.CACHE_DECODE, Rule.CAUSAL, pos[:1], plain[:1], pos, plain)  # keys past the query
 
 
 # --- the kernels, against the reference (tolerance policy of skiplayers/tolerance.py) ---

@@ -38,21 +38,30 @@ def test_the_header_defines_the_layout():
                                        "RULE_HIDE_CONTEXT", "RULE_ANCHORS", "RULE_ALL_BITS"}
 
 
+def meta_value(name: str) -> int:
+    """The Python side of header constant ``name``: ``RULE_X`` is ``meta.Rule.X`` (``RULE_ALL_BITS``
+    is ``Rule.ALL``), ``TAG_X`` is ``meta.TAG_X``."""
+    if name.startswith("RULE_"):
+        return int(meta.Rule[name.removeprefix("RULE_").removesuffix("_BITS")])
+    return getattr(meta, name)
+
+
 def test_meta_py_agrees_with_the_header():
     for name, value in header_constants().items():
-        if name == "RULE_ALL_BITS":
-            assert meta.RULE_HIDE_CONTEXT | meta.RULE_ANCHORS == value
-            continue
-        assert getattr(meta, name) == value, f"skiplayers/meta.py {name} = {getattr(meta, name)}, visibility.h: {value}"
+        assert meta_value(name) == value, f"skiplayers/meta.py {name} = {meta_value(name)}, visibility.h: {value}"
 
 
-def test_the_triton_checks_agree_with_the_header():
-    """checks.py is read as text (importing it needs triton): its RULE_ALL_BITS must be the header's
-    kRuleAllBits, built from meta's names."""
-    tree = ast.parse(TRITON_CHECKS.read_text())
-    assigned = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
-                if isinstance(t, ast.Name)}
-    expr = assigned["RULE_ALL_BITS"]
-    names = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}
-    value = eval(compile(ast.Expression(expr), str(TRITON_CHECKS), "eval"), {n: getattr(meta, n) for n in names})
-    assert value == header_constants()["RULE_ALL_BITS"]
+def test_the_triton_checks_take_the_rule_bits_from_meta():
+    """checks.py is read as text (importing it needs triton): it must refuse unknown rule bits with
+    ``meta.Rule.ALL`` and define no rule numbers of its own."""
+    source = TRITON_CHECKS.read_text()
+    assert "Rule.ALL" in source
+    tree = ast.parse(source)
+    own = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+           if isinstance(t, ast.Name) and t.id.startswith("RULE")]
+    assert not own, f"triton_kernels/checks.py defines {own}: take them from skiplayers.meta.Rule"
+
+
+def test_the_header_rule_mask_is_the_union_of_the_rule_bits():
+    header = header_constants()
+    assert header["RULE_ALL_BITS"] == header["RULE_HIDE_CONTEXT"] | header["RULE_ANCHORS"]

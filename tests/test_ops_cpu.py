@@ -8,11 +8,11 @@ import torch
 import cases
 import op_contract
 from skiplayers import ops as sk_ops
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT
+from skiplayers.meta import Rule
 
 CPU = sk_ops.get_ops("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-RULES = [0, RULE_HIDE_CONTEXT, RULE_ANCHORS, RULE_HIDE_CONTEXT | RULE_ANCHORS]
+RULES = [0, Rule.HIDE_CONTEXT, Rule.ANCHORS, Rule.HIDE_CONTEXT | Rule.ANCHORS]
 HEADS = [(6, 2), (9, 3), (8, 1), (7, 7), (16, 2)]  # GQA ratios 3, 3, 8, 1, 8; odd head counts
 
 
@@ -50,7 +50,7 @@ def test_varlen_attention_queries_are_a_suffix_of_the_keys(rule):
 
 
 def test_varlen_attention_hidden_context_gives_zero_rows_when_nothing_is_visible():
-    case = cases.make_varlen_attention([4], rule=RULE_HIDE_CONTEXT, seed=1)
+    case = cases.make_varlen_attention([4], rule=Rule.HIDE_CONTEXT, seed=1)
     case["k_tag"] = torch.ones_like(case["k_tag"])  # every key is context: nothing visible
     out = CPU.varlen_attention(*[case[k] for k in op_contract._VARLEN_ARGS])
     assert torch.equal(out, torch.zeros_like(out))
@@ -101,7 +101,7 @@ def _opcheck(op, args):
 
 
 def test_opcheck_varlen_attention():
-    case = cases.make_varlen_attention([3, 0, 9], rule=RULE_ANCHORS)
+    case = cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS)
     _opcheck(torch.ops.skiplayers.varlen_attention.default, tuple(case[k] for k in op_contract._VARLEN_ARGS))
 
 
@@ -163,7 +163,7 @@ def test_cache_attention_rejects_length_past_capacity():
 def test_varlen_attention_anchors_with_unordered_sentences():
     """Sentence ids that do not grow along the sequence: the CPU launcher must not use its
     anchor/window plan there, and the result must still follow the predicate."""
-    case = cases.make_varlen_attention([60, 150], rule=RULE_ANCHORS, seed=11)
+    case = cases.make_varlen_attention([60, 150], rule=Rule.ANCHORS, seed=11)
     gen = torch.Generator().manual_seed(1)
     sentence = torch.randint(0, 6, case["k_tag"].shape, generator=gen, dtype=torch.int32)
     case["k_tag"] = (case["k_tag"] & 7) | (sentence << 3)

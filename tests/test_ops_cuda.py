@@ -19,7 +19,7 @@ import cases
 import op_contract
 from skiplayers import ops as sk_ops
 from skiplayers import reference
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT
+from skiplayers.meta import Rule
 
 pytestmark = [
     pytest.mark.cuda,
@@ -28,7 +28,7 @@ pytestmark = [
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-RULES = [0, RULE_HIDE_CONTEXT, RULE_ANCHORS, RULE_HIDE_CONTEXT | RULE_ANCHORS]
+RULES = [0, Rule.HIDE_CONTEXT, Rule.ANCHORS, Rule.HIDE_CONTEXT | Rule.ANCHORS]
 HEADS = [(6, 2), (9, 3), (8, 1), (7, 7), (16, 2), (16, 1)]  # GQA ratios 3, 3, 8, 1, 8, 16
 
 
@@ -89,13 +89,13 @@ def test_varlen_attention_queries_are_a_suffix_of_the_keys(ops, rule, dtype):
 def test_varlen_attention_many_sequences(ops, dtype):
     # > 32 sequences: the tile locator walks several warp-sized chunks of cu_seqlens.
     lengths = torch.randint(0, 40, (70,), generator=torch.Generator().manual_seed(70)).tolist()
-    case = cases.make_varlen_attention(lengths, dtype=dtype, rule=RULE_ANCHORS, gapped=True, seed=70, device=DEV)
+    case = cases.make_varlen_attention(lengths, dtype=dtype, rule=Rule.ANCHORS, gapped=True, seed=70, device=DEV)
     op_contract.check_varlen_attention(ops, case)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_attention_hidden_context_gives_zero_rows_when_nothing_is_visible(ops, dtype):
-    case = cases.make_varlen_attention([4, 70], rule=RULE_HIDE_CONTEXT, dtype=dtype, seed=1, device=DEV)
+    case = cases.make_varlen_attention([4, 70], rule=Rule.HIDE_CONTEXT, dtype=dtype, seed=1, device=DEV)
     case["k_tag"] = torch.ones_like(case["k_tag"])  # every key is context: nothing visible
     out = ops.varlen_attention(*_args(case, op_contract._VARLEN_ARGS))
     assert torch.equal(out, torch.zeros_like(out))
@@ -147,7 +147,7 @@ def test_cache_attention_many_sequences_and_long_caches(ops, dtype, num_splits):
     lengths = torch.randint(0, 3000, (41,), generator=gen).tolist()
     lengths[3] = 0
     case = cases.make_cache_attention(
-        lengths, heads=9, kv_heads=3, dtype=dtype, rule=RULE_HIDE_CONTEXT, num_splits=num_splits, seed=41, device=DEV
+        lengths, heads=9, kv_heads=3, dtype=dtype, rule=Rule.HIDE_CONTEXT, num_splits=num_splits, seed=41, device=DEV
     )
     op_contract.check_cache_attention(ops, case)
 
@@ -166,7 +166,7 @@ def test_cache_attention_strided_cache_views(ops, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cache_attention_does_not_depend_on_num_splits(ops, dtype):
-    case = cases.make_cache_attention([2000, 77, 1], dtype=dtype, rule=RULE_ANCHORS, seed=2, device=DEV)
+    case = cases.make_cache_attention([2000, 77, 1], dtype=dtype, rule=Rule.ANCHORS, seed=2, device=DEV)
     outs = []
     for splits in (1, 2, 5, 16, 0):
         case["num_splits"] = splits
@@ -221,7 +221,7 @@ def _opcheck(op, args):
 
 
 def test_opcheck_varlen_attention(ops):
-    case = cases.make_varlen_attention([3, 0, 9], rule=RULE_ANCHORS, dtype=torch.bfloat16, device=DEV)
+    case = cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS, dtype=torch.bfloat16, device=DEV)
     _opcheck(torch.ops.skiplayers.varlen_attention.default, tuple(_args(case, op_contract._VARLEN_ARGS)))
 
 
@@ -255,7 +255,7 @@ def test_decode_step_cuda_graph_matches_eager(ops, dtype):
     batch = len(lengths)
     state = cases.make_cache_attention(
         lengths, capacity=capacity, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-        rule=RULE_HIDE_CONTEXT, seed=11, device=DEV,
+        rule=Rule.HIDE_CONTEXT, seed=11, device=DEV,
     )
     gen = torch.Generator().manual_seed(12)
     cu = torch.arange(batch + 1, dtype=torch.int32, device=DEV)
@@ -278,7 +278,7 @@ def test_decode_step_cuda_graph_matches_eager(ops, dtype):
         ops.cache_append(c["k_cache"], c["v_cache"], c["pos_cache"], c["tag_cache"], inputs["k"], inputs["v"],
                          inputs["pos"], inputs["tag"], cu, before)
         return ops.cache_attention(inputs["q"], c["k_cache"], c["v_cache"], cu, after, inputs["pos"], c["pos_cache"],
-                                   inputs["tag"], c["tag_cache"], RULE_HIDE_CONTEXT, head_dim**-0.5, 0)
+                                   inputs["tag"], c["tag_cache"], Rule.HIDE_CONTEXT, head_dim**-0.5, 0)
 
     static = new_token_inputs()
     side = torch.cuda.Stream()
@@ -303,7 +303,7 @@ def test_decode_step_cuda_graph_matches_eager(ops, dtype):
             assert torch.equal(caches[k], eager_caches[k]), f"replay {i}: {k} differs from eager"
         truth_case = dict(q=fresh["q"], k_cache=caches["k_cache"], v_cache=caches["v_cache"], cu_seqlens_q=cu,
                           cache_seqlens=lens_after, q_pos=fresh["pos"], pos_cache=caches["pos_cache"], q_tag=fresh["tag"],
-                          tag_cache=caches["tag_cache"], rule=RULE_HIDE_CONTEXT, scale=head_dim**-0.5, num_splits=0)
+                          tag_cache=caches["tag_cache"], rule=Rule.HIDE_CONTEXT, scale=head_dim**-0.5, num_splits=0)
         op_contract.assert_attention_close(out_static, truth_case, reference.cache_attention)
         lens_before += 1  # the next step appends after this one
         lens_after += 1

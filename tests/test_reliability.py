@@ -17,7 +17,7 @@ import torch
 import cases
 import op_contract
 from skiplayers import ops as sk_ops
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT
+from skiplayers.meta import Rule
 
 BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -52,7 +52,7 @@ def test_anchor_rule_without_query_tags_does_not_crash_the_process():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("missing", ["q_tag", "k_tag", "both"])
-@pytest.mark.parametrize("rule", [RULE_ANCHORS, RULE_ANCHORS | RULE_HIDE_CONTEXT])
+@pytest.mark.parametrize("rule", [Rule.ANCHORS, Rule.ANCHORS | Rule.HIDE_CONTEXT])
 def test_one_sided_tags_under_anchor_rule_match_reference(backend, missing, rule):
     """Absent tags mean all-zero tags, on every backend (the docstring's contract)."""
     case = cases.make_varlen_attention([7, 0, 40], rule=rule, gapped=True, seed=11)
@@ -63,7 +63,7 @@ def test_one_sided_tags_under_anchor_rule_match_reference(backend, missing, rule
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_sided_tags_under_anchor_rule_in_cache_attention(backend):
-    case = cases.make_cache_attention([30, 9], [3, 1], rule=RULE_ANCHORS, seed=5)
+    case = cases.make_cache_attention([30, 9], [3, 1], rule=Rule.ANCHORS, seed=5)
     case["q_tag"] = None
     op_contract.check_cache_attention(sk_ops.get_ops(backend), case)
 

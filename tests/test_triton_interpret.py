@@ -21,7 +21,7 @@ import skiplayers as sk
 from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama
 from skiplayers import aot, reference
 from skiplayers import ops as sk_ops
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT, make_tags
+from skiplayers.meta import Rule, make_tags
 from skiplayers.triton_kernels import launchers, registration
 from skiplayers.triton_kernels.visibility import key_block_may_be_visible, key_visible, query_summary
 
@@ -36,7 +36,7 @@ if registration.INTERPRETED and isinstance(tl.standard.max, triton.runtime.JITFu
 
 TRITON = sk_ops.get_ops("triton")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-RULES = [0, RULE_HIDE_CONTEXT, RULE_ANCHORS, RULE_HIDE_CONTEXT | RULE_ANCHORS]
+RULES = [0, Rule.HIDE_CONTEXT, Rule.ANCHORS, Rule.HIDE_CONTEXT | Rule.ANCHORS]
 # GQA ratios 3, 3, 8, 1, 8, 40 (more heads per KV head than a decode tile has rows); odd head counts
 HEADS = [(6, 2), (9, 3), (8, 1), (7, 7), (16, 2), (40, 1)]
 
@@ -78,7 +78,7 @@ def test_predicate_and_block_test_match_reference_on_random_blocks():
     ruled_out = 0
     for trial in range(80):
         rule = RULES[trial % 4]
-        pos, tag = cases.sequence_metadata(96, gen, rule | RULE_ANCHORS, gapped=True)
+        pos, tag = cases.sequence_metadata(96, gen, rule | Rule.ANCHORS, gapped=True)
         if trial % 2:  # scattered rows
             qi = torch.randint(0, 96, (16,), generator=gen)
             kj = torch.randint(0, 96, (16,), generator=gen)
@@ -91,7 +91,7 @@ def test_predicate_and_block_test_match_reference_on_random_blocks():
         assert may or not truth.any(), f"block test ruled out a block with a visible pair (rule {rule})"
         ruled_out += not may
     # untagged kernels: plain causality, whatever the rule
-    visible, _ = _probe(RULE_ANCHORS | RULE_HIDE_CONTEXT, pos[qi], tag[qi], pos[kj], tag[kj], use_tags=False)
+    visible, _ = _probe(Rule.ANCHORS | Rule.HIDE_CONTEXT, pos[qi], tag[qi], pos[kj], tag[kj], use_tags=False)
     assert torch.equal(visible, reference.visibility_mask(0, pos[qi], tag[qi], pos[kj], tag[kj]))
     assert ruled_out > 0, "the block test never skipped a block: it would be sound but useless"
 
@@ -100,9 +100,9 @@ def test_predicate_and_block_test_match_reference_on_random_blocks():
     "name,rule,k_pos,k_tag",
     [
         ("future keys", 0, torch.arange(40, 56), torch.zeros(16)),
-        ("hidden context", RULE_HIDE_CONTEXT, torch.arange(0, 16), torch.ones(16)),
+        ("hidden context", Rule.HIDE_CONTEXT, torch.arange(0, 16), torch.ones(16)),
         # queries are in sentence 3; the keys are non-anchor tokens of sentences 0..1
-        ("earlier sentences' non-anchors", RULE_ANCHORS, torch.arange(0, 16), (torch.arange(16) // 8) << 3),
+        ("earlier sentences' non-anchors", Rule.ANCHORS, torch.arange(0, 16), (torch.arange(16) // 8) << 3),
         ("padding only", 0, torch.arange(0, 16), torch.zeros(16)),
     ],
 )
@@ -130,7 +130,7 @@ def test_varlen_attention_ragged(dtype, rule, lengths):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_varlen_attention_gqa_and_head_dims(heads, kv_heads, head_dim):
     case = cases.make_varlen_attention([19, 45], heads=heads, kv_heads=kv_heads, head_dim=head_dim, seed=heads,
-                                       dtype=torch.float16, rule=RULE_ANCHORS, device=DEVICE)
+                                       dtype=torch.float16, rule=Rule.ANCHORS, device=DEVICE)
     op_contract.check_varlen_attention(TRITON, case)
 
 
@@ -154,7 +154,7 @@ def test_varlen_attention_queries_are_a_suffix_of_the_keys(rule):
 
 def test_varlen_attention_anchors_with_unordered_sentences():
     """Sentence ids that do not grow along the sequence: block summaries must stay conservative."""
-    case = cases.make_varlen_attention([60, 150], rule=RULE_ANCHORS, seed=11, device=DEVICE)
+    case = cases.make_varlen_attention([60, 150], rule=Rule.ANCHORS, seed=11, device=DEVICE)
     gen = torch.Generator().manual_seed(1)
     sentence = torch.randint(0, 6, case["k_tag"].shape, generator=gen, dtype=torch.int32).to(DEVICE)
     case["k_tag"] = (case["k_tag"] & 7) | (sentence << 3)
@@ -163,20 +163,20 @@ def test_varlen_attention_anchors_with_unordered_sentences():
 
 
 def test_varlen_attention_one_sided_tags():
-    case = cases.make_varlen_attention([6, 20], rule=RULE_HIDE_CONTEXT | RULE_ANCHORS, seed=5, device=DEVICE)
+    case = cases.make_varlen_attention([6, 20], rule=Rule.HIDE_CONTEXT | Rule.ANCHORS, seed=5, device=DEVICE)
     case["q_tag"] = None  # query tags read as zero: sentence 0, not an anchor
     op_contract.check_varlen_attention(TRITON, case)
 
 
 def test_varlen_attention_hidden_context_gives_zero_rows_when_nothing_is_visible():
-    case = cases.make_varlen_attention([4], rule=RULE_HIDE_CONTEXT, seed=1, device=DEVICE)
+    case = cases.make_varlen_attention([4], rule=Rule.HIDE_CONTEXT, seed=1, device=DEVICE)
     case["k_tag"] = torch.ones_like(case["k_tag"])  # every key is context: nothing visible
     out = TRITON.varlen_attention(*_args(case, op_contract._VARLEN_ARGS))
     assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_varlen_attention_launcher_called_directly():
-    case = cases.make_varlen_attention([5, 9], rule=RULE_ANCHORS, device=DEVICE)
+    case = cases.make_varlen_attention([5, 9], rule=Rule.ANCHORS, device=DEVICE)
     ops = sk_ops.OpSet("launchers", **launchers.LAUNCHERS)
     op_contract.check_varlen_attention(ops, case)
 
@@ -194,9 +194,9 @@ def _skip_case(kind: str, dtype, decode: bool):
     anchor = torch.zeros(n_keys, dtype=torch.bool)
     sentence = torch.zeros(n_keys, dtype=torch.int32)
     if kind == "context":  # keys 0..127 are context, hidden by the rule
-        context[:128], rule, poisoned = True, RULE_HIDE_CONTEXT, slice(0, 128)
+        context[:128], rule, poisoned = True, Rule.HIDE_CONTEXT, slice(0, 128)
     elif kind == "anchors":  # sentence 0 = keys 0..127 (anchor 127): queries of sentence 1 skip keys 0..63
-        anchor[127], sentence[128:], rule, poisoned = True, 1, RULE_ANCHORS, slice(0, 64)
+        anchor[127], sentence[128:], rule, poisoned = True, 1, Rule.ANCHORS, slice(0, 64)
     else:  # causal: the queries are the first tokens, keys 64.. are all in their future
         rule, poisoned = 0, slice(64, n_keys)
     tag = make_tags(context=context, anchor=anchor, sentence=sentence)
@@ -248,7 +248,7 @@ def test_cache_attention_decode(dtype, rule, num_splits):
 
 
 def test_cache_attention_does_not_depend_on_num_splits():
-    case = cases.make_cache_attention([3, 200, 77], rule=RULE_ANCHORS, seed=2, device=DEVICE)
+    case = cases.make_cache_attention([3, 200, 77], rule=Rule.ANCHORS, seed=2, device=DEVICE)
     outs = []
     for splits in (1, 2, 5, 13):
         case["num_splits"] = splits
@@ -260,7 +260,7 @@ def test_cache_attention_does_not_depend_on_num_splits():
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 def test_cache_attention_gqa_multi_query(heads, kv_heads):
     case = cases.make_cache_attention([9, 100, 33], q_lengths=[4, 1, 33], heads=heads, kv_heads=kv_heads, seed=heads,
-                                      rule=RULE_HIDE_CONTEXT, num_splits=2, device=DEVICE)
+                                      rule=Rule.HIDE_CONTEXT, num_splits=2, device=DEVICE)
     op_contract.check_cache_attention(TRITON, case)
 
 
@@ -312,7 +312,7 @@ def test_schemas_are_the_cpp_schemas(op):
 
 
 def _opcheck_cases():
-    v = cases.make_varlen_attention([3, 0, 9], rule=RULE_ANCHORS, device=DEVICE)
+    v = cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS, device=DEVICE)
     c = cases.make_cache_attention([4, 9], num_splits=2, device=DEVICE)
     r = cases.make_compact_rows([2, 5], device=DEVICE)
     a = cases.make_cache_append([1, 2], [2, 1], capacity=6, device=DEVICE)
@@ -334,7 +334,7 @@ def test_opcheck(op):
 
 def test_decode_step_under_torch_compile():
     """append + attend, traced by torch.compile (fullgraph): fakes and the in-place op must trace."""
-    case = cases.make_cache_attention([5, 40], q_lengths=[1, 1], rule=RULE_ANCHORS, device=DEVICE)
+    case = cases.make_cache_attention([5, 40], q_lengths=[1, 1], rule=Rule.ANCHORS, device=DEVICE)
     new_k = torch.randn(2, 2, 64, device=DEVICE)
     new_v = torch.randn(2, 2, 64, device=DEVICE)
     new_pos = case["q_pos"] + 1000
@@ -346,7 +346,7 @@ def test_decode_step_under_torch_compile():
                                                  case["cu_seqlens_q"], lens)
         return torch.ops.skiplayers_triton.cache_attention(
             case["q"], k_cache, v_cache, case["cu_seqlens_q"], lens + 1, new_pos, pos_cache, new_tag, tag_cache,
-            RULE_ANCHORS, 0.125, 0)
+            Rule.ANCHORS, 0.125, 0)
 
     buffers = [case[k].clone() for k in ("k_cache", "v_cache", "pos_cache", "tag_cache")]
     expected = step(*[b.clone() for b in buffers])
@@ -440,7 +440,7 @@ ANCHORS = tuple(range(3, 15))  # as tests/test_anchors.py: sentences of ~8 token
 
 @pytest.mark.parametrize("stop,keep_first", [(None, 0), (2, 2)])
 def test_model_anchor_cache_matches_ansan_masked_model(tiny_model, tiny_batch, stop, keep_first):
-    """AnSAN attention (RULE_ANCHORS) and the anchor-only cache (cache_compact) through the Triton ops."""
+    """AnSAN attention (Rule.ANCHORS) and the anchor-only cache (cache_compact) through the Triton ops."""
     policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=ANCHORS, anchor_keep_first=keep_first)
     assert_forward_matches_masked(tiny_model, policy, "triton", tiny_batch, use_cache=True)
     assert_generate_matches_masked(tiny_model, policy, "triton", tiny_batch, new_tokens=8)

@@ -17,11 +17,9 @@ import os
 
 import torch
 
-from skiplayers.meta import RULE_ANCHORS, RULE_HIDE_CONTEXT
+from skiplayers.meta import Rule
 
 from .configs import ATTENTION_DTYPES, HEAD_DIMS
-
-RULE_ALL_BITS = RULE_HIDE_CONTEXT | RULE_ANCHORS
 
 
 def fail(op: str, message: str) -> None:
@@ -47,7 +45,7 @@ def check_int32_vector(t: torch.Tensor, length: int, op: str, name: str) -> None
 
 def check_attention_inputs(op: str, q, k, v, cu_seqlens_q, q_pos, q_tag, rule: int, kv_dims: int) -> None:
     """Common to both attention ops: ``k``/``v`` are ``[..., H_kv, D]`` with ``kv_dims`` dimensions."""
-    if rule & ~RULE_ALL_BITS:
+    if int(rule) & ~int(Rule.ALL):
         fail(op, f"unknown bits in rule {rule}")
     if q.dtype not in ATTENTION_DTYPES:
         fail(op, f"q must be float32, float16 or bfloat16, got {q.dtype}")

@@ -27,8 +27,8 @@ TAG_CONTEXT = tl.constexpr(meta.TAG_CONTEXT)
 TAG_ANCHOR = tl.constexpr(meta.TAG_ANCHOR)
 TAG_SINK = tl.constexpr(meta.TAG_SINK)
 TAG_SENTENCE_SHIFT = tl.constexpr(meta.TAG_SENTENCE_SHIFT)
-RULE_HIDE_CONTEXT = tl.constexpr(meta.RULE_HIDE_CONTEXT)
-RULE_ANCHORS = tl.constexpr(meta.RULE_ANCHORS)
+RULE_HIDE_CONTEXT = tl.constexpr(int(meta.Rule.HIDE_CONTEXT))
+RULE_ANCHORS = tl.constexpr(int(meta.Rule.ANCHORS))
 
 INT32_MAX = tl.constexpr(2147483647)
 INT32_MIN = tl.constexpr(-2147483647)  # -2**31 + 1: the literal stays an int32; real positions are >= 0

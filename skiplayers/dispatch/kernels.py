@@ -30,7 +30,7 @@ class PackedCall:
     """Attention of packed rows over the same rows.
 
     q ``[N, H, D]``, k/v ``[N, H_kv, D]``; cu_seqlens int32 ``[B + 1]`` (device); counts int64 ``[B]``
-    (host, rows per sequence); pos/tag int32 ``[N]``; rule: ``meta.RULE_*``; scale: softmax scale.
+    (host, rows per sequence); pos/tag int32 ``[N]``; rule: ``meta.Rule``; scale: softmax scale.
     """
 
     q: torch.Tensor
@@ -80,12 +80,17 @@ class Ours:
         return None
 
     def packed(self, c: PackedCall) -> torch.Tensor:
-        return self.ops.varlen_attention(c.q, c.k, c.v, c.cu_seqlens, c.cu_seqlens, c.pos, c.pos, c.tag, c.tag,
-                                         c.rule, c.scale)
+        return self.ops.varlen_attention(
+            q=c.q, k=c.k, v=c.v, cu_seqlens_q=c.cu_seqlens, cu_seqlens_k=c.cu_seqlens, q_pos=c.pos, k_pos=c.pos,
+            q_tag=c.tag, k_tag=c.tag, rule=c.rule, scale=c.scale,
+        )
 
     def cache(self, c: CacheCall) -> torch.Tensor:
-        return self.ops.cache_attention(c.q, c.keys, c.values, c.cu_seqlens, c.lengths, c.q_pos, c.pos_cache,
-                                        c.q_tag, c.tag_cache, c.rule, c.scale, 0)
+        return self.ops.cache_attention(
+            q=c.q, k_cache=c.keys, v_cache=c.values, cu_seqlens_q=c.cu_seqlens, cache_seqlens=c.lengths,
+            q_pos=c.q_pos, pos_cache=c.pos_cache, q_tag=c.q_tag, tag_cache=c.tag_cache, rule=c.rule, scale=c.scale,
+            num_splits=0,
+        )
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

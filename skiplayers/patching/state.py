@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..dispatch.dispatcher import Dispatcher
-from ..meta import RULE_ANCHORS, RULE_CAUSAL
+from ..meta import Rule
 from ..ops import OpSet
 from ..policy import SkipPolicy
 
@@ -25,4 +25,4 @@ class PatchState:
     @property
     def rule(self) -> int:
         """The visibility rule of the fast path. Context needs no term: it is dropped, not masked."""
-        return RULE_ANCHORS if self.policy.anchors_enabled else RULE_CAUSAL
+        return Rule.ANCHORS if self.policy.anchors_enabled else Rule.CAUSAL

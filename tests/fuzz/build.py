@@ -14,6 +14,7 @@ import re
 import torch
 
 import op_contract
+from skiplayers import ops as sk_ops
 from skiplayers import reference
 from skiplayers.meta import TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, TAG_SINK
 
@@ -260,11 +261,7 @@ BUILDERS = dict(
     varlen_attention=varlen_attention_case, cache_attention=cache_attention_case, compact_rows=compact_rows_case,
     cache_append=cache_append_case, cache_compact=cache_compact_case,
 )
-ARGS = dict(
-    varlen_attention=op_contract._VARLEN_ARGS, cache_attention=op_contract._CACHE_ARGS,
-    compact_rows=("x", "cu_seqlens", "keep"), cache_append=op_contract._APPEND_ARGS,
-    cache_compact=op_contract._COMPACT_ARGS,
-)
+ARGS = {op: sk_ops.schema_arguments(op) for op in sk_ops.OP_NAMES}
 
 
 def build(spec: dict) -> dict:
