@@ -15,26 +15,21 @@ SmolLM2's tokenizer; anchors are every token ending in "." or a newline (``sk.an
 
 Writes results/anchor_cache.{json,csv,png}.
 
-    python benchmarks/anchor_cache.py [--lengths 2048 4096 8192] [--steps 12]
+    python -m benchmarks.anchor_cache [--lengths 2048 4096 8192] [--steps 12]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
+import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
 
 
 def document_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -88,11 +83,7 @@ def perplexity(model, policy, ids) -> float:
 
 
 def plot(rows, ppl, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     n = [r["tokens"] for r in rows]
     axes[0].plot(n, [r["full_kv_mib"] for r in rows], "o-", label="full cache")
@@ -106,12 +97,11 @@ def plot(rows, ppl, path):
     for ax in axes[:2]:
         ax.legend()
     fig.suptitle("SmolLM2-135M, float32, CPU: anchors '.' and newline on pydoc_data.topics")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--steps", type=int, default=12, help="decode steps per variant (interleaved)")
     parser.add_argument("--ppl-tokens", type=int, default=2048)

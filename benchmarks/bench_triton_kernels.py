@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton attention kernels against SDPA, FlexAttention, flash-attn and (when
 built) the CUDA C++ ops, side by side.
 
-    python benchmarks/bench_triton_kernels.py [--dtype float16] [--quick] [--no-check]
+    python -m benchmarks.bench_triton_kernels [--dtype float16] [--quick] [--no-check]
 
 Needs a CUDA GPU; elsewhere it prints why it skips and exits 0. Times are ``triton.testing.do_bench``
 medians (it synchronises and flushes the L2 cache between runs). Work is *counted*, not nominal:
@@ -23,22 +23,21 @@ Results: ``benchmarks/results/triton_kernels.{json,csv}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from benchmarks.attention_inputs import LLAMA3_8B, SMOLLM2, cu_seqlens, decode_metadata, pad_packed, random_qkv
+from benchmarks.baselines import block_mask, compiled_flex_attention, flash_attn_or_reason, flash_varlen
+from benchmarks.common import arg_parser, error_summary, skip_without_cuda, write_results
+from benchmarks.timing import gpu_median_ms
+from skiplayers import ops as sk_ops
+from skiplayers.meta import Rule, TAG_CONTEXT
 
-from skiplayers import ops as sk_ops  # noqa: E402
-from skiplayers.meta import Rule, TAG_CONTEXT  # noqa: E402
-
-MODELS = {"smollm2": (9, 3, 64), "llama-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # heads, kv heads, dim
+MODELS = {"smollm2": SMOLLM2, "llama-7b": (32, 32, 128), "llama3-8b": LLAMA3_8B}  # heads, kv heads, dim
 
 
 class Unsupported(Exception):
@@ -62,10 +61,6 @@ class Case:
 # --- cases -------------------------------------------------------------------------------------------
 
 
-def _cu(lengths, device):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
 def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, compacted=False) -> Case:
     """Self-attention of packed sequences. With ``context_fraction``, that share of each sequence
     (after its first token) is context hidden from every query (Rule.HIDE_CONTEXT); ``compacted``
@@ -86,10 +81,8 @@ def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, comp
     pos, ctx = torch.cat(pos_parts).to(device), torch.cat(ctx_parts).to(device)
     tag = ctx.to(torch.int32) * TAG_CONTEXT
     rule = Rule.HIDE_CONTEXT if ctx.any() else 0
-    q = torch.randn(total, heads, dim, dtype=dtype, device=device)
-    k = torch.randn(total, kv_heads, dim, dtype=dtype, device=device)
-    v = torch.randn(total, kv_heads, dim, dtype=dtype, device=device)
-    cu = _cu(kept, device)
+    q, k, v = random_qkv(total, heads, kv_heads, dim, dtype, device)
+    cu = cu_seqlens(kept, device)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, q_pos=pos, k_pos=pos, q_tag=tag, k_tag=tag,
                 rule=rule, scale=dim**-0.5)
     pairs = 0
@@ -105,12 +98,10 @@ def decode_case(name, batch, cache_len, model, dtype, device) -> Case:
     cap = cache_len + 64
     k_cache = torch.randn(batch, cap, kv_heads, dim, dtype=dtype, device=device)
     v_cache = torch.randn_like(k_cache)
-    pos_cache = torch.arange(cap, dtype=torch.int32, device=device).repeat(batch, 1)
     q = torch.randn(batch, heads, dim, dtype=dtype, device=device)
-    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=_cu([1] * batch, device),
-                cache_seqlens=torch.full((batch,), cache_len, dtype=torch.int32, device=device),
-                q_pos=torch.full((batch,), cache_len - 1, dtype=torch.int32, device=device), pos_cache=pos_cache,
-                q_tag=None, tag_cache=None, rule=0, scale=dim**-0.5, num_splits=0)
+    cu, cache_seqlens, q_pos, pos_cache = decode_metadata([cache_len] * batch, cap, device)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu, cache_seqlens=cache_seqlens, q_pos=q_pos,
+                pos_cache=pos_cache, q_tag=None, tag_cache=None, rule=0, scale=dim**-0.5, num_splits=0)
     nbytes = (2 * batch * cache_len * kv_heads * dim + 2 * q.numel()) * q.element_size()
     return Case("decode", name, heads, kv_heads, dim, args, batch * cache_len, nbytes, [cache_len] * batch)
 
@@ -149,15 +140,11 @@ def _padded_prefill(case: Case):
     (causal by position, hidden context, padding). Built outside the timed call."""
     a, lengths = case.args, case.lengths
     batch, t = len(lengths), max(lengths)
-    dev, dt = a["q"].device, a["q"].dtype
-    q = torch.zeros(batch, t, case.heads, case.dim, dtype=dt, device=dev)
-    k = torch.zeros(batch, t, case.kv_heads, case.dim, dtype=dt, device=dev)
-    v = torch.zeros_like(k)
-    mask = torch.zeros(batch, 1, t, t, dtype=torch.bool, device=dev)
+    q, k, v = (pad_packed(a[x], lengths) for x in ("q", "k", "v"))
+    mask = torch.zeros(batch, 1, t, t, dtype=torch.bool, device=a["q"].device)
     cu = a["cu_seqlens_q"].tolist()
     for b, n in enumerate(lengths):
         rows = slice(cu[b], cu[b + 1])
-        q[b, :n], k[b, :n], v[b, :n] = a["q"][rows], a["k"][rows], a["v"][rows]
         pos, ctx = a["q_pos"][rows], case.context[rows]
         mask[b, 0, :n, :n] = (pos[None, :] <= pos[:, None]) & ~ctx[None, :]
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask
@@ -183,10 +170,9 @@ def sdpa(case: Case):
 
 def flex(case: Case):
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        compiled = compiled_flex_attention()
     except ImportError as err:
         raise Unsupported(f"no FlexAttention: {err}") from err
-    compiled = _compiled_flex(flex_attention)
     a = case.args
     if case.kind == "prefill":  # packed form: one "batch" of all rows, documents by cu_seqlens
         doc = torch.repeat_interleave(torch.arange(len(case.lengths), device=a["q"].device),
@@ -197,36 +183,24 @@ def flex(case: Case):
             return (doc[qi] == doc[ki]) & (pos[ki] <= pos[qi]) & ~ctx[ki]
 
         n = a["q"].shape[0]
-        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=a["q"].device)
+        block = block_mask(mask_mod, n, a["q"].device)
         q, k, v = (a[x].transpose(0, 1)[None] for x in ("q", "k", "v"))
-        return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
+        return lambda: compiled(q, k, v, block_mask=block, enable_gqa=True)[0].transpose(0, 1)
     n = case.lengths[0]
     q = a["q"][:, :, None]
     k, v = a["k_cache"][:, :n].transpose(1, 2), a["v_cache"][:, :n].transpose(1, 2)
     return lambda: compiled(q, k, v, enable_gqa=True)[:, :, 0]
 
 
-_FLEX = {}
-
-
-def _compiled_flex(flex_attention):
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
-
-
 def flash_attn(case: Case):
-    try:
-        import flash_attn as fa
-    except ImportError as err:
-        raise Unsupported("flash-attn is not installed") from err
+    fa, why = flash_attn_or_reason(200)
+    if fa is None:
+        raise Unsupported(f"flash-attn does not import: {why}")
     a = case.args
     if case.kind == "prefill":
         if case.context.any():
             raise Unsupported("flash-attn cannot hide context keys inside a sequence (masked form)")
-        max_len = max(case.lengths)
-        return lambda: fa.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"],
-                                                 max_len, max_len, softmax_scale=a["scale"], causal=True)
+        return flash_varlen(fa, a["q"], a["k"], a["v"], a["cu_seqlens_q"], max(case.lengths), a["scale"])
     return lambda: fa.flash_attn_with_kvcache(a["q"][:, None], a["k_cache"], a["v_cache"],
                                               cache_seqlens=a["cache_seqlens"], softmax_scale=a["scale"])[:, 0]
 
@@ -243,8 +217,6 @@ def implementations() -> dict[str, Callable[[Case], Callable[[], torch.Tensor]]]
 
 
 def run(cases: list[Case], check: bool) -> list[dict]:
-    from triton.testing import do_bench  # noqa: PLC0415
-
     rows = []
     for case in cases:
         reference_out = None
@@ -258,14 +230,14 @@ def run(cases: list[Case], check: bool) -> list[dict]:
                     reference_out = out
                 elif check:
                     row["max_abs_diff"] = (out.float() - reference_out.float()).abs().max().item()
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                ms = gpu_median_ms(fn)
             except Unsupported as why:
                 row["skipped"] = str(why)
                 rows.append(row)
                 print(f"{case.name:48s} {name:10s} skipped: {why}")
                 continue
             except Exception as err:  # noqa: BLE001  (one failing implementation must not end the run)
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                row["error"] = error_summary(err, 200)
                 rows.append(row)
                 print(f"{case.name:48s} {name:10s} ERROR {row['error']}")
                 continue
@@ -278,14 +250,12 @@ def run(cases: list[Case], check: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the output comparison")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-              "this benchmark times GPU kernels. Nothing was written.")
+    if skip_without_cuda("bench_triton_kernels"):
         return 0
     torch.manual_seed(0)
     cases = all_cases(getattr(torch, args.dtype), torch.device("cuda"), args.quick)

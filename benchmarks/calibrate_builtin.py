@@ -9,12 +9,11 @@ recommended ℓ on one batch of the task's prompts (interleaved medians, ``measu
 writes ``benchmarks/results/calibration_default.json``, ``benchmarks/results/calibration_NAME.png``
 and ``skiplayers/calibrated.json`` (installed with the package; ``skiplayers demo`` reads it)::
 
-    python benchmarks/calibrate_builtin.py --cal-dir CAL [--runs 5] [--demo-task NAME]
+    python -m benchmarks.calibrate_builtin --cal-dir CAL [--runs 5] [--demo-task NAME]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -23,11 +22,11 @@ from pathlib import Path
 import torch
 
 import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser
 from skiplayers.calibration import SHIPPED_FILE
 from skiplayers.measure import compare, token_layer_bound
 from skiplayers.tasks import BUILTIN_TASKS, builtin_task
 
-RESULTS = Path(__file__).parent / "results"
 BATCH = 8
 
 
@@ -43,7 +42,7 @@ def measure(model, tokenizer, task: str, layer: int, runs: int, steps: int) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--cal-dir", required=True, type=Path)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--demo-task", default=None, help="default: the task whose recommendation agrees most with the full model")

@@ -1,20 +1,26 @@
-"""Shared benchmark plumbing: interleaved timing, machine description, result files."""
+"""Plumbing every benchmark script shares: result files with the machine description, the command
+line, figures, error strings, the CUDA check, and the demo's batch.
+
+Timing lives in ``benchmarks.timing``; the attention benchmarks' inputs and other libraries'
+implementations in ``benchmarks.attention_inputs`` and ``benchmarks.baselines``."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- result files ------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -51,27 +57,6 @@ def machine() -> dict:
     return info
 
 
-def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                        before: Callable[[str], object] | None = None) -> dict[str, float]:
-    """Median seconds of each variant, run round-robin ``repeats`` times after ``warmup`` rounds,
-    so that machine noise hits every variant alike. ``before(name)``, if given, runs untimed before
-    every call of variant ``name`` (warmup included): per-call set-up such as a fresh cache."""
-    for _ in range(warmup):
-        for name, fn in variants.items():
-            if before is not None:
-                before(name)
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            if before is not None:
-                before(name)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def write_results(stem: str, rows: list[dict], meta: dict, directory: Path | None = None) -> tuple[Path, Path]:
     """Writes ``<directory>/<stem>.json`` (rows + machine) and ``<directory>/<stem>.csv``;
     ``directory`` defaults to ``results/``."""
@@ -88,6 +73,61 @@ def write_results(stem: str, rows: list[dict], meta: dict, directory: Path | Non
     return json_path, csv_path
 
 
+# --- scripts -----------------------------------------------------------------------------------
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script: ``--help`` shows the script's docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only: benchmarks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path | str, dpi: int = 110) -> None:
+    """Lays ``fig`` out tightly, writes it to ``path`` (PNG by the suffix) and closes it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def error_summary(err: BaseException, limit: int) -> str:
+    """``"TypeName: first line of the message"``, the line cut to ``limit`` characters: an error
+    that goes into a result row or a skip reason."""
+    message = str(err)
+    return f"{type(err).__name__}: {message.splitlines()[0][:limit] if message else ''}"
+
+
+def skip_without_cuda(script: str, kernels: bool = False) -> bool:
+    """For GPU-only scripts: prints ``"<script>: skipped: <reason>; nothing was written"`` and
+    returns True when no CUDA GPU is visible to torch or (``kernels``) skiplayers was built without
+    its CUDA kernels; else returns False."""
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+    elif kernels:
+        import skiplayers.ops as sk_ops  # noqa: PLC0415
+
+        if not sk_ops.cuda_kernels_built():
+            reason = "skiplayers._C was built without CUDA kernels"
+    if reason is not None:
+        print(f"{script}: skipped: {reason}; nothing was written")
+    return reason is not None
+
+
+# --- the demo's batch --------------------------------------------------------------------------
+
+# The demo's context stop layer: the recommended ℓ of builtin:number_words in skiplayers/calibrated.json.
+DEMO_LAYER = 27
+
+
 def demo_batch(items: int = 8):
     """SmolLM2 (float32) and the demo's batch: the first ``items`` prompts of the built-in
     ``number_words`` task as ``sk.fewshot_batch`` builds them. Returns ``model, ids, attn, ctx``."""
@@ -99,3 +139,11 @@ def demo_batch(items: int = 8):
     ids, attn, ctx = sk.fewshot_batch(tok, [it.instructions for it in chosen], [list(it.examples) for it in chosen],
                                       [it.query for it in chosen])
     return model, ids, attn, ctx
+
+
+def decode_step_inputs(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of one decode step after prefilling ``ids`` [B, T] with ``attn`` [B, T]: every
+    row's next token is ``ids[0, -1]`` (what it is does not change the work), as ``[B, 1]`` long,
+    and the attention mask widened by one column of ones, ``[B, T + 1]``."""
+    batch = ids.shape[0]
+    return torch.full((batch, 1), int(ids[0, -1])), torch.cat([attn, attn.new_ones(batch, 1)], dim=1)

@@ -5,12 +5,11 @@ Patches SmolLM2 (context stop at the demo's layer), compiles the patched forward
 eager, interleaved, medians; also checks that both give the same logits and counts recompilations
 over the steps. Prints one JSON line (ms)::
 
-    python benchmarks/compile_decode.py [--steps 16] [--layer 27]
+    python -m benchmarks.compile_decode [--steps 16] [--layer 27]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -18,13 +17,14 @@ import time
 import torch
 
 import skiplayers as sk
-from common import demo_batch
+from benchmarks.common import DEMO_LAYER, arg_parser, demo_batch
+from benchmarks.timing import timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--layer", type=int, default=27)
+    parser.add_argument("--layer", type=int, default=DEMO_LAYER)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, ids, attn, ctx = demo_batch()
@@ -45,10 +45,10 @@ def main() -> None:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = {}
         for name in ("compiled", "eager") if step % 2 else ("eager", "compiled"):
-            t0 = time.perf_counter()
-            logits[name] = forwards[name](token, attention_mask=mask, context_mask=ctx, past_key_values=caches[name],
-                                          logits_to_keep=1).logits
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            out, seconds = timed(forwards[name], token, attention_mask=mask, context_mask=ctx,
+                                 past_key_values=caches[name], logits_to_keep=1)
+            logits[name] = out.logits
+            times[name].append(seconds * 1e3)
         worst = max(worst, (logits["eager"] - logits["compiled"]).abs().max().item())
         token = logits["eager"][:, -1:].argmax(-1)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -15,83 +15,49 @@ Cases (float32, SmolLM2's 9 query / 3 KV heads, head dim 64):
 Every variant of a case runs round-robin (interleaved), medians of ``--repeats`` runs are reported
 as times and as speed relative to SDPA. Writes results/cpu_attention.{json,csv,png}.
 
-    python benchmarks/cpu_attention.py [--repeats 15]
+    python -m benchmarks.cpu_attention [--repeats 15] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_medians, write_results  # noqa: E402
+import skiplayers.ops as sk_ops
+from benchmarks.attention_inputs import (
+    SMOLLM2, context_stopped_problem, pad_packed, packed_problem, ragged_causal_mask, sdpa_layout,
+)
+from benchmarks.baselines import causal_block_mask, flex_attention_or_reason
+from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
+from benchmarks.timing import interleaved_medians
+from skiplayers.meta import Rule, TAG_ANCHOR, TAG_SENTENCE_SHIFT
+from skiplayers.reference import visibility_mask
 
-import skiplayers.ops as sk_ops  # noqa: E402
-from skiplayers.meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT  # noqa: E402
-from skiplayers.reference import visibility_mask  # noqa: E402
-
-HEADS, KV_HEADS, DIM = 9, 3, 64
+HEADS, KV_HEADS, DIM = SMOLLM2
 SCALE = DIM**-0.5
 
 
-def _flex():
-    """A compiled FlexAttention, or the reason it cannot run here."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        compiled = torch.compile(flex_attention, dynamic=False)
-        q = torch.randn(1, HEADS, 128, DIM)
-        kv = torch.randn(1, KV_HEADS, 128, DIM)
-        mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, 1, None, 128, 128, device="cpu")
-        compiled(q, kv, kv, block_mask=mask, enable_gqa=True)
-        return compiled, create_block_mask, None
-    except Exception as err:  # noqa: BLE001 - report any failure as the skip reason
-        return None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-
-
-def _packed(lengths):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    pos = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
-    return cu, pos
-
-
 def dense_causal(T, flex):
-    q, k, v = torch.randn(T, HEADS, DIM), torch.randn(T, KV_HEADS, DIM), torch.randn(T, KV_HEADS, DIM)
-    cu, pos = _packed([T])
-    qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    q, k, v, cu, pos = packed_problem([T], *SMOLLM2)
+    qs, ks, vs = sdpa_layout(q, k, v)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     variants = {
         "skiplayers_cpu": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, None, None, 0, SCALE),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True, scale=SCALE),
         "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True, scale=SCALE),
     }
-    compiled, create_block_mask, _ = flex
+    compiled, _ = flex
     if compiled is not None:
-        block = create_block_mask(lambda b, h, qi, ki: ki <= qi, 1, None, T, T, device="cpu")
+        block = causal_block_mask(T, "cpu")
         variants["flex_attention"] = lambda: compiled(qs, ks, vs, block_mask=block, enable_gqa=True, scale=SCALE)
     return variants, "sdpa_causal"
 
 
 def ragged(lengths, flex):
-    total, longest, batch = sum(lengths), max(lengths), len(lengths)
-    q, k, v = torch.randn(total, HEADS, DIM), torch.randn(total, KV_HEADS, DIM), torch.randn(total, KV_HEADS, DIM)
-    cu, pos = _packed(lengths)
+    q, k, v, cu, pos = packed_problem(lengths, *SMOLLM2)
     # SDPA: left-aligned padding to the longest sequence, dense causal & padding mask.
-    def padded(x, heads):
-        out = torch.zeros(batch, heads, longest, DIM)
-        for b, n in enumerate(lengths):
-            out[b, :, :n] = x[cu[b] : cu[b + 1]].transpose(0, 1)
-        return out
-    qs, ks, vs = padded(q, HEADS), padded(k, KV_HEADS), padded(v, KV_HEADS)
-    idx = torch.arange(longest)
-    valid = idx[None, :] < torch.tensor(lengths)[:, None]
-    mask = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
-    mask = mask | ~valid[:, :, None]  # padding query rows: let them see something (their output is unused)
-    mask = mask[:, None]
+    qs, ks, vs = (pad_packed(t, lengths).transpose(1, 2).contiguous() for t in (q, k, v))
+    mask = ragged_causal_mask(lengths)
     seqs = [(qs[b : b + 1, :, :n], ks[b : b + 1, :, :n], vs[b : b + 1, :, :n]) for b, n in enumerate(lengths)]
     variants = {
         "skiplayers_cpu": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, None, None, 0, SCALE),
@@ -104,18 +70,10 @@ def ragged(lengths, flex):
 
 
 def context_stopped(context, query, flex):
-    T = context + query
-    q, k, v = torch.randn(T, HEADS, DIM), torch.randn(T, KV_HEADS, DIM), torch.randn(T, KV_HEADS, DIM)
-    cu, pos = _packed([T])
-    is_ctx = torch.zeros(T, dtype=torch.bool)
-    is_ctx[1 : context + 1] = True
-    tag = is_ctx.to(torch.int32) * TAG_CONTEXT
-    keep = ~is_ctx
-    qc, kc, vc, pc = q[keep].contiguous(), k[keep].contiguous(), v[keep].contiguous(), pos[keep].contiguous()
-    cuc = torch.tensor([0, int(keep.sum())], dtype=torch.int32)
-    qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
-    mask = torch.ones(T, T, dtype=torch.bool).tril() & keep[None, :]
-    mask[is_ctx, 0] = True  # context rows keep the first token visible (as the masked model does)
+    problem = context_stopped_problem(context, query, *SMOLLM2)
+    q, k, v, cu, pos, tag = problem.masked
+    qc, kc, vc, cuc, pc = problem.compacted
+    qs, ks, vs, mask = problem.sdpa
     variants = {
         "skiplayers_cpu_compacted": lambda: sk_ops.varlen_attention(qc, kc, vc, cuc, cuc, pc, pc, None, None, 0, SCALE),
         "skiplayers_cpu_masked_form": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag,
@@ -126,14 +84,13 @@ def context_stopped(context, query, flex):
 
 
 def ansan_prefill(T, sentence, flex):
-    q, k, v = torch.randn(T, HEADS, DIM), torch.randn(T, KV_HEADS, DIM), torch.randn(T, KV_HEADS, DIM)
-    cu, pos = _packed([T])
+    q, k, v, cu, pos = packed_problem([T], *SMOLLM2)
     anchor = torch.zeros(T, dtype=torch.bool)
     anchor[sentence - 1 :: sentence] = True
     sent = anchor.to(torch.int32).cumsum(0) - anchor.to(torch.int32)
     tag = ((anchor.to(torch.int32) * TAG_ANCHOR) | (sent << TAG_SENTENCE_SHIFT)).to(torch.int32)
     mask = visibility_mask(Rule.ANCHORS, pos, tag, pos, tag)
-    qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    qs, ks, vs = sdpa_layout(q, k, v)
     variants = {
         "skiplayers_cpu_ansan": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, tag, tag, Rule.ANCHORS, SCALE),
         "skiplayers_cpu_causal": lambda: sk_ops.varlen_attention(q, k, v, cu, cu, pos, pos, None, None, 0, SCALE),
@@ -144,11 +101,7 @@ def ansan_prefill(T, sentence, flex):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
     labels, values, colors = [], [], []
@@ -167,19 +120,18 @@ def plot(rows, path):
         ax.text(value, i, f" x{value:.2f}", va="center", fontsize=7)
     ax.set_xlabel("speed relative to the case's SDPA baseline (log scale, higher is faster)")
     ax.set_title(f"CPU attention, float32, {HEADS}/{KV_HEADS} heads, D={DIM} ({len(cases)} cases, interleaved medians)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    flex = _flex()
-    if flex[2]:
-        print(f"FlexAttention skipped: {flex[2]}")
+    flex = flex_attention_or_reason(200, probe=SMOLLM2)
+    if flex[1]:
+        print(f"FlexAttention skipped: {flex[1]}")
     cases = [(f"dense causal T={T}", lambda T=T: dense_causal(T, flex)) for T in ((512, 2048) if args.quick else (512, 1024, 2048, 4096))]
     cases.append(("ragged 8 seqs", lambda: ragged([2048, 1024, 512, 256, 1500, 100, 700, 300], flex)))
     cases.append(("context-stopped c=1800 q=248", lambda: context_stopped(1800, 248, flex)))
@@ -193,7 +145,7 @@ def main(argv=None):
                 rows.append(dict(case=name, variant=variant, median_ms=round(seconds * 1e3, 3),
                                  speed_vs_baseline=round(medians[baseline] / seconds, 3), baseline=baseline))
                 print(f"{name:32} {variant:28} {seconds * 1e3:9.2f} ms  x{medians[baseline] / seconds:5.2f} vs {baseline}")
-    json_path, csv_path = write_results("cpu_attention", rows, {"flex_attention_skip_reason": flex[2],
+    json_path, csv_path = write_results("cpu_attention", rows, {"flex_attention_skip_reason": flex[1],
                                                                 "repeats": args.repeats})
     plot(rows, RESULTS / "cpu_attention.png")
     print(f"wrote {json_path}, {csv_path}, {RESULTS / 'cpu_attention.png'}")

@@ -5,30 +5,28 @@ cost per step. Rounds alternate the order of the two variants; each step is undo
 ``SkipCache.crop`` so every round decodes the same token over the same cache. Writes
 ``results/dispatch_overhead.json``.
 
-    python benchmarks/dispatch_overhead.py [--rounds 61]
+    python -m benchmarks.dispatch_overhead [--rounds 61]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
 import skiplayers as sk
-from common import demo_batch, write_results
+from benchmarks.common import DEMO_LAYER, arg_parser, decode_step_inputs, demo_batch, write_results
+from benchmarks.timing import timed
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=61)
-    parser.add_argument("--layer", type=int, default=27)
+    parser.add_argument("--layer", type=int, default=DEMO_LAYER)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model, ids, attn, ctx = demo_batch()
-    step = torch.full((ids.shape[0], 1), int(ids[0, -1]))
-    step_mask = torch.cat([attn, attn.new_ones(ids.shape[0], 1)], dim=1)
+    step, step_mask = decode_step_inputs(ids, attn)
     policy = sk.SkipPolicy(context_stop_layer=args.layer)
     backends = ("cpu", "auto")
     caches = {}
@@ -41,10 +39,9 @@ def main(argv=None) -> dict:
         for backend in backends if r % 2 else backends[::-1]:
             with sk.patched(model, policy, backend=backend):
                 cache = caches[backend]
-                start = time.perf_counter()
-                model(step, attention_mask=step_mask, context_mask=ctx, past_key_values=cache, use_cache=True,
-                      logits_to_keep=1)
-                times[backend].append((time.perf_counter() - start) * 1e3)
+                _, seconds = timed(model, step, attention_mask=step_mask, context_mask=ctx, past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1)
+                times[backend].append(seconds * 1e3)
                 cache.crop(-1)
     medians = {b: statistics.median(t[1:]) for b, t in times.items()}  # round 0 warms up
     row = dict(decode_ms_cpu=round(medians["cpu"], 3), decode_ms_auto=round(medians["auto"], 3),

@@ -31,8 +31,8 @@ Every call is bracketed by ``torch.cuda.synchronize()``; ``peak_mem_gib`` is the
 backend not built) gets the error in its row and the run goes on. Cases run in order (prefill of
 every shape, then decode) until ``--budget-s`` is spent; the rest are listed as skipped.
 
-    python benchmarks/e2e_gpu.py [--out DIR] [--budget-s 300] [--shapes smollm2-135m llama3-8b] ...
-    python benchmarks/e2e_gpu.py --smoke --out /tmp/e2e_smoke   # tiny float32 model, any device, seconds
+    python -m benchmarks.e2e_gpu [--out DIR] [--budget-s 300] [--shapes smollm2-135m llama3-8b] ...
+    python -m benchmarks.e2e_gpu --smoke --out /tmp/e2e_smoke   # tiny float32 model, any device, seconds
 
 Writes ``benchmarks/results/e2e_gpu.{json,csv,png}`` (``--smoke``: a temporary directory) and
 copies them to ``--out``.
@@ -47,11 +47,9 @@ failed (``error``).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,12 +60,11 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_medians, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.measure import greedy_step, token_layer_bound  # noqa: E402
-from skiplayers.ops import cuda_kernels_built  # noqa: E402
+import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
+from benchmarks.timing import interleaved_medians, timed
+from skiplayers.measure import greedy_step, token_layer_bound
+from skiplayers.ops import cuda_kernels_built
 
 STEM = "e2e_gpu"
 VARIANTS = ("unpatched", "auto", "ours")
@@ -294,9 +291,8 @@ def measure_decode(model, case: Case, args, device, guard: Guard) -> Measured:
         reset_peak(device)
         extra = {} if name == "unpatched" else {"context_mask": ctx}
         prefill = synced(lambda: model(ids, attention_mask=attn, use_cache=True, logits_to_keep=1, **extra), device)
-        start = time.perf_counter()
-        out = prefill()
-        prefill_s[name].append(time.perf_counter() - start)
+        out, seconds = timed(prefill)
+        prefill_s[name].append(seconds)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
         run = Greedy(out.past_key_values, attn, first, [first])
         del out
@@ -469,11 +465,7 @@ def format_table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Left: prefill speedup of auto and ours per (shape, ℓ), the token-layer bound as a marker.
     Then one panel per decode shape: tokens/s over context, one line per (variant, batch, ℓ)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     prefill = [r for r in rows if r["kind"] == "prefill"]
     decode_shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kind"] == "decode"))
     fig, axes = plt.subplots(1, 1 + len(decode_shapes), figsize=(6 * (1 + len(decode_shapes)), 4.5), squeeze=False)
@@ -506,13 +498,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set(title=f"decode, {shape}", xlabel="context tokens", ylabel="tokens/s", xscale="log", yscale="log")
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3-8b"], choices=list(SHAPES),

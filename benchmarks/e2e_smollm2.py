@@ -5,31 +5,21 @@ unpatched model and the model patched with ``SkipPolicy(context_stop_layer=ℓ)`
 one process on the same inputs (``skiplayers.measure.compare``); medians are reported next to the
 token-layer bound 1 / (1 - (L - ℓ)/L * c/(c+q)). Writes results/e2e_smollm2.{json,csv,png}.
 
-    python benchmarks/e2e_smollm2.py [--runs 5] [--contexts 100 250 500 1000] [--layers 0 5 10 15 20 29]
+    python -m benchmarks.e2e_smollm2 [--runs 5] [--contexts 100 250 500 1000] [--layers 0 5 10 15 20 29]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.measure import compare, token_layer_bound  # noqa: E402
+import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
+from skiplayers.measure import compare, token_layer_bound
 
 
 def plot(rows, layers_count, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     contexts = sorted({r["context"] for r in rows})
     for i, c in enumerate(contexts):
@@ -45,12 +35,11 @@ def plot(rows, layers_count, path):
         ax.axhline(1.0, color="black", lw=0.8)
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct, float32, q=50, batch 1, CPU (interleaved medians)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per run")
     parser.add_argument("--query", type=int, default=50)

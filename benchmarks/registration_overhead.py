@@ -1,6 +1,6 @@
 """Per-call host overhead of the decode op's registration, measured on the CPU (no GPU needed).
 
-    python benchmarks/registration_overhead.py [--calls 20000]
+    python -m benchmarks.registration_overhead [--calls 20000]
 
 What is timed: one ``cache_attention`` call for a decode step (B=8, 32 query / 8 KV heads, head dim
 128, 1 new token per sequence, metadata on the host), with the Triton kernel launches replaced by
@@ -22,20 +22,16 @@ here. Median of ``--repeats`` rounds of ``--calls`` calls each; results go to
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # registers the ops for CPU tensors (kernels are stubbed)
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-
+from benchmarks.common import arg_parser, write_results  # noqa: E402
 from skiplayers.triton_kernels import checks, launch_attention, launchers, registration  # noqa: E402
 
 
@@ -92,7 +88,7 @@ def time_calls(fn, args, calls: int, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)

@@ -43,14 +43,12 @@ techniques do to a model that was not made for them.
 Writes ``results/skipping.{json,csv,png}``; ``--smoke`` runs a few settings on 4 prompts and 8
 items and writes ``skipping_smoke.*`` to a temporary directory (or ``--out``).
 
-    PYTHONPATH=. python benchmarks/skipping.py [--runs 5] [--steps 16] [--items 40] [--threads 1]
-    PYTHONPATH=. python benchmarks/skipping.py --smoke
+    python -m benchmarks.skipping [--runs 5] [--steps 16] [--items 40] [--threads 1]
+    python -m benchmarks.skipping --smoke
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,13 +57,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, demo_batch, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.calibration import generate_outputs, get_metric, prepare  # noqa: E402
-from skiplayers.measure import compare, run_once  # noqa: E402
-from skiplayers.tasks import builtin_task  # noqa: E402
+import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser, demo_batch, pyplot, save_figure, write_results
+from skiplayers.calibration import generate_outputs, get_metric, prepare
+from skiplayers.measure import compare, run_once
+from skiplayers.tasks import builtin_task
 
 TASK = "number_words"
 EXIT_LAYERS = (12, 18, 24)
@@ -304,11 +300,7 @@ def run_quality(model, tok, settings, args) -> list[dict]:
 
 
 def plot(rows, layers: int, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     savings = [r for r in rows if r["section"] == "savings"]
     quality = [r for r in rows if r["section"] == "quality"]
     full = next((r["accuracy"] for r in quality if r["kind"] == "full"), None)
@@ -374,16 +366,14 @@ def plot(rows, layers: int, title: str, path: Path) -> None:
     ax.legend(lines + lines2, labels + labels2, fontsize=8, loc="lower left")
 
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- main --------------------------------------------------------------------------------------
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="interleaved timed runs per savings setting")
     parser.add_argument("--steps", type=int, default=16, help="greedy tokens per run (prefill + steps - 1 decode)")
     parser.add_argument("--items", type=int, default=40, help=f"quality items of builtin:{TASK} (of 40)")

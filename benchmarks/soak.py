@@ -19,13 +19,12 @@ It reports:
 Results: ``benchmarks/results/soak.json`` and ``benchmarks/results/soak.png`` (RSS against calls).
 Exits 1 if the memory criterion fails or any NaN was seen.
 
-    PYTHONPATH=. python benchmarks/soak.py               # 1,000 calls
-    PYTHONPATH=. python benchmarks/soak.py --calls 200 --warmup 20
+    python -m benchmarks.soak               # 1,000 calls
+    python -m benchmarks.soak --calls 200 --warmup 20
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -40,13 +39,23 @@ import psutil
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import skiplayers as sk
+from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure
+from skiplayers.measure import kv_cache_bytes
 
-import skiplayers as sk  # noqa: E402
-from skiplayers.cli import EXAMPLES, INSTRUCTIONS  # noqa: E402
-from skiplayers.measure import kv_cache_bytes  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The prompts' material: an English-to-French word task, the first n pairs as a prompt's examples.
+# (The demo's own task lived in skiplayers.cli until the demo moved to the calibrated built-in tasks.)
+INSTRUCTIONS = "Translate each English word into French. Answer with the French word only."
+EXAMPLES = [
+    ("cheese", "fromage"), ("house", "maison"), ("dog", "chien"), ("water", "eau"), ("bread", "pain"),
+    ("book", "livre"), ("tree", "arbre"), ("sun", "soleil"), ("moon", "lune"), ("car", "voiture"),
+    ("apple", "pomme"), ("city", "ville"), ("friend", "ami"), ("school", "école"), ("window", "fenêtre"),
+    ("flower", "fleur"), ("river", "rivière"), ("mountain", "montagne"), ("chair", "chaise"), ("door", "porte"),
+    ("milk", "lait"), ("fish", "poisson"), ("bird", "oiseau"), ("horse", "cheval"), ("sea", "mer"),
+    ("night", "nuit"), ("day", "jour"), ("hand", "main"), ("head", "tête"), ("heart", "cœur"),
+    ("king", "roi"), ("queen", "reine"), ("garden", "jardin"), ("street", "rue"), ("table", "table"),
+    ("wine", "vin"), ("sky", "ciel"), ("snow", "neige"), ("rain", "pluie"), ("wind", "vent"),
+]
 QUERIES = ["cat", "forest", "morning", "bridge", "apple tree", "the old man", "light", "glass"]
 
 
@@ -92,11 +101,7 @@ def one_call(model, tok, anchors, cfg: dict):
 
 
 def plot(samples, warmup, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     calls = [s["calls"] for s in samples]
     rss = [s["rss_bytes"] / 2**20 for s in samples]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -107,12 +112,11 @@ def plot(samples, warmup, path):
     ax.set_title("SmolLM2-135M soak: RSS after gc.collect()")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100, help="RSS reference point (calls)")
     parser.add_argument("--sample-every", type=int, default=10)
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-examples", type=int, default=8, help="few-shot examples per prompt: 0..this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "soak"), help="path prefix of .json/.png")
+    parser.add_argument("--out", default=str(RESULTS / "soak"), help="path prefix of .json/.png")
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.calls:
         parser.error("need 0 < --warmup < --calls")

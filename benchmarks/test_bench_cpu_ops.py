@@ -14,16 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import skiplayers.ops as sk_ops
+from benchmarks.attention_inputs import SMOLLM2, decode_metadata, packed_problem, sdpa_layout
 
-H, HKV, D = 9, 3, 64
+H, HKV, D = SMOLLM2
 
 
 def _problem(T):
     torch.manual_seed(0)
-    q, k, v = torch.randn(T, H, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
-    cu = torch.tensor([0, T], dtype=torch.int32)
-    pos = torch.arange(T, dtype=torch.int32)
-    return q, k, v, cu, pos
+    return packed_problem([T], *SMOLLM2)
 
 
 @pytest.mark.parametrize("T", [512, 2048])
@@ -36,7 +34,7 @@ def test_prefill_skiplayers(benchmark, T):
 @pytest.mark.parametrize("T", [512, 2048])
 def test_prefill_sdpa(benchmark, T):
     q, k, v, _, _ = _problem(T)
-    qs, ks, vs = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    qs, ks, vs = sdpa_layout(q, k, v)
     benchmark.group = f"prefill dense causal T={T}"
     benchmark(F.scaled_dot_product_attention, qs, ks, vs, is_causal=True, enable_gqa=True)
 
@@ -46,10 +44,9 @@ def test_decode_skiplayers(benchmark, S):
     torch.manual_seed(0)
     kc, vc = torch.randn(1, S, HKV, D), torch.randn(1, S, HKV, D)
     q = torch.randn(1, H, D)
-    pos = torch.arange(S, dtype=torch.int32)[None]
+    cu, lens, q_pos, pos = decode_metadata([S], S)
     benchmark.group = f"decode B=1 S={S}"
-    benchmark(sk_ops.cache_attention, q, kc, vc, torch.tensor([0, 1], dtype=torch.int32),
-              torch.tensor([S], dtype=torch.int32), torch.tensor([S - 1], dtype=torch.int32), pos)
+    benchmark(sk_ops.cache_attention, q, kc, vc, cu, lens, q_pos, pos)
 
 
 @pytest.mark.parametrize("S", [512, 4096])
