@@ -49,6 +49,8 @@ def _id(val) -> str | None:
         return f"{_id(val.dtype)}[{'x'.join(map(str, val.shape))}]"
     if isinstance(val, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in val):
         return "-".join(map(str, val)) or "none"
+    if isinstance(val, (list, tuple)) and val and all(isinstance(row, (list, tuple)) for row in val):
+        return f"list[{len(val)}x{len(val[0])}]"  # a nested list given where a tensor belongs
     if isinstance(val, dict):  # keyword changes of a case: dict(q=..., rule=64) -> q=float32[10x5x64],rule=64
         return ",".join(_item_id(k, v) for k, v in val.items())
     return None

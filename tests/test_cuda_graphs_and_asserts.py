@@ -131,6 +131,7 @@ print("NO ERROR RAISED")
             "cu_seqlens_k must start at 0 and end at total_k",
         ),
     ],
+    ids=["cache_append", "cache_attention", "varlen_attention"],  # the op each script calls
 )
 def test_device_side_metadata_checks(body, message):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))

@@ -76,7 +76,7 @@ def test_varlen_attention_queries_are_a_suffix_of_the_keys(ops, backend, rule, d
     op_contract.check_varlen_attention(ops, case)
 
 
-@over_backends("dtype", [*sized(CPU, torch.float32), *LOW])
+@over_backends("dtype", sized(GPU, *DTYPES))
 def test_varlen_attention_many_sequences(ops, backend, dtype):
     # > 32 sequences: the CUDA tile locator walks several warp-sized chunks of cu_seqlens.
     lengths = torch.randint(0, 40, (70,), generator=torch.Generator().manual_seed(70)).tolist()
