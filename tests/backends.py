@@ -54,8 +54,8 @@ class Backend:
     namespace: str | None = None
     host_value_checks: frozenset = frozenset()
 
-    def param(self, *values, id_: str | None = None, marks=()):
-        return pytest.param(self.name, *values, marks=(*self.marks, *marks), id=id_)
+    def param(self, *values):
+        return pytest.param(self.name, *values, marks=self.marks)
 
 
 _VALUE_CHECKS = frozenset({"cu_seqlens_q_decreasing", "cu_seqlens_k_short", "append_overflow", "length_past_capacity",
@@ -65,7 +65,7 @@ BACKENDS = {
     b.name: b
     for b in (
         # The reference itself: only tests that check a property directly, not against the reference.
-        Backend("torch", "cpu", GPU, frozenset()),
+        Backend("torch", "cpu", CPU, frozenset()),
         Backend("cpu", "cpu", CPU, frozenset({"compared", "validates", "split_k", "registered"}),
                 namespace="skiplayers", host_value_checks=_VALUE_CHECKS),
         # The same tests run the compiled kernels on CUDA tensors where there is a GPU. Value checks
@@ -76,7 +76,8 @@ BACKENDS = {
                 marks=(pytest.mark.triton,), head_dims=(64, 128),
                 head_dim_refusal="the Triton backend supports head_dim 64 and 128, got {}",
                 namespace="skiplayers_triton", host_value_checks=_VALUE_CHECKS),
-        Backend("cuda", "cuda", GPU, frozenset({"compared", "validates", "split_k", "registered", "refuses_host_tensors"}),
+        Backend("cuda", "cuda", GPU,
+                frozenset({"compared", "validates", "split_k", "registered", "refuses_host_tensors"}),
                 marks=(pytest.mark.cuda, _NO_GPU), head_dims=(64, 128),
                 head_dim_refusal=r"head_dim must be 64 or 128, got {}", namespace="skiplayers",
                 host_value_checks=frozenset({"compact_overflow", "rows_cu_seqlens"})),
@@ -113,7 +114,7 @@ def grid(*axes) -> list[tuple]:
     largest of their values'."""
     cases = []
     for combo in itertools.product(*axes):
-        sizes, values = zip(*map(_unwrap, combo))
+        sizes, values = zip(*map(_unwrap, combo), strict=True)
         flat = [x for v in values for x in (v if isinstance(v, together) else (v,))]
         cases.append(Sized(max(sizes), tuple(flat)))
     return cases
@@ -128,7 +129,7 @@ _FILTERS = {
 
 
 def _takes(backend: Backend, names: tuple[str, ...], values: tuple) -> bool:
-    return all(_FILTERS[n](backend, v) for n, v in zip(names, values) if n in _FILTERS)
+    return all(_FILTERS[n](backend, v) for n, v in zip(names, values, strict=True) if n in _FILTERS)
 
 
 def over_backends(argnames: str = "", cases=((),), needs: tuple[str, ...] = ("compared",)):

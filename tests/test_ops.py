@@ -44,8 +44,11 @@ def test_varlen_attention_ragged(ops, backend, dtype, rule, lengths):
 
 
 # Short anchored batches in float16 (the interpreter's share), the longer causal ones in each dtype.
-_GQA_SHAPES = [together(torch.float16, Rule.ANCHORS, [19, 45]), *sized(CPU, together(torch.float32, Rule.CAUSAL, [19, 200])),
-               *sized(GPU, together(torch.bfloat16, Rule.CAUSAL, [19, 200]), together(torch.float16, Rule.CAUSAL, [19, 200]))]
+_GQA_SHAPES = [
+    together(torch.float16, Rule.ANCHORS, [19, 45]),
+    *sized(CPU, together(torch.float32, Rule.CAUSAL, [19, 200])),
+    *sized(GPU, together(torch.bfloat16, Rule.CAUSAL, [19, 200]), together(torch.float16, Rule.CAUSAL, [19, 200])),
+]
 
 
 @over_backends("heads,head_dim,dtype,rule,lengths", grid(HEADS, HEAD_DIMS, _GQA_SHAPES))
@@ -134,7 +137,8 @@ def test_cache_attention_decode(ops, backend, dtype, rule, num_splits, lengths):
     op_contract.check_cache_attention(ops, case)
 
 
-_MULTI_QUERY_SHAPES = [together(Rule.HIDE_CONTEXT, 2, [9, 100, 33]), *sized(CPU, together(Rule.CAUSAL, 0, [9, 300, 33]))]
+_MULTI_QUERY_SHAPES = [together(Rule.HIDE_CONTEXT, 2, [9, 100, 33]),
+                       *sized(CPU, together(Rule.CAUSAL, 0, [9, 300, 33]))]
 
 
 @over_backends("heads,head_dim,dtype,rule,num_splits,lengths",
@@ -292,7 +296,8 @@ def test_documented_wrappers_pass_every_argument(ops, backend):
     """``sk.ops.<op>(..., ops=...)`` with its defaults (scale D**-0.5, num_splits 0) equals the op."""
     varlen = cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS, device=backend.device)
     cache = cases.make_cache_attention([4, 9], rule=Rule.HIDE_CONTEXT, device=backend.device)
-    for op, case, defaults in (("varlen_attention", varlen, ("scale",)), ("cache_attention", cache, ("scale", "num_splits"))):
+    for op, case, defaults in (("varlen_attention", varlen, ("scale",)),
+                               ("cache_attention", cache, ("scale", "num_splits"))):
         wrapped = getattr(sk_ops, op)(**{k: v for k, v in case.items() if k not in defaults}, ops=ops)
         assert torch.equal(wrapped, op_contract.call(ops, op, case)), f"{op}: the wrapper's call differs"
 
@@ -300,12 +305,12 @@ def test_documented_wrappers_pass_every_argument(ops, backend):
 # --- torch.library.opcheck: schema, fake tensor, autograd registration ---------------------------
 
 _OPCHECK_CASES = {
-    "varlen_attention": lambda dtype, device: cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS, dtype=dtype,
-                                                                          device=device),
-    "cache_attention": lambda dtype, device: cases.make_cache_attention([4, 9], num_splits=2, dtype=dtype, device=device),
-    "compact_rows": lambda dtype, device: cases.make_compact_rows([2, 5], dtype=dtype, device=device),
-    "cache_append": lambda dtype, device: cases.make_cache_append([1, 2], [2, 1], capacity=6, dtype=dtype, device=device),
-    "cache_compact": lambda dtype, device: cases.make_cache_compact([3, 6], capacity=8, dtype=dtype, device=device),
+    "varlen_attention": lambda dtype, dev: cases.make_varlen_attention([3, 0, 9], rule=Rule.ANCHORS, dtype=dtype,
+                                                                       device=dev),
+    "cache_attention": lambda dtype, dev: cases.make_cache_attention([4, 9], num_splits=2, dtype=dtype, device=dev),
+    "compact_rows": lambda dtype, dev: cases.make_compact_rows([2, 5], dtype=dtype, device=dev),
+    "cache_append": lambda dtype, dev: cases.make_cache_append([1, 2], [2, 1], capacity=6, dtype=dtype, device=dev),
+    "cache_compact": lambda dtype, dev: cases.make_cache_compact([3, 6], capacity=8, dtype=dtype, device=dev),
 }
 
 
