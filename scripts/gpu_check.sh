@@ -61,16 +61,19 @@ if [ "$MODE" = "dispatch" ]; then
   exit 0
 fi
 
-run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "not rejects and not device_side"
-run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_ops_cuda.py -k "rejects or device_side"
+CUDA_OP_FILES="tests/test_ops.py tests/test_cuda_graphs_and_asserts.py"
+run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "not rejects and not device_side"
+run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "rejects or device_side"
 run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_skipping.py
 if [ "$MODE" != "quick" ]; then
   # With a GPU visible, the Triton tests run compiled on CUDA tensors instead of the interpreter.
-  run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_triton_interpret.py
-  run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
-    tests/test_ops_cuda.py -k "(varlen_attention_ragged and float16 or cache_attention_decode and bfloat16 or compact_rows or cache_append) and not rejects and not device_side"
-  run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x \
-    tests/test_ops_cuda.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32"
+  run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_ops.py tests/test_triton_kernels.py \
+    tests/test_triton_registration.py tests/test_model_triton.py
+  # The -k filters match the readable ids (float16 is a substring of bfloat16, hence "not bfloat16").
+  run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
+    tests/test_ops.py -k "(varlen_attention_ragged and float16 and not bfloat16 or cache_attention_decode and bfloat16 or compact_rows or cache_append) and not rejects and not device_side"
+  run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
+    tests/test_ops.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32"
   run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
   if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
   cp benchmarks/results/*kernels*.json "$OUT/" 2>/dev/null

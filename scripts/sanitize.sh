@@ -3,7 +3,7 @@
 #
 #   scripts/sanitize.sh                      build, self-test, run the CPU op / model / fuzz tests
 #   SANITIZE_PYTEST_ARGS="-k anchors -x" scripts/sanitize.sh     extra pytest arguments
-#   SANITIZE_TESTS="tests/test_ops_cpu.py" scripts/sanitize.sh   other test files (default below)
+#   SANITIZE_TESTS="tests/test_ops.py" scripts/sanitize.sh       other test files (default below)
 #   SANITIZE_K="" scripts/sanitize.sh        the -k filter (default "not torch": the pure-PyTorch
 #                                            backend runs no code of ours built with sanitizers)
 #
@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 
 # Default: the CPU op tests, the CPU model tests, and the fuzz suite (whatever of it exists).
 if [ -z "${SANITIZE_TESTS:-}" ]; then
-  SANITIZE_TESTS="tests/test_ops_cpu.py tests/test_model_cpu.py"
+  SANITIZE_TESTS="tests/test_ops.py tests/test_model_cpu.py"
   [ -d tests/fuzz ] && SANITIZE_TESTS+=" tests/fuzz"
   for f in tests/test_fuzz*.py; do [ -e "$f" ] && SANITIZE_TESTS+=" $f"; done
 fi

@@ -33,6 +33,54 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads SmolLM2 or runs long")
 
 
+def _id(val) -> str | None:
+    """A readable id for one parametrize value, or None for pytest's default (``argnameN`` for
+    objects it cannot print)."""
+    from constants import Heads  # noqa: PLC0415  (tests/ is on sys.path only from here on)
+    from skiplayers.meta import Rule  # noqa: PLC0415
+
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    if isinstance(val, Rule):
+        return "|".join(bit.name for bit in val) or val.name  # Rule(3): HIDE_CONTEXT|ANCHORS, not ALL
+    if isinstance(val, Heads):
+        return f"{val.q}q{val.kv}kv"
+    if isinstance(val, torch.Tensor):
+        return f"{_id(val.dtype)}[{'x'.join(map(str, val.shape))}]"
+    if isinstance(val, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+        return "-".join(map(str, val)) or "none"
+    if isinstance(val, (list, tuple)) and val and all(isinstance(row, (list, tuple)) for row in val):
+        return f"list[{len(val)}x{len(val[0])}]"  # a nested list given where a tensor belongs
+    if isinstance(val, dict):  # keyword changes of a case: dict(q=..., rule=64) -> q=float32[10x5x64],rule=64
+        return ",".join(_item_id(k, v) for k, v in val.items())
+    return None
+
+
+def _item_id(key: str, value) -> str:
+    shown = str(value) if isinstance(value, (bool, int, float, str)) else _id(value)
+    return key if shown is None else f"{key}={shown}"
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    return _id(val)
+
+
+@pytest.fixture
+def ops(request):
+    """The OpSet of the backend named by an ``over_backends`` parametrisation (tests/backends.py)."""
+    from skiplayers import ops as sk_ops  # noqa: PLC0415
+
+    return sk_ops.get_ops(request.param)
+
+
+@pytest.fixture
+def backend(request):
+    """The table row (tests/backends.py) of the backend the ``ops`` fixture runs."""
+    from backends import BACKENDS  # noqa: PLC0415
+
+    return BACKENDS[request.node.callspec.params["ops"]]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

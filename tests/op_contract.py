@@ -36,6 +36,11 @@ def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive low-precision error {(bound - atol) / 2:.3g})"
 
 
+def call(ops, op: str, case: dict):
+    """``ops.<op>`` on the arguments of ``case`` (a dict keyed by the schema's argument names), by position."""
+    return getattr(ops, op)(*[case[k] for k in sk_ops.schema_arguments(op)])
+
+
 def check_varlen_attention(ops, case: dict) -> None:
     out = ops.varlen_attention(*[case[k] for k in _VARLEN_ARGS])
     assert_attention_close(out, case, reference.varlen_attention)

@@ -17,6 +17,7 @@ import torch
 
 import cases
 import op_contract
+from constants import RULES
 import skiplayers as sk
 from model_helpers import ragged_batch, tiny_llama
 from skiplayers import ops as sk_ops
@@ -24,7 +25,6 @@ from skiplayers import reference
 from skiplayers.meta import Rule
 
 BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton)]
-RULES = [0, Rule.HIDE_CONTEXT, Rule.ANCHORS, Rule.HIDE_CONTEXT | Rule.ANCHORS]
 _VARLEN_DIFF = ("q", "k", "v")
 _CACHE_DIFF = ("q", "k_cache", "v_cache")
 

@@ -164,7 +164,7 @@ SMOLLM2_LAYER_MASK[2, [11, 13, 15, 17, 19, 21]] = False
      sk.SkipPolicy(context_stop_layer=10, drop_attention_layers=range(24, 30), skip_layers=[20])),
     ("early exit at 16/22",
      sk.SkipPolicy(early_exit=sk.EarlyExit(layers=[16, 22], threshold=0.5))),
-])
+], ids=["drop_skip_stop", "early_exit"])  # a SkipPolicy has no short printed form
 def test_skipping_family_matches_masked_model(model, batch, name, policy):
     """The skipping policies with real weights, per-sequence layer masks included: greedy tokens,
     exits and each generated step's logits as the masked model computes them (float32; the file's

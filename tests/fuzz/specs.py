@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+import constants
+
 ATTENTION_DTYPES = ("float32", "float16", "bfloat16")
 ROW_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "bool")
-RULES = (0, 1, 2, 3)  # 0, Rule.HIDE_CONTEXT, Rule.ANCHORS, both
+RULES = tuple(int(r) for r in constants.RULES)  # every combination of the Rule bits, as JSON-able ints
 HEAD_DIMS = {"full": (64, 16, 32, 80, 128), "small": (64, 128)}
 LENGTHS = {"full": (8, 70, 300), "small": (8, 40, 130)}  # tiny, mid, large upper bounds
 MAX_BATCH = {"full": 4, "small": 3}

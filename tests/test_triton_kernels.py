@@ -1,0 +1,109 @@
+"""The Triton kernels' own building blocks, below the ops (the ops themselves: tests/test_ops.py):
+the visibility predicate and the block test of ``triton_kernels/visibility.py`` against
+``reference.visibility_mask``, run inside a probe kernel; and the ahead-of-time compile check
+(``skiplayers.aot``) for sm_80 and sm_90.
+
+Without a GPU the probe runs under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py`` before anything imports triton) on CPU tensors; with a GPU, compiled on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import cases
+from backends import triton_device
+from constants import RULES
+from skiplayers import aot, reference
+from skiplayers.meta import Rule
+from skiplayers.triton_kernels.visibility import key_block_may_be_visible, key_visible, query_summary
+
+pytestmark = pytest.mark.triton
+
+DEVICE = triton_device()
+
+
+# --- the predicate and the block test, against reference.visibility_mask ---------------------------
+
+
+@triton.jit
+def _visibility_probe(q_pos_ptr, q_tag_ptr, k_pos_ptr, k_tag_ptr, visible_ptr, may_ptr, rule, num_keys,
+                      M: tl.constexpr, N: tl.constexpr, USE_TAGS: tl.constexpr):
+    qi = tl.arange(0, M)
+    kj = tl.arange(0, N)
+    k_valid = kj < num_keys
+    q_pos, q_tag = tl.load(q_pos_ptr + qi), tl.load(q_tag_ptr + qi)
+    k_pos = tl.load(k_pos_ptr + kj, mask=k_valid, other=0)
+    k_tag = tl.load(k_tag_ptr + kj, mask=k_valid, other=0)
+    visible = key_visible(rule, q_pos[:, None], q_tag[:, None], k_pos[None, :], k_tag[None, :], USE_TAGS)
+    tl.store(visible_ptr + qi[:, None] * N + kj[None, :], (visible & k_valid[None, :]).to(tl.int8))
+    q_max_pos, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, qi < M, USE_TAGS)
+    may = key_block_may_be_visible(rule, q_max_pos, q_min_sentence, q_max_sentence, k_pos, k_tag, k_valid, USE_TAGS)
+    tl.store(may_ptr, may.to(tl.int8))
+
+
+def _probe(rule, q_pos, q_tag, k_pos, k_tag, use_tags=True, num_keys=None):
+    m, n = q_pos.numel(), k_pos.numel()
+    visible = torch.empty(m, n, dtype=torch.int8, device=DEVICE)
+    may = torch.empty(1, dtype=torch.int8, device=DEVICE)
+    t = [x.to(DEVICE) for x in (q_pos, q_tag, k_pos, k_tag)]
+    _visibility_probe[(1,)](*t, visible, may, rule, n if num_keys is None else num_keys, M=m, N=n, USE_TAGS=use_tags)
+    return visible.bool().cpu(), bool(may.item())
+
+
+def test_predicate_and_block_test_match_reference_on_random_blocks():
+    gen = torch.Generator().manual_seed(7)
+    ruled_out = 0
+    for trial in range(80):
+        rule = RULES[trial % len(RULES)]
+        pos, tag = cases.sequence_metadata(96, gen, rule | Rule.ANCHORS, gapped=True)
+        if trial % 2:  # scattered rows
+            qi = torch.randint(0, 96, (16,), generator=gen)
+            kj = torch.randint(0, 96, (16,), generator=gen)
+        else:  # contiguous blocks, as the kernels tile them
+            qi = torch.randint(0, 80, (1,), generator=gen) + torch.arange(16)
+            kj = torch.randint(0, 80, (1,), generator=gen) + torch.arange(16)
+        visible, may = _probe(rule, pos[qi], tag[qi], pos[kj], tag[kj])
+        truth = reference.visibility_mask(rule, pos[qi], tag[qi], pos[kj], tag[kj])
+        assert torch.equal(visible, truth), f"predicate differs from reference (rule {rule})"
+        assert may or not truth.any(), f"block test ruled out a block with a visible pair (rule {rule})"
+        ruled_out += not may
+    # untagged kernels: plain causality, whatever the rule
+    visible, _ = _probe(Rule.ANCHORS | Rule.HIDE_CONTEXT, pos[qi], tag[qi], pos[kj], tag[kj], use_tags=False)
+    assert torch.equal(visible, reference.visibility_mask(0, pos[qi], tag[qi], pos[kj], tag[kj]))
+    assert ruled_out > 0, "the block test never skipped a block: it would be sound but useless"
+
+
+@pytest.mark.parametrize(
+    "name,rule,k_pos,k_tag",
+    [
+        ("future keys", 0, torch.arange(40, 56), torch.zeros(16)),
+        ("hidden context", Rule.HIDE_CONTEXT, torch.arange(0, 16), torch.ones(16)),
+        # queries are in sentence 3; the keys are non-anchor tokens of sentences 0..1
+        ("earlier sentences' non-anchors", Rule.ANCHORS, torch.arange(0, 16), (torch.arange(16) // 8) << 3),
+        ("padding only", 0, torch.arange(0, 16), torch.zeros(16)),
+    ],
+)
+def test_block_test_rules_out(name, rule, k_pos, k_tag):
+    q_pos = torch.arange(20, 36, dtype=torch.int32)
+    q_tag = torch.full((16,), 3 << 3, dtype=torch.int32)
+    num_keys = 0 if name == "padding only" else 16
+    _, may = _probe(rule, q_pos, q_tag, k_pos.to(torch.int32), k_tag.to(torch.int32), num_keys=num_keys)
+    assert not may, f"{name}: block should be ruled out"
+
+
+# --- ahead-of-time compilation for sm_80 and sm_90 -----------------------------------------------------
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    rows = aot.compile_all((80, 90), jobs=2)
+    print("\n" + aot.format_table(rows))
+    failed = [f"{r.kernel} {r.config} {r.variant} sm_{r.arch}: {r.error or 'shared memory over the limit'}"
+              for r in rows if not r.ok]
+    assert not failed, "\n".join(failed)
+    kernels = {r.kernel for r in rows}
+    assert {"prefill_attention_kernel", "decode_attention_kernel", "combine_splits_kernel", "compact_rows_kernel",
+            "cache_append_kernel", "cache_compact_kernel"} <= kernels
