@@ -2,7 +2,9 @@
 
 Per layer it keeps K/V buffers ``[B, S_cap, H_kv, D]``, the absolute position and tag of every
 stored slot (``[B, S_cap]`` int32) and the stored length of each sequence (``[B]`` int32, on the
-model's device, with a host mirror so capacity decisions never wait on the device).
+model's device, with a host mirror so capacity decisions never wait on the device). Each
+:class:`SkipCacheLayer` owns these and is the only code that changes them (append, compact, drop
+the last slots, select sequences); :class:`SkipCache` decides what each layer stores and keeps.
 
 Two lengths, both exposed:
 
@@ -23,6 +25,8 @@ the cache is next used, so the last call can always be undone.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -37,21 +41,42 @@ def _grown_capacity(needed: int) -> int:
     return -(-(needed + margin) // 16) * 16
 
 
+def _read_only(name: str, doc: str) -> property:
+    """A property that reads the attribute ``name`` and cannot be set."""
+    return property(operator.attrgetter(name), doc=doc)
+
+
 class SkipCacheLayer(CacheLayerMixin):
-    """One layer's buffers. Written only through :meth:`SkipCache.append`."""
+    """One layer's buffers and stored lengths, and the only code that changes them.
+
+    ``keys, values [B, S_cap, H_kv, D]`` and ``pos, tag`` (int32 ``[B, S_cap]``) hold sequence b's
+    first ``lengths[b]`` slots. The stored length of each sequence is kept twice: ``lengths`` (int32
+    ``[B]``, on the buffers' device) is what the kernels read, ``host_lengths`` (int64 ``[B]``, cpu)
+    is its mirror, so that capacity and dispatch decisions never wait on the device. Both change
+    only together, inside :meth:`append`, :meth:`compact`, :meth:`drop_last` and the batch
+    selections; from outside they are read-only properties (read, never modify in place), and
+    :meth:`check_lengths` verifies that they agree.
+    """
 
     is_compileable = False
     is_croppable = True  # SkipCache.crop undoes the columns of the last call (anchors included)
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, owner: "SkipCache"):
+    def __init__(self, owner: "SkipCache", index: int):
         super().__init__()
         self._owner = owner
-        self.pos: torch.Tensor | None = None  # int32 [B, S_cap]
-        self.tag: torch.Tensor | None = None  # int32 [B, S_cap]
-        self.lengths: torch.Tensor | None = None  # int32 [B], device
-        self.host_lengths: torch.Tensor | None = None  # int64 [B], cpu mirror
+        self.index = index  # the decoder layer it caches (named in errors)
+        self._pos: torch.Tensor | None = None
+        self._tag: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
+        self._host_lengths: torch.Tensor | None = None
+
+    # Read-only from outside: only the layer's own methods rebind them.
+    pos = _read_only("_pos", "int32 ``[B, S_cap]``: the absolute position of every stored slot.")
+    tag = _read_only("_tag", "int32 ``[B, S_cap]``: the tag word of every stored slot (``meta.py``).")
+    lengths = _read_only("_lengths", "int32 ``[B]`` on the buffers' device: slots stored per sequence.")
+    host_lengths = _read_only("_host_lengths", "int64 ``[B]`` on the host: the mirror of ``lengths``.")
 
     # --- the transformers CacheLayerMixin interface ---
 
@@ -65,31 +90,32 @@ class SkipCacheLayer(CacheLayerMixin):
         return self._owner.logical_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = int(self.host_lengths.max()) if self.host_lengths is not None and self.host_lengths.numel() else 0
+        host = self._host_lengths
+        stored = int(host.max()) if host is not None and host.numel() else 0
         return stored + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.pos = self.tag = self.lengths = self.host_lengths = None
+        self.keys = self.values = self._pos = self._tag = self._lengths = self._host_lengths = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps the sequences ``indices`` (int64 ``[B']``, repeats allowed: beam search), in that order."""
         if not self.is_initialized:
             return
         dev = indices.to(self.keys.device)
-        self.keys, self.values = self.keys[dev], self.values[dev]
-        self.pos, self.tag, self.lengths = self.pos[dev], self.tag[dev], self.lengths[dev]
-        self.host_lengths = self.host_lengths[indices.cpu()]
+        self.keys, self.values, self._pos, self._tag = self.keys[dev], self.values[dev], self._pos[dev], self._tag[dev]
+        self._lengths, self._host_lengths = self._lengths[dev], self._host_lengths[indices.cpu()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:
             return
-        for name in ("keys", "values", "pos", "tag", "lengths", "host_lengths"):
+        for name in ("keys", "values", "_pos", "_tag", "_lengths", "_host_lengths"):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -106,10 +132,80 @@ class SkipCacheLayer(CacheLayerMixin):
             return 0
         total = self.keys.nbytes + self.values.nbytes
         if include_metadata:
-            total += self.pos.nbytes + self.tag.nbytes + self.lengths.nbytes
+            total += self._pos.nbytes + self._tag.nbytes + self._lengths.nbytes
         return total
 
+    def append(self, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
+        """Stores sequence b's ``counts[b]`` new rows after its stored slots (packed ``k, v [N, H_kv, D]``,
+        ``pos, tag [N]`` int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]``
+        on the host), growing the buffers first when they are too small."""
+        batch = counts.shape[0]
+        if self.keys is None:
+            self._allocate(batch, _grown_capacity(int(counts.max()) if batch else 0), k)
+        else:
+            if self.keys.shape[0] != batch:
+                raise ValueError(f"SkipCache holds {self.keys.shape[0]} sequences, the input has {batch}")
+            needed = int((self._host_lengths + counts).max()) if batch else 0
+            if needed > self.capacity:
+                self._allocate(batch, _grown_capacity(needed), k)
+        ops.cache_append(
+            k_cache=self.keys, v_cache=self.values, pos_cache=self._pos, tag_cache=self._tag, k=k, v=v, pos=pos,
+            tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
+        )
+        self._host_lengths += counts
+        self._lengths += counts.to(device=self._lengths.device, dtype=torch.int32)
+
+    def compact(self, keep: torch.Tensor, ops: OpSet) -> None:
+        """Keeps, per sequence b, the stored slots ``s < lengths[b]`` with ``keep[b, s]`` (bool
+        ``[B, S_cap]`` on the buffers' device; slots past a sequence's length are never kept), moved
+        to the front of buffers sized for what is kept (memory is released, not only marked free).
+        Reads the kept counts back (one device sync); does nothing when every stored slot is kept."""
+        if self.keys is None:
+            return
+        keep = keep & (torch.arange(self.capacity, device=keep.device)[None, :] < self._lengths[:, None])
+        kept = keep.sum(dim=1).cpu()
+        if torch.equal(kept, self._host_lengths):
+            return
+        self.keys, self.values, self._pos, self._tag, self._lengths = ops.cache_compact(
+            k_cache=self.keys, v_cache=self.values, pos_cache=self._pos, tag_cache=self._tag,
+            cache_seqlens=self._lengths, keep=keep, capacity=_grown_capacity(int(kept.max()) if kept.numel() else 0),
+        )
+        self._host_lengths = kept.to(torch.int64)
+
+    def drop_last(self, counts: torch.Tensor) -> None:
+        """Forgets sequence b's last ``counts[b]`` stored slots (int64 ``[B]``, host); the buffers keep
+        their capacity."""
+        if self._host_lengths is None:
+            return
+        if bool((counts > self._host_lengths).any()):
+            raise RuntimeError(f"SkipCache layer {self.index} holds fewer slots than the columns to crop; "
+                               "it is inconsistent")
+        self._host_lengths -= counts
+        self._lengths -= counts.to(device=self._lengths.device, dtype=torch.int32)
+
+    def check_lengths(self) -> None:
+        """Raises ``RuntimeError`` naming this layer and the sequences whose host mirror differs from
+        the device lengths, or whose length is outside ``0 .. capacity``. Reads the device lengths
+        back (a device sync): for tests and debugging, never called on the forward path."""
+        host, device = self._host_lengths, self._lengths
+        if host is None and device is None:
+            return
+        if host is None or device is None:
+            raise RuntimeError(f"SkipCache layer {self.index}: only one of the host and device lengths is set")
+        device = device.cpu().to(torch.int64)
+        if host.shape != device.shape:
+            raise RuntimeError(f"SkipCache layer {self.index}: host lengths hold {host.shape[0]} sequences, "
+                               f"device lengths {device.shape[0]}")
+        wrong = ((host != device) | (host < 0) | (host > self.capacity)).nonzero().flatten().tolist()
+        if wrong:
+            raise RuntimeError(
+                f"SkipCache layer {self.index}: stored lengths inconsistent for sequences {wrong} (host "
+                f"{host[wrong].tolist()}, device {device[wrong].tolist()}, capacity {self.capacity})"
+            )
+
     def _allocate(self, batch: int, capacity: int, like: torch.Tensor) -> None:
+        """Buffers of ``capacity`` slots for ``batch`` sequences, like ``like [N, H_kv, D]``; what is
+        stored is kept (growth), and a first allocation starts with nothing stored."""
         kv_shape = (batch, capacity, *like.shape[1:])
         keys = like.new_empty(kv_shape)
         values = like.new_empty(kv_shape)
@@ -118,17 +214,12 @@ class SkipCacheLayer(CacheLayerMixin):
         if self.keys is not None:  # grow: keep what is stored
             old = self.capacity
             keys[:, :old], values[:, :old] = self.keys, self.values
-            pos[:, :old], tag[:, :old] = self.pos, self.tag
+            pos[:, :old], tag[:, :old] = self._pos, self._tag
         else:
-            self.lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
-            self.host_lengths = torch.zeros(batch, dtype=torch.int64)
-        self.keys, self.values, self.pos, self.tag = keys, values, pos, tag
+            self._lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
+            self._host_lengths = torch.zeros(batch, dtype=torch.int64)
+        self.keys, self.values, self._pos, self._tag = keys, values, pos, tag
         self.is_initialized = True
-
-    def replace(self, keys, values, pos, tag, lengths, host_lengths) -> None:
-        """Installs new buffers (after a compaction)."""
-        self.keys, self.values, self.pos, self.tag = keys, values, pos, tag
-        self.lengths, self.host_lengths = lengths, host_lengths
 
 
 _NOT_HF_WRITABLE = (
@@ -141,7 +232,7 @@ class SkipCache(Cache):
     """KV cache for a model patched by :func:`skiplayers.patch`; see the module docstring."""
 
     def __init__(self, num_layers: int):
-        super().__init__(layers=[SkipCacheLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[SkipCacheLayer(self, idx) for idx in range(num_layers)])
         self.logical_length = 0
         # Per sequence: context tokens and non-context tokens seen so far (host int64 [B]).
         self.context_counts: torch.Tensor | None = None
@@ -204,25 +295,8 @@ class SkipCache(Cache):
         return self._active_step.store(self, layer_idx, key_states, value_states)
 
     def append(self, layer_idx: int, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
-        """Stores sequence b's ``counts[b]`` new rows (packed ``k, v [N, H_kv, D]``, ``pos, tag [N]``
-        int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]`` on the host)."""
-        layer = self.layers[layer_idx]
-        batch = counts.shape[0]
-        if layer.keys is None:
-            needed = int(counts.max()) if batch else 0
-            layer._allocate(batch, _grown_capacity(needed), k)
-        else:
-            if layer.keys.shape[0] != batch:
-                raise ValueError(f"SkipCache holds {layer.keys.shape[0]} sequences, the input has {batch}")
-            needed = int((layer.host_lengths + counts).max()) if batch else 0
-            if needed > layer.capacity:
-                layer._allocate(batch, _grown_capacity(needed), k)
-        ops.cache_append(
-            k_cache=layer.keys, v_cache=layer.values, pos_cache=layer.pos, tag_cache=layer.tag, k=k, v=v, pos=pos,
-            tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=layer.lengths,
-        )
-        layer.host_lengths += counts
-        layer.lengths += counts.to(device=layer.lengths.device, dtype=torch.int32)
+        """Stores new rows at layer ``layer_idx`` (:meth:`SkipCacheLayer.append`)."""
+        self.layers[layer_idx].append(k, v, pos, tag, cu_seqlens, counts, ops)
 
     def request_reduction(self, ops: OpSet) -> None:
         """A sentence finished: its tokens (but its anchor) leave the cache before it is next used
@@ -246,23 +320,15 @@ class SkipCache(Cache):
             if layer.keys is None:
                 continue
             current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)  # sentence each sequence is in
-            slots = torch.arange(layer.capacity, device=layer.tag.device)[None, :] < layer.lengths[:, None]
             kept_tokens = (layer.tag & (TAG_ANCHOR | TAG_SINK)) != 0
             current_sentence = (layer.tag >> TAG_SENTENCE_SHIFT) >= current[:, None]
-            keep = slots & (kept_tokens | current_sentence)
-            kept = keep.sum(dim=1).cpu()
-            if torch.equal(kept, layer.host_lengths):
-                continue
-            keys, values, pos, tag, lengths = ops.cache_compact(
-                k_cache=layer.keys, v_cache=layer.values, pos_cache=layer.pos, tag_cache=layer.tag,
-                cache_seqlens=layer.lengths, keep=keep, capacity=_grown_capacity(int(kept.max()) if kept.numel() else 0),
-            )
-            layer.replace(keys, values, pos, tag, lengths, kept.to(torch.int64))
+            layer.compact(kept_tokens | current_sentence, ops)
 
     def stored(self, layer_idx: int):
-        """``(keys, values, pos, tag, lengths)`` of a layer, the layout of ``cache_attention``."""
+        """``(keys, values, pos, tag, lengths, host_lengths)`` of a layer: the layout of
+        ``cache_attention`` and the host mirror of the lengths (read only)."""
         layer = self.layers[layer_idx]
-        return layer.keys, layer.values, layer.pos, layer.tag, layer.lengths
+        return layer.keys, layer.values, layer.pos, layer.tag, layer.lengths, layer.host_lengths
 
     def is_empty(self, layer_idx: int) -> bool:
         layer = self.layers[layer_idx]
@@ -350,12 +416,7 @@ class SkipCache(Cache):
             stored = tokens - contexts if stop is not None and idx >= stop else tokens
             if self.layer_mask is not None:  # a sequence stores nothing at a layer it skips
                 stored = stored * self.layer_mask[:, idx]
-            if layer.host_lengths is None:
-                continue
-            if bool((stored > layer.host_lengths).any()):
-                raise RuntimeError(f"SkipCache layer {idx} holds fewer slots than the columns to crop; it is inconsistent")
-            layer.host_lengths -= stored
-            layer.lengths -= stored.to(device=layer.lengths.device, dtype=torch.int32)
+            layer.drop_last(stored)
         if self.context_counts is not None:
             self.context_counts = self.context_counts - contexts
             self.noncontext_counts = self.noncontext_counts - (tokens - contexts)
@@ -367,6 +428,12 @@ class SkipCache(Cache):
         positions = torch.cat(self._fed_positions, dim=1)[:, :keep]
         self._fed_positions = [positions]
         self.last_positions = positions.max(dim=1).values if keep else torch.full_like(self.last_positions, -1)
+
+    def check_lengths(self) -> None:
+        """Raises ``RuntimeError`` if some layer's host and device lengths disagree
+        (:meth:`SkipCacheLayer.check_lengths`; a device sync per layer, for tests and debugging)."""
+        for layer in self.layers:
+            layer.check_lengths()
 
     def reset(self) -> None:
         super().reset()

@@ -8,6 +8,8 @@ masked model as the masked model computed in the same reduced precision is, plus
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,6 +129,25 @@ def assert_reduced_precision_matches(model_lp, model_fp32, policy, backend, batc
     assert err <= 2 * baseline + floor, f"error {err:.3g} > 2 x {baseline:.3g} + {floor}"
 
 
+@contextlib.contextmanager
+def checking_cache_lengths(model):
+    """Within the block, every forward of ``model`` that returns a SkipCache is followed by
+    ``SkipCache.check_lengths()`` (host and device lengths agree in every layer), so that a step
+    that lets them drift fails where it happens."""
+
+    @torch.compiler.disable  # a device sync on purpose: run eagerly, outside any traced graph
+    def check(module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        if isinstance(cache, sk.SkipCache):
+            cache.check_lengths()
+
+    handle = model.register_forward_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: int, layer_mask=None,
                                    atol=FP32_LOGIT_ATOL):
@@ -136,10 +157,11 @@ def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: in
     ids, attn, ctx, _ = batch
     sk.patch(model, policy, backend=backend)
     try:
-        out = model.generate(
-            ids, attention_mask=attn, context_mask=ctx, max_new_tokens=new_tokens, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, layer_mask=layer_mask,
-        )
+        with checking_cache_lengths(model):
+            out = model.generate(
+                ids, attention_mask=attn, context_mask=ctx, max_new_tokens=new_tokens, do_sample=False,
+                return_dict_in_generate=True, output_logits=True, layer_mask=layer_mask,
+            )
         work = sk.work_report(model)
     finally:
         sk.unpatch(model)
@@ -176,8 +198,10 @@ def prefill_and_decode_logits(run, batch, layers: int):
     step, step_mask, step_pos = decode_step_inputs(batch)
     cache = sk.SkipCache(layers)
     first = run(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=cache).logits
+    cache.check_lengths()
     second = run(step, attention_mask=step_mask, position_ids=step_pos, context_mask=ctx,
                  past_key_values=cache).logits
+    cache.check_lengths()
     return first, second, cache.layer_lengths()
 
 

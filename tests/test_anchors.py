@@ -31,6 +31,7 @@ def assert_no_finished_sentence_tokens(cache: sk.SkipCache, keep_first: int):
     # The reduction a call requests runs before the cache is next used (SkipCache.request_reduction);
     # reading lengths or bytes, or the next forward, carries it out. Read the buffers after it.
     cache.settle()
+    cache.check_lengths()
     current = cache.sentence_counts
     for layer in cache.layers:
         for b, n in enumerate(layer.host_lengths.tolist()):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import skiplayers as sk
 from model_helpers import (
     FP32_LOGIT_ATOL,
+    checking_cache_lengths,
     computed_columns,
     decode_step_inputs,
     prefill_and_decode_logits,
@@ -182,10 +183,11 @@ def test_a_layer_by_layer_device_map_generates_the_fully_loaded_tokens(batch):
 @torch.no_grad()
 def test_prompt_lookup_and_assisted_decoding_equal_plain_greedy(model, batch, policy):
     ids, ctx = _repetitive_prompt(batch)
-    with sk.patched(model, policy, backend="cpu"):
+    assistant = tiny_llama(seed=3, layers=2)  # another model: many candidates are rejected and cropped
+    # Each forward checks its cache's mirrors, so the crops between forwards are checked too.
+    with sk.patched(model, policy, backend="cpu"), checking_cache_lengths(model), checking_cache_lengths(assistant):
         plain = model.generate(ids, context_mask=ctx, max_new_tokens=16, do_sample=False)
         lookup = model.generate(ids, context_mask=ctx, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
-        assistant = tiny_llama(seed=3, layers=2)  # another model: many candidates are rejected and cropped
         with sk.patched(assistant, sk.SkipPolicy(context_stop_layer=1), backend="cpu"):
             assisted = model.generate(ids, context_mask=ctx, max_new_tokens=16, do_sample=False,
                                       assistant_model=assistant)
@@ -204,6 +206,7 @@ def test_crop_leaves_the_cache_as_if_the_columns_were_never_fed(model, batch, po
         model(ids, attention_mask=attn, context_mask=ctx, past_key_values=twice)
         model(extra, attention_mask=torch.cat([attn, torch.ones_like(extra)], 1), past_key_values=twice)
         twice.crop(-3)
+        twice.check_lengths()
         assert twice.get_seq_length() == once.get_seq_length()
         assert torch.equal(twice.layer_lengths(), once.layer_lengths())
         step = torch.tensor([[60], [61], [62]])
@@ -270,6 +273,7 @@ def test_beam_search_equals_the_unpatched_model_and_runs_with_context_stop(model
     with sk.patched(model, POLICIES["stop"], backend="cpu"):
         out = model.generate(ids, attention_mask=attn, context_mask=ctx, max_new_tokens=5, num_beams=3,
                              do_sample=False, return_dict_in_generate=True)
+    out.past_key_values.check_lengths()
     lengths = out.past_key_values.layer_lengths()  # [L, B * beams]: no context stored from layer ℓ on
     real = attn.sum(1).repeat_interleave(3)
     context = (ctx & attn.bool()).sum(1).repeat_interleave(3)

@@ -119,6 +119,7 @@ def test_cache_stores_nothing_where_attention_is_dropped_or_layers_skipped(model
     real = attn.sum(1)
     with sk.patched(model, sk.SkipPolicy(drop_attention_layers=[3, 4], skip_layers=[0])):
         cache = model(ids, attention_mask=attn, position_ids=pos, layer_mask=LAYER_MASK).past_key_values
+        cache.check_lengths()
         lengths = cache.layer_lengths()
         expected = LAYER_MASK.T.long() * real[None, :]
         expected[[0, 3, 4]] = 0
@@ -215,6 +216,7 @@ def test_crop_undoes_columns_of_sequences_that_skip_layers(model, batch):
             mask = torch.cat([mask, torch.ones_like(step)], 1)
             model(step, attention_mask=mask, past_key_values=cache, layer_mask=LAYER_MASK)
         cache.crop(-3)
+        cache.check_lengths()
         assert torch.equal(cache.layer_lengths(), before)
 
 
@@ -224,6 +226,7 @@ def test_crop_after_exits_without_propagation_is_refused(model, batch):
     with sk.patched(model, sk.SkipPolicy(early_exit=sk.EarlyExit(layers=[0, 1, 2], threshold=0.01, kv="none"))):
         out = model.generate(ids, attention_mask=attn, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         assert sk.work_report(model).exits > 0
+    out.past_key_values.check_lengths()  # uneven exits: deeper layers hold fewer slots, still mirrored
     with pytest.raises(NotImplementedError, match="kv='none'"):
         out.past_key_values.crop(-1)
 
@@ -233,6 +236,7 @@ def test_beam_search_expands_the_layer_mask(model, batch):
     with sk.patched(model, sk.SkipPolicy(context_stop_layer=2)), torch.no_grad():
         out = model.generate(ids, attention_mask=attn, context_mask=ctx, layer_mask=LAYER_MASK, max_new_tokens=4,
                              num_beams=2, do_sample=False, return_dict_in_generate=True)
+    out.past_key_values.check_lengths()
     lengths = out.past_key_values.layer_lengths()
     assert lengths.shape == (LAYERS, 6)
     skipped = ~LAYER_MASK.repeat_interleave(2, dim=0).T  # [L, B * beams]

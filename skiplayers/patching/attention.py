@@ -119,10 +119,10 @@ class PackedStep:
             self._longest = int(rows.counts.max()) if rows.counts.numel() else 0
         q = packed(query)
         if layer_idx in self._reads_cache:
-            keys, values, pos, tag, lengths = self.cache.stored(layer_idx)
+            keys, values, pos, tag, lengths, host_lengths = self.cache.stored(layer_idx)
             out = dispatcher.cache(facts, CacheCall(
                 q=q, keys=keys, values=values, cu_seqlens=rows.cu_seqlens, counts=rows.counts, lengths=lengths,
-                host_lengths=self.cache.layers[layer_idx].host_lengths, q_pos=rows.pos, q_tag=rows.tag,
+                host_lengths=host_lengths, q_pos=rows.pos, q_tag=rows.tag,
                 pos_cache=pos, tag_cache=tag, rule=rule, scale=scaling,
             ), self._longest)
         else:  # the keys are exactly this call's packed rows
