@@ -9,12 +9,9 @@ Markers (registered here, used with -m):
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/cases.py, tests/op_contract.py
 
 # Without a GPU the Triton kernels run under the Triton interpreter. The switch must be set before
 # anything imports triton (transformers and torch.compile may, during collection): triton.language
