@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
+import skiplayers as sk
+from common import RESULTS, write_results
 
 
 def document_ids(tokenizer, tokens: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
 HEADS, KV_HEADS = 9, 3
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -42,7 +42,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible to torch"
-    import skiplayers.ops as sk_ops  # noqa: PLC0415
+    import skiplayers.ops as sk_ops
 
     if not sk_ops.cuda_kernels_built():
         return "skiplayers._C was built without CUDA kernels"
@@ -51,7 +51,7 @@ def unavailable_reason() -> str | None:
 
 def timer_name() -> str:
     try:
-        import triton.testing  # noqa: F401, PLC0415
+        import triton.testing  # noqa: F401
 
         return "triton.testing.do_bench median (L2 cleared between runs)"
     except ImportError:
@@ -61,7 +61,7 @@ def timer_name() -> str:
 def bench(fn) -> float:
     """Median milliseconds of fn()."""
     try:
-        from triton.testing import do_bench  # noqa: PLC0415
+        from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     except ImportError:
@@ -80,7 +80,7 @@ def bench(fn) -> float:
 
 def _flash_attn():
     try:
-        import flash_attn  # noqa: PLC0415
+        import flash_attn
 
         return flash_attn, None
     except Exception as err:  # noqa: BLE001 - any import failure is a skip reason
@@ -89,7 +89,7 @@ def _flash_attn():
 
 def _flex():
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         return torch.compile(flex_attention, dynamic=False), create_block_mask, None
     except Exception as err:  # noqa: BLE001
@@ -164,7 +164,7 @@ def prefill_ragged(lengths, dim, dtype, extras):
 
 
 def prefill_context_stopped(context, query, dim, dtype, extras):
-    from skiplayers.meta import Rule, TAG_CONTEXT  # noqa: PLC0415
+    from skiplayers.meta import TAG_CONTEXT, Rule
 
     dev, scale, T = "cuda", dim**-0.5, context + query
     q, k, v = (torch.randn(T, h, dim, dtype=dtype, device=dev) for h in (HEADS, KV_HEADS, KV_HEADS))
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if reason:
         print(f"bench_cuda_kernels: skipped: {reason}")
         return 0
-    import skiplayers.ops  # noqa: F401, PLC0415  (loads the extension: registers torch.ops.skiplayers)
+    import skiplayers.ops  # noqa: F401  (loads the extension: registers torch.ops.skiplayers)
 
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)

@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-
-from skiplayers import ops as sk_ops  # noqa: E402
-from skiplayers.meta import Rule, TAG_CONTEXT  # noqa: E402
+from common import write_results
+from skiplayers import ops as sk_ops
+from skiplayers.meta import TAG_CONTEXT, Rule
 
 MODELS = {"smollm2": (9, 3, 64), "llama-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # heads, kv heads, dim
 
@@ -93,7 +92,7 @@ def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, comp
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, q_pos=pos, k_pos=pos, q_tag=tag, k_tag=tag,
                 rule=rule, scale=dim**-0.5)
     pairs = 0
-    for p, c in zip(pos_parts, ctx_parts):  # per query: the non-hidden keys at or before its position
+    for c in ctx_parts:  # per query: the non-hidden keys at or before its position
         seen = torch.cumsum((~c).long(), 0)
         pairs += int(seen.sum())
     nbytes = (q.numel() * 2 + k.numel() + v.numel()) * q.element_size()
@@ -243,7 +242,7 @@ def implementations() -> dict[str, Callable[[Case], Callable[[], torch.Tensor]]]
 
 
 def run(cases: list[Case], check: bool) -> list[dict]:
-    from triton.testing import do_bench  # noqa: PLC0415
+    from triton.testing import do_bench
 
     rows = []
     for case in cases:

@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_medians, write_results  # noqa: E402
-
-import skiplayers.ops as sk_ops  # noqa: E402
-from skiplayers.meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT  # noqa: E402
-from skiplayers.reference import visibility_mask  # noqa: E402
+import skiplayers.ops as sk_ops
+from common import RESULTS, interleaved_medians, write_results
+from skiplayers.meta import TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, Rule
+from skiplayers.reference import visibility_mask
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 SCALE = DIM**-0.5

@@ -63,11 +63,10 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, interleaved_medians, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.measure import greedy_step, token_layer_bound  # noqa: E402
-from skiplayers.ops import cuda_kernels_built  # noqa: E402
+import skiplayers as sk
+from common import RESULTS, interleaved_medians, write_results
+from skiplayers.measure import greedy_step, token_layer_bound
+from skiplayers.ops import cuda_kernels_built
 
 STEM = "e2e_gpu"
 VARIANTS = ("unpatched", "auto", "ours")

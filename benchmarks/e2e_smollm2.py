@@ -18,10 +18,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.measure import compare, token_layer_bound  # noqa: E402
+import skiplayers as sk
+from common import RESULTS, write_results
+from skiplayers.measure import compare, token_layer_bound
 
 
 def plot(rows, layers_count, path):

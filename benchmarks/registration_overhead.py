@@ -31,12 +31,11 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # registers the ops for CPU tensors (kernels are stubbed)
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-
-from skiplayers.triton_kernels import checks, launch_attention, launchers, registration  # noqa: E402
+from common import write_results
+from skiplayers.triton_kernels import checks, launch_attention, launchers, registration
 
 
 class _NoLaunch:

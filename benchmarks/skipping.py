@@ -60,12 +60,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, demo_batch, write_results  # noqa: E402
-
-import skiplayers as sk  # noqa: E402
-from skiplayers.calibration import generate_outputs, get_metric, prepare  # noqa: E402
-from skiplayers.measure import compare, run_once  # noqa: E402
-from skiplayers.tasks import builtin_task  # noqa: E402
+import skiplayers as sk
+from common import RESULTS, demo_batch, write_results
+from skiplayers.calibration import generate_outputs, get_metric, prepare
+from skiplayers.measure import compare, run_once
+from skiplayers.tasks import builtin_task
 
 TASK = "number_words"
 EXIT_LAYERS = (12, 18, 24)

@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import skiplayers as sk  # noqa: E402
-from skiplayers.cli import EXAMPLES, INSTRUCTIONS  # noqa: E402
-from skiplayers.measure import kv_cache_bytes  # noqa: E402
+import skiplayers as sk
+from skiplayers.cli import EXAMPLES, INSTRUCTIONS
+from skiplayers.measure import kv_cache_bytes
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUERIES = ["cat", "forest", "morning", "bridge", "apple tree", "the old man", "light", "glass"]
