@@ -1,4 +1,5 @@
-"""Builds skiplayers and its one compiled extension, ``skiplayers._C``.
+"""Builds skiplayers and its one compiled extension, ``skiplayers._C`` (the package's metadata is in
+pyproject.toml).
 
 * C++ CPU kernels (csrc/cpu) are always built.
 * CUDA kernels (csrc/cuda/*.cu) are built when the installed torch is a CUDA build and a CUDA
@@ -24,20 +25,11 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-import torch  # noqa: E402
-from setuptools import setup  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def read_version() -> str:
-    """skiplayers/_version.py, executed on its own: importing the package would need torch's
-    extension already built."""
-    namespace: dict = {}
-    with open(os.path.join(ROOT, "skiplayers", "_version.py")) as f:
-        exec(f.read(), namespace)
-    return namespace["__version__"]
 
 
 def rel(pattern: str) -> list[str]:
@@ -95,18 +87,12 @@ def extension():
     )
 
 
+# Name, version, dependencies and the console script are in pyproject.toml ([project]).
 setup(
-    name="skiplayers",
-    version=read_version(),
-    description="Kernels that make LLaMA-family models skip work they do not need",
-    python_requires=">=3.10",
     packages=["skiplayers", "skiplayers.patching", "skiplayers.dispatch", "skiplayers.triton_kernels"],
     package_dir={"skiplayers.triton_kernels": "triton_kernels"},
-    # the demo's calibrated layer; the measured attention dispatch tables
-    package_data={"skiplayers": ["calibrated.json"], "skiplayers.dispatch": ["tables/*.json"]},
+    # the demo's calibrated layer; the type-hints marker; the measured attention dispatch tables
+    package_data={"skiplayers": ["calibrated.json", "py.typed"], "skiplayers.dispatch": ["tables/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["skiplayers=skiplayers.cli:main"]},
-    install_requires=["torch", "transformers", "safetensors", "tqdm", "matplotlib"],
-    extras_require={"metrics": ["sacrebleu"]},
 )

@@ -7,7 +7,7 @@ Tensors follow ``benchmarks.attention_inputs``: packed [N, H, D], SDPA-style [B,
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from benchmarks.common import error_summary
 def compiled_flex_attention():
     """``torch.compile(flex_attention, dynamic=False)``, built once per process (compiled graphs
     are cached on it, so every case reuses them). Raises ImportError where torch has none."""
-    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+    from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
 
@@ -26,7 +26,7 @@ def compiled_flex_attention():
 def block_mask(mask_mod: Callable, n: int, device):
     """FlexAttention block mask of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend) over
     ``n`` queries and ``n`` keys, one batch, the same for every head."""
-    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415
+    from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, 1, None, n, n, device=device)
 
@@ -57,7 +57,7 @@ def flash_attn_or_reason(limit: int):
     """``(flash_attn module, None)``, or ``(None, reason)`` if it does not import (not installed,
     or built for another torch): the error's type and first line, cut to ``limit`` characters."""
     try:
-        import flash_attn  # noqa: PLC0415
+        import flash_attn
 
         return flash_attn, None
     except Exception as err:  # noqa: BLE001 - any import failure is a skip reason

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention_inputs import (
-    SMOLLM2, context_stopped_problem, decode_metadata, pad_packed, packed_problem, ragged_causal_mask, sdpa_layout,
+    SMOLLM2,
+    context_stopped_problem,
+    decode_metadata,
+    packed_problem,
+    pad_packed,
+    ragged_causal_mask,
+    sdpa_layout,
 )
 from benchmarks.baselines import causal_block_mask, flash_attn_or_reason, flash_varlen, flex_attention_or_reason
 from benchmarks.common import arg_parser, error_summary, skip_without_cuda, write_results
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if skip_without_cuda("bench_cuda_kernels", kernels=True):
         return 0
-    import skiplayers.ops  # noqa: F401, PLC0415  (loads the extension: registers torch.ops.skiplayers)
+    import skiplayers.ops  # noqa: F401  (loads the extension: registers torch.ops.skiplayers)
 
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)

@@ -24,8 +24,8 @@ Results: ``benchmarks/results/triton_kernels.{json,csv}``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from benchmarks.baselines import block_mask, compiled_flex_attention, flash_attn
 from benchmarks.common import arg_parser, error_summary, skip_without_cuda, write_results
 from benchmarks.timing import gpu_median_ms
 from skiplayers import ops as sk_ops
-from skiplayers.meta import Rule, TAG_CONTEXT
+from skiplayers.meta import TAG_CONTEXT, Rule
 
 MODELS = {"smollm2": SMOLLM2, "llama-7b": (32, 32, 128), "llama3-8b": LLAMA3_8B}  # heads, kv heads, dim
 
@@ -86,7 +86,7 @@ def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, comp
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, q_pos=pos, k_pos=pos, q_tag=tag, k_tag=tag,
                 rule=rule, scale=dim**-0.5)
     pairs = 0
-    for p, c in zip(pos_parts, ctx_parts):  # per query: the non-hidden keys at or before its position
+    for c in ctx_parts:  # per query: the non-hidden keys at or before its position
         seen = torch.cumsum((~c).long(), 0)
         pairs += int(seen.sum())
     nbytes = (q.numel() * 2 + k.numel() + v.numel()) * q.element_size()

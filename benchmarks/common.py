@@ -113,7 +113,7 @@ def skip_without_cuda(script: str, kernels: bool = False) -> bool:
     if not torch.cuda.is_available():
         reason = "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
     elif kernels:
-        import skiplayers.ops as sk_ops  # noqa: PLC0415
+        import skiplayers.ops as sk_ops
 
         if not sk_ops.cuda_kernels_built():
             reason = "skiplayers._C was built without CUDA kernels"

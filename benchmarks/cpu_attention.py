@@ -25,12 +25,17 @@ import torch.nn.functional as F
 
 import skiplayers.ops as sk_ops
 from benchmarks.attention_inputs import (
-    SMOLLM2, context_stopped_problem, pad_packed, packed_problem, ragged_causal_mask, sdpa_layout,
+    SMOLLM2,
+    context_stopped_problem,
+    packed_problem,
+    pad_packed,
+    ragged_causal_mask,
+    sdpa_layout,
 )
 from benchmarks.baselines import causal_block_mask, flex_attention_or_reason
 from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
 from benchmarks.timing import interleaved_medians
-from skiplayers.meta import Rule, TAG_ANCHOR, TAG_SENTENCE_SHIFT
+from skiplayers.meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, Rule
 from skiplayers.reference import visibility_mask
 
 HEADS, KV_HEADS, DIM = SMOLLM2

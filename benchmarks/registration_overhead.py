@@ -29,10 +29,10 @@ import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # registers the ops for CPU tensors (kernels are stubbed)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import arg_parser, write_results  # noqa: E402
-from skiplayers.triton_kernels import checks, launch_attention, launchers, registration  # noqa: E402
+from benchmarks.common import arg_parser, write_results
+from skiplayers.triton_kernels import checks, launch_attention, launchers, registration
 
 
 class _NoLaunch:

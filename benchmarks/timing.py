@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,7 +45,7 @@ _EVENT_WARMUP, _EVENT_RUNS = 5, 50
 def gpu_timer_name() -> str:
     """Which timer ``gpu_median_ms`` uses on this machine (for the results' metadata)."""
     try:
-        import triton.testing  # noqa: F401, PLC0415
+        import triton.testing  # noqa: F401
 
         return "triton.testing.do_bench median (L2 cleared between runs)"
     except ImportError:
@@ -57,7 +57,7 @@ def gpu_median_ms(fn: Callable[[], object]) -> float:
     (warmup 25 ms, 100 ms of runs; it synchronises and flushes the L2 cache between runs), or the
     median of CUDA-event timings when triton is missing."""
     try:
-        from triton.testing import do_bench  # noqa: PLC0415
+        from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     except ImportError:

@@ -3,6 +3,7 @@
 # dependencies, the compiled extension, the default model), then runs what you ask for:
 #   scripts/run.sh demo    the few-shot demo on SmolLM2 (full vs context stop)
 #   scripts/run.sh test    the test suite
+#   scripts/run.sh lint    the static checks (scripts/lint.sh: ruff, mypy)
 # Set-up steps are skipped when already done (requirements unchanged, model converted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +46,6 @@ setup() {
 case "${1:-}" in
   demo) setup; shift; exec "$VENV/bin/skiplayers" demo "$@" ;;
   test) setup; shift; exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
-  *) echo "usage: scripts/run.sh demo|test [args...]" >&2; exit 2 ;;
+  lint) setup; PYTHON="$VENV/bin/python" exec scripts/lint.sh ;;
+  *) echo "usage: scripts/run.sh demo|test|lint [args...]" >&2; exit 2 ;;
 esac

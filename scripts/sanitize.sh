@@ -11,11 +11,12 @@
 #    (setup.py, SKIPLAYERS_SANITIZE=1) out of tree, in build/sanitize/; the normal
 #    skiplayers/_C*.so is never touched. Ninja rebuilds only what changed.
 # 2. Stages a package build/sanitize/stage/skiplayers: symlinks to the checkout's Python sources plus
-#    the sanitized _C, with triton_kernels/, tests/, csrc/ and pytest.ini linked beside it, so that
-#    every path derived from a file's location (skiplayers/_source_tree.py, the fuzz workers, which
-#    put their repository root first on PYTHONPATH) lands in the stage. Tests run from the stage, it
-#    is first on PYTHONPATH, and Python runs with -P; a pytest plugin (scripts/sanitize/plugin.py)
-#    refuses to run unless the sanitized _C and the ASan runtime are the ones loaded.
+#    the sanitized _C, with triton_kernels/, tests/, csrc/ and pyproject.toml (the pytest settings)
+#    linked beside it, so that every path derived from a file's location (skiplayers/_source_tree.py,
+#    the fuzz workers, which put their repository root first on PYTHONPATH) lands in the stage. Tests
+#    run from the stage, it is first on PYTHONPATH, and Python runs with -P; a pytest plugin
+#    (scripts/sanitize/plugin.py) refuses to run unless the sanitized _C and the ASan runtime are the
+#    ones loaded.
 # 3. Self-test: planted bugs (scripts/sanitize/selftest.cpp: heap overflow, use after free, signed
 #    overflow, null read) compiled with the same flags and called from Python under the same
 #    preload and options must each abort with a report; otherwise the set-up is broken.
@@ -64,7 +65,7 @@ mkdir -p "$STAGE/skiplayers"
 for f in "$ROOT"/skiplayers/*.py; do ln -s "$f" "$STAGE/skiplayers/"; done
 for d in "$ROOT"/skiplayers/*/; do d="${d%/}"; [ "$(basename "$d")" = __pycache__ ] || ln -s "$d" "$STAGE/skiplayers/"; done
 ln -s "$SO" "$STAGE/skiplayers/"
-for p in triton_kernels tests csrc pytest.ini; do ln -s "$ROOT/$p" "$STAGE/$p"; done
+for p in triton_kernels tests csrc pyproject.toml; do ln -s "$ROOT/$p" "$STAGE/$p"; done
 ln -s "$ROOT/scripts/sanitize/plugin.py" "$STAGE/_sanitize_plugin.py"
 
 # --- the sanitizer environment --------------------------------------------------------------

@@ -151,7 +151,7 @@ def main() -> int:
     try:
         try:
             ok, message = check(rank, world, path, args.backend)
-        except Exception as err:  # report how it fails, on the rank where it failed, then agree on failure
+        except Exception as err:  # noqa: BLE001  (report how it fails, on the rank where it failed, then agree on failure)
             ok, message = False, f"FAILED on rank {rank}: {type(err).__name__}: {err}"
             traceback.print_exc()
         # Every rank learns whether any rank failed, so all exit with the same status.

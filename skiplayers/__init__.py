@@ -17,14 +17,14 @@ _source_tree.install()  # source checkouts: `skiplayers.triton_kernels` is the t
 
 from ._version import __version__  # noqa: E402
 from .anchors import anchor_ids  # noqa: E402
+from .cache import SkipCache  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .dispatch import dispatch_report  # noqa: E402
-from .cache import SkipCache  # noqa: E402
 from .masked import masked_forward, masked_generate  # noqa: E402
 from .meta import Rule  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
-from .patching import is_patched, patch, patched, unpatch  # noqa: E402
 from .oracle import oracle_routes, run_routes  # noqa: E402
+from .patching import is_patched, patch, patched, unpatch  # noqa: E402
 from .policy import EarlyExit, SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
 from .work import work_report  # noqa: E402

@@ -74,9 +74,9 @@ def parse_ptxas_log(log: str) -> tuple[int, int, int]:
 
 def compile_one(spec, arch: int) -> Row:
     """Compiles one spec for one architecture (runs in a worker process)."""
-    import triton  # noqa: PLC0415
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     row = Row(spec.kernel, spec.config, spec.variant, arch)
     start = time.perf_counter()
@@ -112,7 +112,7 @@ def compile_all(archs=DEFAULT_ARCHS, jobs: int = 2, specs=None) -> list[Row]:
         if arch not in SHARED_LIMIT:
             raise ValueError(f"unknown architecture sm_{arch}; known: {sorted(SHARED_LIMIT)}")
     if specs is None:
-        from skiplayers.triton_kernels import aot_specs  # noqa: PLC0415  (no kernels imported here)
+        from skiplayers.triton_kernels import aot_specs  # no kernels imported here
 
         specs = aot_specs.all_specs()
     tasks = [(spec, arch) for spec in specs for arch in archs]

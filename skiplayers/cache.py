@@ -26,6 +26,7 @@ the cache is next used, so the last call can always be undone.
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -33,6 +34,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .handles import new_handle
 from .meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, TAG_SINK
 from .ops import OpSet
+
+if TYPE_CHECKING:
+    from .policy import SkipPolicy
 
 
 def _grown_capacity(needed: int) -> int:
@@ -63,7 +67,7 @@ class SkipCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, owner: "SkipCache", index: int):
+    def __init__(self, owner: SkipCache, index: int):
         super().__init__()
         self._owner = owner
         self.index = index  # the decoder layer it caches (named in errors)
@@ -231,13 +235,15 @@ _NOT_HF_WRITABLE = (
 class SkipCache(Cache):
     """KV cache for a model patched by :func:`skiplayers.patch`; see the module docstring."""
 
+    layers: list[SkipCacheLayer]  # type: ignore[assignment]  # Cache declares its layer union; all are ours
+
     def __init__(self, num_layers: int):
         super().__init__(layers=[SkipCacheLayer(self, idx) for idx in range(num_layers)])
         self.logical_length = 0
         # Per sequence: context tokens and non-context tokens seen so far (host int64 [B]).
         self.context_counts: torch.Tensor | None = None
         self.noncontext_counts: torch.Tensor | None = None
-        self.policy = None  # the SkipPolicy that wrote the cache; a later call must use the same one
+        self.policy: SkipPolicy | None = None  # the SkipPolicy that wrote the cache; a later call must use the same one
         # With anchors: per sequence, anchors (= finished sentences) and real tokens seen (host int64 [B]).
         self.sentence_counts: torch.Tensor | None = None
         self.tokens_seen: torch.Tensor | None = None
@@ -353,7 +359,7 @@ class SkipCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.logical_length
 
-    def layer_lengths(self) -> torch.LongTensor:
+    def layer_lengths(self) -> torch.Tensor:
         """LongTensor ``[L, B]``: slots stored per layer and sequence (0 where nothing is stored)."""
         self.settle()
         batch = self.batch_size if self.batch_size > 0 else 0

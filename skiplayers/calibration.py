@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -40,6 +41,8 @@ SCORE_EPS = 1e-9  # a score equal to budget x full (up to float rounding) passes
 
 # --- sweep kinds -------------------------------------------------------------------------------
 
+Setting = Any  # a JSON scalar; each SweepKind reads its own (context-stop: the layer ℓ)
+
 
 @dataclass(frozen=True)
 class SweepKind:
@@ -47,11 +50,11 @@ class SweepKind:
 
     name: str
     description: str
-    settings: Callable[[int, str | None], list]  # (num_layers, --layers spec) -> settings
-    policy: Callable[[object], SkipPolicy]
+    settings: Callable[[int, str | None], list[Setting]]  # (num_layers, --layers spec) -> settings
+    policy: Callable[[Setting], SkipPolicy]
     # (setting, context_lengths, total_lengths, num_layers) -> fraction of token-layer work left out
-    savings: Callable[[object, Sequence[int], Sequence[int], int], float]
-    cheaper: Callable[[object], object | None]  # the next cheaper setting (for the masked check)
+    savings: Callable[[Setting, Sequence[int], Sequence[int], int], float]
+    cheaper: Callable[[Setting], Setting | None]  # the next cheaper setting (for the masked check)
 
 
 DEFAULT_SETTINGS = 15  # the default sweep takes every ceil(L / 15)-th layer (then refines, see calibrate)
@@ -148,7 +151,7 @@ def get_metric(name: str) -> Callable[[str, str], float]:
 # --- the recommendation rule -------------------------------------------------------------------
 
 
-def recommend(curve: Sequence[dict], full_score: float, budget: float) -> tuple[object | None, str]:
+def recommend(curve: Sequence[dict], full_score: float, budget: float) -> tuple[Setting | None, str]:
     """The cheapest setting (largest ``savings``; ties: the first in sweep order) whose score is at
     least ``budget * full_score``. Returns ``(setting or None, reason)``. A task the full model
     scores 0 on says nothing about what can be skipped: no recommendation."""
@@ -239,7 +242,7 @@ def generate_outputs(model, tokenizer, prep: Prepared, policy: SkipPolicy | None
             outputs[k] = first_line(text)
         if progress is not None:
             progress.update(len(batch))
-    return outputs
+    return cast(list[str], outputs)  # every item is in one of the batches
 
 
 def _newline_token_ids(tokenizer) -> torch.Tensor:

@@ -82,8 +82,8 @@ def demo(args) -> int:
         ("K/V bytes held", *(_fmt_bytes(int(result.median(v, "kv_bytes"))) for v in ("full", "skip"))),
     ]
     print(f"\n{'':18}{'full':>14}{'context stop':>16}")
-    for name, a, b in rows:
-        print(f"{name:18}{a:>14}{b:>16}")
+    for name, full_cell, skip_cell in rows:
+        print(f"{name:18}{full_cell:>14}{skip_cell:>16}")
     speedup = result.median("full", "prefill_s") / result.median("skip", "prefill_s")
     print(f"\nprefill speedup {speedup:.2f}x; token-layer bound {bound:.2f}x ({speedup / bound:.2f} of the bound)")
     if speedup > bound:

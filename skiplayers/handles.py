@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-_LIVE: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 from .anchors import anchor_tags
-from .meta import Rule, TAG_CONTEXT
+from .meta import TAG_CONTEXT, Rule
 from .patching.attention import attention_implementation, packed
 from .policy import SkipPolicy
 

@@ -119,7 +119,7 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=dtype)
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers' typing of `to` wraps it
 
 
 def load_default_tokenizer():

@@ -17,8 +17,8 @@ Conventions shared by every op:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -119,7 +119,7 @@ def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, k
     )
 
 
-FAKES = dict(
+FAKES: dict[str, Callable[..., object]] = dict(
     varlen_attention=_varlen_attention_fake,
     cache_attention=_cache_attention_fake,
     compact_rows=_compact_rows_fake,
@@ -174,7 +174,7 @@ def get_ops(backend: str) -> OpSet:
             )
         return _compiled_op_set("cuda")
     if backend == "triton":
-        from . import triton_kernels  # noqa: PLC0415  (imports triton; only when asked for)
+        from . import triton_kernels  # imports triton: only when asked for
 
         return triton_kernels.op_set()
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -193,7 +193,7 @@ def check_backend_device(backend: str, device: torch.device) -> None:
     """Raises a clear error when ``backend`` cannot run on tensors of ``device``."""
     wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(backend)
     if backend == "triton" and device.type == "cpu":
-        from . import triton_kernels  # noqa: PLC0415  (imports triton; only when asked for)
+        from . import triton_kernels  # imports triton: only when asked for
 
         if triton_kernels.interpreted():  # TRITON_INTERPRET=1: the Triton ops also run on CPU tensors
             return

@@ -33,6 +33,7 @@ from .patching import patched
 from .policy import SkipPolicy
 from .prompts import left_padded, pad_token_id
 
+
 def routes_mask(routes: Sequence[Sequence[int]], num_layers: int) -> torch.Tensor:
     """bool ``[len(routes), num_layers]``: True where a route runs the layer."""
     mask = torch.zeros(len(routes), num_layers, dtype=torch.bool)
@@ -175,7 +176,7 @@ def run_routes(model, tokenizer, prompts: Sequence, result: OracleResult, runs: 
     ids, attn, mask = ids.to(device), attn.to(device), result.layer_mask
     kwargs = dict(attention_mask=attn, max_new_tokens=result.max_new_tokens, min_new_tokens=result.max_new_tokens,
                   do_sample=False, pad_token_id=pad)
-    times = {"full": [], "routed": []}
+    times: dict[str, list[float]] = {"full": [], "routed": []}
     outputs = {}
     work = None
     for _ in range(runs):
@@ -188,6 +189,7 @@ def run_routes(model, tokenizer, prompts: Sequence, result: OracleResult, runs: 
             outputs["routed"] = model.generate(ids, layer_mask=mask, **kwargs)
             times["routed"].append(time.perf_counter() - begin)
             work = work_report(model)
+    assert work is not None, "runs must be at least 1"
     full_s, routed_s = statistics.median(times["full"]), statistics.median(times["routed"])
     new = slice(ids.shape[1], None)
     return {

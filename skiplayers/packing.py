@@ -38,7 +38,7 @@ class PackedRows:
     def is_context(self) -> torch.Tensor:
         return (self.tag & TAG_CONTEXT) != 0
 
-    def to(self, device: torch.device) -> "PackedRows":
+    def to(self, device: torch.device) -> PackedRows:
         """The same rows with the device tensors on ``device`` (``counts`` stays on the host)."""
         return PackedRows(
             self.index.to(device), self.cu_seqlens.to(device), self.counts, self.pos.to(device), self.tag.to(device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SINK, tag_has, tag_sentence
+from .meta import TAG_ANCHOR, TAG_CONTEXT, TAG_SINK, Rule, tag_has, tag_sentence
 
 
 def visibility_mask(

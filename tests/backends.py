@@ -98,7 +98,7 @@ def sized(size: int, *values) -> list[Sized]:
     return [Sized(size, v) for v in values]
 
 
-class together(tuple):  # noqa: N801  (reads as a function at its call sites)
+class together(tuple):
     """Values of several consecutive argnames that vary together along one ``grid`` axis."""
 
     def __new__(cls, *values):
@@ -156,10 +156,10 @@ def over_backends(argnames: str = "", cases=((),), needs: tuple[str, ...] = ("co
 def triton_device() -> str:
     """The device the Triton ops run on here ("cpu" under the interpreter); raises when triton was
     imported in a way these tests cannot run (imports triton: call it from Triton test files only)."""
-    import triton  # noqa: PLC0415
-    import triton.language as tl  # noqa: PLC0415
+    import triton
+    import triton.language as tl
 
-    from skiplayers.triton_kernels import registration  # noqa: PLC0415
+    from skiplayers.triton_kernels import registration
 
     if registration.INTERPRETED != TRITON_INTERPRETED:
         raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} but triton runs "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from skiplayers.meta import Rule, TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, TAG_SINK
+from skiplayers.meta import TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, TAG_SINK, Rule
 
 
 def sequence_metadata(length: int, gen: torch.Generator, rule: int, gapped: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,12 +9,9 @@ Markers (registered here, used with -m):
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/cases.py, tests/op_contract.py
 
 # Without a GPU the Triton kernels run under the Triton interpreter. The switch must be set before
 # anything imports triton (transformers and torch.compile may, during collection): triton.language
@@ -36,8 +33,9 @@ def pytest_configure(config):
 def _id(val) -> str | None:
     """A readable id for one parametrize value, or None for pytest's default (``argnameN`` for
     objects it cannot print)."""
-    from constants import Heads  # noqa: PLC0415  (tests/ is on sys.path only from here on)
-    from skiplayers.meta import Rule  # noqa: PLC0415
+    # Imported here, not at the top: both import skiplayers, which must come after TRITON_INTERPRET is set.
+    from constants import Heads
+    from skiplayers.meta import Rule
 
     if isinstance(val, torch.dtype):
         return str(val).removeprefix("torch.")
@@ -68,7 +66,7 @@ def pytest_make_parametrize_id(config, val, argname):
 @pytest.fixture
 def ops(request):
     """The OpSet of the backend named by an ``over_backends`` parametrisation (tests/backends.py)."""
-    from skiplayers import ops as sk_ops  # noqa: PLC0415
+    from skiplayers import ops as sk_ops
 
     return sk_ops.get_ops(request.param)
 
@@ -76,7 +74,7 @@ def ops(request):
 @pytest.fixture
 def backend(request):
     """The table row (tests/backends.py) of the backend the ``ops`` fixture runs."""
-    from backends import BACKENDS  # noqa: PLC0415
+    from backends import BACKENDS
 
     return BACKENDS[request.node.callspec.params["ops"]]
 

@@ -17,8 +17,8 @@ import torch
 
 import cases
 import op_contract
-from constants import RULES
 import skiplayers as sk
+from constants import RULES
 from model_helpers import ragged_batch, tiny_llama
 from skiplayers import ops as sk_ops
 from skiplayers import reference
@@ -84,7 +84,7 @@ def test_varlen_attention_gradients_with_queries_that_see_nothing(backend):
     """Rows with no visible key output zeros; their gradient is zero, not NaN."""
     case = cases.make_varlen_attention([6], rule=Rule.HIDE_CONTEXT, seed=1)
     case["k_tag"] = torch.ones_like(case["k_tag"])  # every key is context
-    got = _grads(getattr(sk_ops.get_ops(backend), "varlen_attention"), case, op_contract._VARLEN_ARGS, _VARLEN_DIFF)
+    got = _grads(sk_ops.get_ops(backend).varlen_attention, case, op_contract._VARLEN_ARGS, _VARLEN_DIFF)
     for name, g in got.items():
         assert torch.equal(g, torch.zeros_like(g)), f"{name} gradient is not zero"
 

@@ -11,11 +11,10 @@ import sys
 import pytest
 
 import skiplayers as sk
+from model_helpers import char_tokenizer, tiny_llama
 from skiplayers import calibration as cal
 from skiplayers.measure import context_stop_savings, token_layer_bound
 from skiplayers.tasks import BUILTIN_TASKS, TaskFileError, load_tasks, parse_jsonl
-
-from model_helpers import char_tokenizer, tiny_llama
 
 
 def line(**kw):

@@ -43,7 +43,7 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # bytes per block (op
 def _cuobjdump() -> str:
     candidates = []
     try:
-        import triton  # noqa: PLC0415
+        import triton
 
         candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     except ImportError:

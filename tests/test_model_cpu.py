@@ -8,13 +8,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import skiplayers as sk
-from skiplayers.cache import _grown_capacity
 from model_helpers import (
     assert_forward_matches_masked,
     assert_generate_matches_masked,
     assert_reduced_precision_matches,
     tiny_llama,
 )
+from skiplayers.cache import _grown_capacity
 
 BACKENDS = ["cpu", "torch"]
 STOPS = [None, 0, 2, 4]  # 4 = L: nothing stops

@@ -17,9 +17,21 @@ import torch
 
 import cases
 import op_contract
-from backends import CPU, GPU, over_backends, grid, sized, together
-from constants import (DECODE, DECODE_LARGE, DTYPES, HEAD_DIMS, HEADS, NUM_SPLITS, NUM_SPLITS_LARGE, RAGGED,
-                       RAGGED_LARGE, ROWS, ROWS_LARGE, RULES)
+from backends import CPU, GPU, grid, over_backends, sized, together
+from constants import (
+    DECODE,
+    DECODE_LARGE,
+    DTYPES,
+    HEAD_DIMS,
+    HEADS,
+    NUM_SPLITS,
+    NUM_SPLITS_LARGE,
+    RAGGED,
+    RAGGED_LARGE,
+    ROWS,
+    ROWS_LARGE,
+    RULES,
+)
 from skiplayers import ops as sk_ops
 from skiplayers import reference
 from skiplayers.meta import Rule, make_tags

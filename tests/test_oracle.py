@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import skiplayers as sk
-from skiplayers.oracle import candidate_layers, load_prompts
 from model_helpers import char_tokenizer, tiny_llama
+from skiplayers.oracle import candidate_layers, load_prompts
 
 LAYERS = 6
 PROMPTS = [[5, 9, 33, 12, 40], [7, 8, 9, 10], [60, 61, 3, 4, 5, 6, 7], [11, 12]]

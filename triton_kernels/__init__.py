@@ -15,18 +15,18 @@ from __future__ import annotations
 def interpreted() -> bool:
     """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` at import), in
     which case the ops are registered for CPU tensors too."""
-    from .host import INTERPRETED  # noqa: PLC0415
+    from .host import INTERPRETED
 
     return INTERPRETED
 
 
 def op_set():
     """The Triton backend as a ``skiplayers.ops.OpSet`` calling ``torch.ops.skiplayers_triton.*``."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from skiplayers.ops import OP_NAMES, OpSet  # noqa: PLC0415
+    from skiplayers.ops import OP_NAMES, OpSet
 
-    from . import registration  # noqa: F401, PLC0415  (defines the namespace on first use)
+    from . import registration  # defines the namespace on first use
 
     namespace = getattr(torch.ops, registration.NAMESPACE)
     return OpSet("triton", *(getattr(namespace, op).default for op in OP_NAMES))

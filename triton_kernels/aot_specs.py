@@ -60,7 +60,8 @@ def attention_specs() -> list[CompileSpec]:
             for use_tags in (False, True):
                 variant = f"{t} D{head_dim}{' tags' if use_tags else ''}"
                 cfg = configs.prefill_config(dtype, head_dim)
-                strides = ("stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
+                strides: tuple[str, ...] = (
+                    "stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
                 sig = _sig(
                     dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
                          q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32"),

@@ -22,7 +22,7 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -33,7 +33,7 @@ def sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fp32_placeholder(device: torch.device) -> torch.Tensor:
     """A float32 tensor to pass for pointer arguments a launch never touches: always the same
     pointer type, so such launches reuse the compiled kernel instead of specialising a new one."""

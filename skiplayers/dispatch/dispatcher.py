@@ -18,7 +18,7 @@ from .kernels import STANDARD_KERNELS, CacheCall, Ours, PackedCall
 from .patterns import STANDARD, CallFacts, Pattern, check_standard, classify
 from .table import band, device_key, table_for, tables_epoch
 
-_standard_kernels = {}  # one instance per process: they hold no state
+_standard_kernels: dict[str, object] = {}  # one instance per process: they hold no state
 
 
 def standard_kernel(name: str):

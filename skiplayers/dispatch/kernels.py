@@ -162,7 +162,7 @@ class Sdpa:
 
 def _varlen_fn():
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415  (absent from older torch)
+        from torch.nn.attention.varlen import varlen_attn  # absent from older torch
     except ImportError:
         return None
     return varlen_attn

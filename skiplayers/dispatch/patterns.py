@@ -36,14 +36,11 @@ import torch
 from .. import reference
 
 
-class Pattern(str, enum.Enum):
+class Pattern(enum.StrEnum):  # str() and format() give the value
     VARLEN_CAUSAL = "varlen_causal"
     CACHE_DECODE = "cache_decode"
     CACHE_CAUSAL = "cache_causal"
     PREDICATE = "predicate"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 STANDARD = (Pattern.VARLEN_CAUSAL, Pattern.CACHE_DECODE, Pattern.CACHE_CAUSAL)

@@ -75,7 +75,7 @@ def _model_dtype(model) -> torch.dtype:
 def dispatch_report(model) -> DispatchReport:
     """What :func:`skiplayers.patch`'s dispatcher does for ``model`` (its device, dtype, head dim):
     the kernel and the reason per pattern and size band, and the calls made so far."""
-    from ..patching import execution_device, is_patched  # noqa: PLC0415  (patching imports this package)
+    from ..patching import execution_device, is_patched  # patching imports this package
 
     if not is_patched(model):
         raise ValueError("dispatch_report needs a model patched by skiplayers.patch()")

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ class Table:
     every_case: str | None = None  # a kernel named for every case (Table.always), instead of entries
 
     @classmethod
-    def always(cls, device: str, kernel: str) -> "Table":
+    def always(cls, device: str, kernel: str) -> Table:
         """A table that names ``kernel`` for every standard pattern on ``device`` (``"cpu"``,
         ``"sm_90"``), e.g. to run torch's kernels wherever they can compute the call."""
         return cls(device=device, source=f"always {kernel}", every_case=kernel)
@@ -81,7 +81,7 @@ class Table:
         return self.entries.get(self.key(pattern, dtype_name(dtype), head_dim, size_band))
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "") -> "Table":
+    def from_json(cls, data: dict, source: str = "") -> Table:
         entries = {cls.key(e["pattern"], e["dtype"], e["head_dim"], e["band"]): e for e in data["entries"]}
         return cls(device=data["device"], entries=entries, source=source, measured_on=data.get("measured_on", {}))
 
@@ -89,7 +89,7 @@ class Table:
         return {"device": self.device, "measured_on": self.measured_on, "entries": list(self.entries.values())}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Table":
+    def load(cls, path: str | Path) -> Table:
         path = Path(path)
         return cls.from_json(json.loads(path.read_text()), source=str(path))
 
@@ -98,7 +98,7 @@ _override: list[Table] = []
 
 
 @contextlib.contextmanager
-def use_table(table: "Table | str | Path"):
+def use_table(table: Table | str | Path):
     """Dispatch by ``table`` (a :class:`Table` or a JSON path) inside the block, for its device."""
     _override.append(table if isinstance(table, Table) else Table.load(table))
     try:
@@ -107,7 +107,7 @@ def use_table(table: "Table | str | Path"):
         _override.pop()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shipped(device: str, env_path: str | None) -> Table | None:
     if env_path:
         table = Table.load(env_path)

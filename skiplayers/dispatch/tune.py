@@ -108,8 +108,8 @@ def check(kernel, call) -> str | None:
         return f"{type(err).__name__}: {str(err)[:200]}"
     if out.shape != call.q.shape or out.dtype != call.q.dtype:
         return f"returned {tuple(out.shape)} {out.dtype} for q {tuple(call.q.shape)} {call.q.dtype}"
-    err, bound = attention_error(out, reference_of(call, torch.float64), reference_of(call, call.q.dtype))
-    return None if err <= bound else f"max error {err:.3g} > bound {bound:.3g}"
+    error, bound = attention_error(out, reference_of(call, torch.float64), reference_of(call, call.q.dtype))
+    return None if error <= bound else f"max error {error:.3g} > bound {bound:.3g}"
 
 
 def _sync(device):
@@ -119,7 +119,7 @@ def _sync(device):
 
 def time_kernels(kernels: dict, call, device, repeats: int) -> dict[str, float]:
     """Median µs per kernel over ``repeats`` round-robin rounds (after one warm-up round)."""
-    times = {name: [] for name in kernels}
+    times: dict[str, list[float]] = {name: [] for name in kernels}
     for round_ in range(repeats + 1):
         for name, kernel in kernels.items():
             _sync(device)

@@ -75,6 +75,9 @@ class PackedStep:
     a step never change (gradient checkpointing recomputes a layer with the step it first got);
     the context-stop layer gets a new step (:meth:`with_rows`)."""
 
+    # Set by traced.py on the step of a compiled call: host counts per cu_seqlens buffer (data_ptr, device).
+    host_counts: dict[tuple[int, torch.device], torch.Tensor]
+
     def __init__(self, rows: PackedRows, state: PatchState, cache, plan=None, reads_cache: set[int] | None = None):
         self.state = state
         self.cache = cache
@@ -84,7 +87,7 @@ class PackedStep:
         self._moved = {rows.cu_seqlens.device: rows}
         self._longest: int | None = None  # the most rows of one sequence (host), once per step
 
-    def with_rows(self, rows: PackedRows) -> "PackedStep":
+    def with_rows(self, rows: PackedRows) -> PackedStep:
         return PackedStep(rows, self.state, self.cache, self.plan, self._reads_cache)
 
     def has_context(self, context_mask) -> bool:

@@ -27,9 +27,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..cache import SkipCache
 from ..packing import drop_rows, unpack
+from ..work import CallWork
 from . import traced
 from .attention import PackedStep
-from ..work import CallWork
 from .plan import plan_call
 from .routes import LayerRouter, check_layer_mask
 from .state import PatchState
@@ -59,7 +59,7 @@ def _builds_graph(decoder, inputs_embeds: torch.Tensor) -> bool:
     return inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters())
 
 
-def _compact(step: PackedStep, hidden, cos, sin):
+def _compact(step: PackedStep | traced.TracedStep, hidden, cos, sin):
     """Drops the context rows (layer ℓ). ``hidden [1, N, hidden]``, ``cos, sin [1, N, D]``.
     Returns the step of the remaining layers and the compacted tensors."""
     rows = step.rows_on(hidden.device)
@@ -202,6 +202,7 @@ def packed_model_forward(
     logits_to_keep = kwargs.get("skiplayers_logits_to_keep", 0)
     stop = state.policy.context_stop_layer
     layer_mask = _checked_layer_mask(self, state, cache, layer_mask, batch, builds_graph)
+    step: PackedStep | traced.TracedStep
     if torch.compiler.is_compiling():  # the host-side work runs inside opaque ops (traced.py)
         step = traced.begin_call(self, cache, input_ids, inputs_embeds, attention_mask, position_ids, context_mask,
                                  logits_to_keep, builds_graph)

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..packing import drop_rows
 from .attention import packed
+
+if TYPE_CHECKING:
+    from .attention import PackedStep
+    from .traced import TracedStep
 
 
 def check_layer_mask(layer_mask, batch: int, num_layers: int, skip_layers) -> torch.Tensor | None:
@@ -74,7 +79,7 @@ class RowSubset:
     """The rows of the base step that run a layer: their step, their indices among the base rows
     (int64 ``[n]``, device) and their rotary tables ``[1, n, D]`` and positions ``[1, n]``."""
 
-    step: object
+    step: PackedStep | TracedStep
     index: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor

@@ -125,7 +125,7 @@ class TracedStep:
         self.cache = cache
         self._stores = set() if stores is None else stores  # layers whose update() came (trace time)
 
-    def with_rows(self, rows: PackedRows) -> "TracedStep":
+    def with_rows(self, rows: PackedRows) -> TracedStep:
         return TracedStep(self.handle, rows, self.state, self.cache, self._stores)
 
     def rows_on(self, device: torch.device) -> PackedRows:

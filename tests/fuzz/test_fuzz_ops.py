@@ -49,7 +49,7 @@ def examples(backend: str) -> int:
 
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401, PLC0415
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True

@@ -191,7 +191,7 @@ def run_batch(args) -> dict:
     """Legal specs (``args.examples``), then, on the validating backends, bad-input specs of each kind
     (``specs.bad_kinds``; a twelfth as many, at least 8), each kind in its own Hypothesis run so that
     one bug cannot stop the search for another."""
-    import specs  # noqa: PLC0415
+    import specs
 
     if args.backend == "triton":
         sk_ops.get_ops("triton")  # import triton and the kernels once, before forking
@@ -246,7 +246,7 @@ def _note_ratio(ratio: float, spec: dict, stats: dict) -> None:
 
 def _run_hypothesis(args, strategy, examples: int, executor: Executor, stats: dict, name: str):
     """One Hypothesis run; returns (the minimal failing case of each failure kind, Hypothesis' report)."""
-    from hypothesis import HealthCheck, Phase, given, seed, settings, target  # noqa: PLC0415
+    from hypothesis import HealthCheck, Phase, given, seed, settings, target
 
     failures: dict[str, dict] = {}  # failure_key -> the last failing case: after shrinking, the minimal one
 
