@@ -1,7 +1,7 @@
 """Test configuration: markers and shared fixtures.
 
 Markers (registered here, used with -m):
-  cuda    needs a CUDA GPU; skipped with a reason elsewhere
+  cuda    needs a CUDA GPU; skipped, with the reason, where torch sees none (below)
   triton  runs Triton kernels (under TRITON_INTERPRET=1 on machines without a GPU)
   slow    loads the real SmolLM2 model or runs long; part of the default suite
 """
@@ -28,6 +28,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where there is none)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (interpreter without a GPU)")
     config.addinivalue_line("markers", "slow: loads SmolLM2 or runs long")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips every cuda-marked test where torch sees no GPU: one rule here, not a skipif per file."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(no_gpu)
 
 
 def _id(val) -> str | None:

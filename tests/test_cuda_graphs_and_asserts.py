@@ -20,10 +20,7 @@ from skiplayers import ops as sk_ops
 from skiplayers import reference
 from skiplayers.meta import Rule
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
 DEV = "cuda"
 

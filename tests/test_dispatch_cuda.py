@@ -23,10 +23,7 @@ from skiplayers.dispatch.dispatcher import standard_kernel
 from skiplayers.dispatch.kernels import STANDARD_KERNELS, Ours
 from skiplayers.dispatch.table import device_key
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
 DEV = torch.device("cuda")
 STANDARD = [p for p in Pattern if p != Pattern.PREDICATE]

@@ -20,10 +20,7 @@ from model_helpers import (
     tiny_llama,
 )
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
 DEV = "cuda"
 STOPS = [None, 0, 2, 4]  # 4 = L: nothing stops
