@@ -107,14 +107,16 @@ def _grad_mode_is_not_leaked():
 # The tiny random LLaMA and its ragged, left-padded batch with context marks (model_helpers.py),
 # shared by the model-level test files (one instance per module).
 @pytest.fixture(scope="module")
-def model():
+def model(request):
+    """On the test module's ``DEVICE`` (default cpu)."""
     from model_helpers import tiny_llama
 
-    return tiny_llama()
+    return tiny_llama(device=getattr(request.module, "DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
-def batch():
+def batch(request):
+    """On the test module's ``DEVICE`` (default cpu)."""
     from model_helpers import ragged_batch
 
-    return ragged_batch()
+    return ragged_batch(device=getattr(request.module, "DEVICE", "cpu"))

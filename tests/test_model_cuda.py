@@ -16,24 +16,13 @@ from model_helpers import (
     assert_generate_matches_masked,
     assert_reduced_precision_matches,
     computed_columns,
-    ragged_batch,
     tiny_llama,
 )
 
 pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
-DEV = "cuda"
+DEVICE = "cuda"
 STOPS = [None, 0, 2, 4]  # 4 = L: nothing stops
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(device=DEV)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch(device=DEV)
 
 
 @pytest.mark.parametrize("stop", STOPS)
@@ -57,7 +46,7 @@ def test_generate_matches_masked_model(model, batch, stop):
     ],
 )
 def test_llama_config_variants(batch, config):
-    variant = tiny_llama(seed=1, device=DEV, **config)
+    variant = tiny_llama(seed=1, device=DEVICE, **config)
     policy = sk.SkipPolicy(context_stop_layer=1)
     assert_forward_matches_masked(variant, policy, "cuda", batch)
     assert_generate_matches_masked(variant, policy, "cuda", batch, new_tokens=4)
@@ -65,7 +54,7 @@ def test_llama_config_variants(batch, config):
 
 @pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
 def test_reduced_precision_forward(model, batch, dtype, floor):
-    low = tiny_llama(dtype=dtype, device=DEV)
+    low = tiny_llama(dtype=dtype, device=DEVICE)
     assert_reduced_precision_matches(low, model, sk.SkipPolicy(context_stop_layer=2), "cuda", batch, floor)
 
 
@@ -86,7 +75,7 @@ def test_anchors_match_masked_model(model, batch, stop, keep_first):
 
 
 def test_default_backend_on_cuda_is_cuda():
-    assert sk.ops.default_backend(torch.device(DEV)) == "cuda"
+    assert sk.ops.default_backend(torch.device(DEVICE)) == "cuda"
 
 
 # --- SmolLM2-135M, real weights -----------------------------------------------------------------
@@ -94,7 +83,7 @@ def test_default_backend_on_cuda_is_cuda():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return sk.load_default_model(device=DEV)
+    return sk.load_default_model(device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +93,7 @@ def fewshot(smollm2):
     ids, attn, ctx = sk.fewshot_batch(
         tokenizer, "Translate English to French.", [examples, examples[:1], examples[:3]], ["cat", "the red car", "bread"]
     )
-    return ids.to(DEV), attn.to(DEV), ctx.to(DEV), (attn.cumsum(-1) - 1).clamp(min=0).to(DEV)
+    return ids.to(DEVICE), attn.to(DEVICE), ctx.to(DEVICE), (attn.cumsum(-1) - 1).clamp(min=0).to(DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -10,33 +10,23 @@ import pytest
 
 import skiplayers as sk
 from backends import triton_device
-from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, ragged_batch, tiny_llama
+from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked
 
 pytestmark = pytest.mark.triton
 
 DEVICE = triton_device()
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return tiny_llama(device=DEVICE)
-
-
-@pytest.fixture(scope="module")
-def tiny_batch():
-    return ragged_batch(device=DEVICE)
-
-
 @pytest.mark.parametrize("stop", [None, 0, 2, 4])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_model_forward_matches_masked_model(tiny_model, tiny_batch, stop, use_cache):
-    assert_forward_matches_masked(tiny_model, sk.SkipPolicy(context_stop_layer=stop), "triton", tiny_batch,
+def test_model_forward_matches_masked_model(model, batch, stop, use_cache):
+    assert_forward_matches_masked(model, sk.SkipPolicy(context_stop_layer=stop), "triton", batch,
                                   use_cache=use_cache)
 
 
 @pytest.mark.parametrize("stop", [None, 2])
-def test_model_generate_matches_masked_model(tiny_model, tiny_batch, stop):
-    assert_generate_matches_masked(tiny_model, sk.SkipPolicy(context_stop_layer=stop), "triton", tiny_batch,
+def test_model_generate_matches_masked_model(model, batch, stop):
+    assert_generate_matches_masked(model, sk.SkipPolicy(context_stop_layer=stop), "triton", batch,
                                    new_tokens=8)
 
 
@@ -44,8 +34,8 @@ ANCHORS = tuple(range(3, 15))  # as tests/test_anchors.py: sentences of ~8 token
 
 
 @pytest.mark.parametrize("stop,keep_first", [(None, 0), (2, 2)])
-def test_model_anchor_cache_matches_ansan_masked_model(tiny_model, tiny_batch, stop, keep_first):
+def test_model_anchor_cache_matches_ansan_masked_model(model, batch, stop, keep_first):
     """AnSAN attention (Rule.ANCHORS) and the anchor-only cache (cache_compact) through the Triton ops."""
     policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=ANCHORS, anchor_keep_first=keep_first)
-    assert_forward_matches_masked(tiny_model, policy, "triton", tiny_batch, use_cache=True)
-    assert_generate_matches_masked(tiny_model, policy, "triton", tiny_batch, new_tokens=8)
+    assert_forward_matches_masked(model, policy, "triton", batch, use_cache=True)
+    assert_generate_matches_masked(model, policy, "triton", batch, new_tokens=8)
