@@ -8,7 +8,8 @@ whose gradients silently miss parameters, every op gets an autograd rule here:
   (``reference.py``, float32 per sequence, dense predicate mask) under autograd and differentiates
   it. It is exact (it is the reference's own gradient) but not a fused kernel: memory is
   O(heads * Nq * Nk) per sequence and speed is that of eager PyTorch. Metadata (lengths, positions,
-  tags) gets no gradient.
+  tags) gets no gradient. The recomputation is itself an opaque op (``skiplayers_grad::<op>``), so
+  that torch.compile's AOT autograd can trace the backward of a compiled attention op.
 * ``compact_rows``: the gradient of ``x[keep]`` scattered back to the kept rows (zeros elsewhere).
 * ``cache_compact``: the gradient of each kept slot goes back to the slot it came from.
 * ``cache_append`` writes into cache buffers in place, which autograd cannot follow: called with
@@ -48,11 +49,39 @@ def _argument_names(namespace: str, op: str) -> tuple[str, ...]:
     return tuple(a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments)
 
 
-def _attention_backward(reference_fn, names, diff_names):
+# The recomputation runs as an opaque op, ``skiplayers_grad::<op>(grad_out, <the op's arguments>)``
+# returning the gradients of the op's differentiable inputs: torch.compile's AOT autograd traces a
+# registered backward, and the reference's per-sequence loop reads lengths on the host (data-dependent
+# sizes it cannot trace). One op per attention op serves every namespace (their schemas are equal).
+_GRAD_LIB = torch.library.Library("skiplayers_grad", "DEF")
+_GRAD_OPS: set[str] = set()
+
+
+def _define_recompute_op(namespace: str, op: str, reference_fn, diff_names) -> None:
+    if op in _GRAD_OPS:
+        return
+    names = _argument_names(namespace, op)
+    arguments = str(getattr(getattr(torch.ops, namespace), op).default._schema).split("(", 1)[1].rsplit(") ->", 1)[0]
+    _GRAD_LIB.define(f"{op}(Tensor grad_out, {arguments}) -> Tensor[]")
+
+    def recompute(grad_out, *args):
+        inputs = dict(zip(names, args))
+        diff = {n: inputs.pop(n) for n in diff_names}
+        return list(_recompute_grads(reference_fn, diff, inputs, grad_out))
+
+    def fake(grad_out, *args):
+        inputs = dict(zip(names, args))
+        return [torch.empty_like(inputs[n]) for n in diff_names]
+
+    _GRAD_LIB.impl(op, recompute, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"skiplayers_grad::{op}", fake, lib=_GRAD_LIB)
+    _GRAD_OPS.add(op)
+
+
+def _attention_backward(op: str, names, diff_names):
     def backward(ctx, grad_out):
-        diff = {n: ctx.inputs[n] for n in diff_names}
-        fixed = {n: v for n, v in ctx.inputs.items() if n not in diff_names}
-        grads = dict(zip(diff_names, _recompute_grads(reference_fn, diff, fixed, grad_out)))
+        grad_op = getattr(torch.ops.skiplayers_grad, op)
+        grads = dict(zip(diff_names, grad_op(grad_out, *(ctx.inputs[n] for n in names))))
         return tuple(grads.get(n) for n in names)
 
     return backward
@@ -114,11 +143,11 @@ def _cache_append_guard(namespace: str):
 def register_autograd(namespace: str, lib: torch.library.Library) -> None:
     """Registers the backward of every op of ``namespace`` (``skiplayers`` or ``skiplayers_triton``)."""
     varlen, cached = _argument_names(namespace, "varlen_attention"), _argument_names(namespace, "cache_attention")
+    _define_recompute_op(namespace, "varlen_attention", reference.varlen_attention, _VARLEN_DIFF)
+    _define_recompute_op(namespace, "cache_attention", reference.cache_attention, _CACHE_DIFF)
     rules = {
-        "varlen_attention": (_attention_backward(reference.varlen_attention, varlen, _VARLEN_DIFF),
-                             _save_inputs(varlen)),
-        "cache_attention": (_attention_backward(reference.cache_attention, cached, _CACHE_DIFF),
-                            _save_inputs(cached)),
+        "varlen_attention": (_attention_backward("varlen_attention", varlen, _VARLEN_DIFF), _save_inputs(varlen)),
+        "cache_attention": (_attention_backward("cache_attention", cached, _CACHE_DIFF), _save_inputs(cached)),
         "compact_rows": (_compact_rows_backward, _compact_rows_setup),
         "cache_compact": (_cache_compact_backward, _cache_compact_setup),
     }

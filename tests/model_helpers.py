@@ -9,13 +9,44 @@ masked model as the masked model computed in the same reduced precision is, plus
 from __future__ import annotations
 
 import contextlib
+import os
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import skiplayers as sk
 
 FP32_LOGIT_ATOL = 1e-4
+
+# SKIPLAYERS_TEST_COMPILE=1 (inductor) or =<a torch.compile backend> (eager, aot_eager): the helpers
+# below run the patched model's forward compiled (fullgraph=True); their assertions are unchanged.
+_SWITCH = os.environ.get("SKIPLAYERS_TEST_COMPILE", "")
+COMPILE_BACKEND = None if _SWITCH in ("", "0") else "inductor" if _SWITCH == "1" else _SWITCH
+
+
+@contextlib.contextmanager
+def maybe_compiled(model, policy: sk.SkipPolicy, layer_mask=None):
+    """Under ``SKIPLAYERS_TEST_COMPILE``, the patched ``model.forward`` (which ``model(...)`` and
+    ``generate()`` call) is ``torch.compile(..., fullgraph=True)`` inside the block, and the block
+    must have compiled a graph; what compile refuses by design is skipped. Otherwise: nothing."""
+    if COMPILE_BACKEND is None:
+        yield
+        return
+    if layer_mask is not None or policy.early_exit is not None:
+        pytest.skip("SKIPLAYERS_TEST_COMPILE: layer_mask and early exit are refused under torch.compile by design "
+                    "(patching/decoder.py); they run eagerly only")
+    from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC0415  (only under the switch)
+
+    torch._dynamo.reset()  # the test's own compiles, never the recompile limit's silent eager fallback
+    counter = CompileCounterWithBackend(COMPILE_BACKEND)
+    patched = model.forward
+    model.forward = torch.compile(patched, backend=counter, fullgraph=True)
+    try:
+        yield
+    finally:
+        model.forward = patched
+    assert counter.frame_count > 0, "SKIPLAYERS_TEST_COMPILE: nothing was compiled"
 
 
 def tiny_llama(
@@ -97,9 +128,12 @@ def computed_columns(attn: torch.Tensor, ctx: torch.Tensor, policy: sk.SkipPolic
 @torch.no_grad()
 def patched_logits(model, policy, backend, ids, attn, ctx, pos, use_cache: bool, layer_mask=None) -> torch.Tensor:
     sk.patch(model, policy, backend=backend)
+    # Compiled, a cache must be passed (decoder.py refuses to create one while tracing).
+    cache = sk.SkipCache(model.config.num_hidden_layers) if use_cache and COMPILE_BACKEND else None
     try:
-        return model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=use_cache,
-                     layer_mask=layer_mask).logits
+        with maybe_compiled(model, policy, layer_mask):
+            return model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, use_cache=use_cache,
+                         past_key_values=cache, layer_mask=layer_mask).logits
     finally:
         sk.unpatch(model)
 
@@ -157,7 +191,7 @@ def assert_generate_matches_masked(model, policy, backend, batch, new_tokens: in
     ids, attn, ctx, _ = batch
     sk.patch(model, policy, backend=backend)
     try:
-        with checking_cache_lengths(model):
+        with maybe_compiled(model, policy, layer_mask), checking_cache_lengths(model):
             out = model.generate(
                 ids, attention_mask=attn, context_mask=ctx, max_new_tokens=new_tokens, do_sample=False,
                 return_dict_in_generate=True, output_logits=True, layer_mask=layer_mask,

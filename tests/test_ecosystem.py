@@ -327,6 +327,20 @@ def test_torch_compile_fullgraph_equals_eager(batch, policy):
 
 
 @torch.no_grad()
+def test_torch_compile_with_traced_compaction_keeps_the_compacted_lengths(batch):
+    """With the torch backend, compaction is traced (not an opaque op) and inductor may write the
+    compacted cu_seqlens into the plan's dead buffer: the host counts must follow the contents, not
+    the address (traced.py; a stale count once stored the context rows at layers >= ℓ)."""
+    model = tiny_llama(layers=3)
+    with sk.patched(model, POLICIES["stop"], backend="torch"):
+        eager = prefill_and_decode_logits(model, batch, 3)
+        compiled = prefill_and_decode_logits(torch.compile(model, fullgraph=True), batch, 3)
+    assert torch.equal(compiled[2], eager[2])
+    for e, c in zip(eager[:2], compiled[:2]):
+        torch.testing.assert_close(c, e, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_torch_compile_refusals_are_clear(batch):
     ids, attn, ctx, pos = batch
     model = tiny_llama(layers=2)

@@ -39,12 +39,11 @@ def _running(decoder_handle: torch.Tensor) -> PackedStep:
     return step
 
 
-def _rows(step: PackedStep, cu_seqlens, pos, tag) -> PackedRows:
-    """The rows a compiled layer works on; their host counts are read once per cu_seqlens buffer."""
-    key = (cu_seqlens.data_ptr(), cu_seqlens.device)
-    counts = step.host_counts.get(key)
-    if counts is None:
-        counts = step.host_counts[key] = cu_seqlens.diff().cpu().to(torch.int64)
+def _rows(cu_seqlens, pos, tag) -> PackedRows:
+    """The rows a compiled layer works on, their host counts read from ``cu_seqlens`` at every call:
+    not cached by buffer address, because inductor writes a new tensor into a dead one's buffer
+    (the compacted ``cu_seqlens`` into the plan's, with the torch backend) and stale counts follow."""
+    counts = cu_seqlens.diff().cpu().to(torch.int64)
     return PackedRows(index=None, cu_seqlens=cu_seqlens, counts=counts, pos=pos, tag=tag)
 
 
@@ -65,7 +64,6 @@ def _plan(
     plan = plan_call(decoder, cache, input_ids, like, attention_mask, position_ids, context_mask, logits_to_keep,
                      builds_graph)
     step = PackedStep(plan.rows, decoder._skiplayers, cache, plan=plan)
-    step.host_counts = {(plan.rows.cu_seqlens.data_ptr(), plan.rows.cu_seqlens.device): plan.rows.counts}
     decoder._skiplayers_running = step
     rows = plan.rows
     return rows.index, rows.cu_seqlens, rows.pos, rows.tag
@@ -89,7 +87,7 @@ def _attend(decoder_handle: torch.Tensor, layer_idx: int, store: bool, query: to
             value: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, tag: torch.Tensor,
             scaling: float) -> torch.Tensor:
     running = _running(decoder_handle)
-    step = running.with_rows(_rows(running, cu_seqlens, pos, tag))
+    step = running.with_rows(_rows(cu_seqlens, pos, tag))
     if store:  # SkipCache.update of this layer, deferred to here (one op per layer instead of two)
         step.store(step.cache, layer_idx, key, value)
     return step.attend(layer_idx, query, key, value, scaling)
