@@ -36,7 +36,7 @@ def maybe_compiled(model, policy: sk.SkipPolicy, layer_mask=None):
     if layer_mask is not None or policy.early_exit is not None:
         pytest.skip("SKIPLAYERS_TEST_COMPILE: layer_mask and early exit are refused under torch.compile by design "
                     "(patching/decoder.py); they run eagerly only")
-    from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC0415  (only under the switch)
+    from torch._dynamo.testing import CompileCounterWithBackend  # only under the switch
 
     torch._dynamo.reset()  # the test's own compiles, never the recompile limit's silent eager fallback
     counter = CompileCounterWithBackend(COMPILE_BACKEND)

@@ -39,7 +39,7 @@ DEVICES = [
 
 def _inductor_unavailable_reason() -> str | None:
     """Inductor compiles its CPU kernels with the C++ compiler it finds (``cpp_builder``)."""
-    from torch._inductor import cpp_builder  # noqa: PLC0415  (inductor imports lazily)
+    from torch._inductor import cpp_builder  # inductor imports lazily
 
     compiler = cpp_builder.get_cpp_compiler()
     return None if shutil.which(compiler) else f"inductor's C++ compiler {compiler!r} is not on PATH"
