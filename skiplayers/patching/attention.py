@@ -75,9 +75,6 @@ class PackedStep:
     a step never change (gradient checkpointing recomputes a layer with the step it first got);
     the context-stop layer gets a new step (:meth:`with_rows`)."""
 
-    # Set by traced.py on the step of a compiled call: host counts per cu_seqlens buffer (data_ptr, device).
-    host_counts: dict[tuple[int, torch.device], torch.Tensor]
-
     def __init__(self, rows: PackedRows, state: PatchState, cache, plan=None, reads_cache: set[int] | None = None):
         self.state = state
         self.cache = cache
