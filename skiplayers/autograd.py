@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .schemas import schema_arguments, schema_parameters
 
 _VARLEN_DIFF = ("q", "k", "v")
 _CACHE_DIFF = ("q", "k_cache", "v_cache")
@@ -43,12 +44,6 @@ def _save_inputs(names):
     return setup_context
 
 
-def _argument_names(namespace: str, op: str) -> tuple[str, ...]:
-    """The op's argument names, in order, from its schema (the one place they are declared); the
-    reference functions take the same names."""
-    return tuple(a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments)
-
-
 # The recomputation runs as an opaque op, ``skiplayers_grad::<op>(grad_out, <the op's arguments>)``
 # returning the gradients of the op's differentiable inputs: torch.compile's AOT autograd traces a
 # registered backward, and the reference's per-sequence loop reads lengths on the host (data-dependent
@@ -60,9 +55,8 @@ _GRAD_OPS: set[str] = set()
 def _define_recompute_op(namespace: str, op: str, reference_fn, diff_names) -> None:
     if op in _GRAD_OPS:
         return
-    names = _argument_names(namespace, op)
-    arguments = str(getattr(getattr(torch.ops, namespace), op).default._schema).split("(", 1)[1].rsplit(") ->", 1)[0]
-    _GRAD_LIB.define(f"{op}(Tensor grad_out, {arguments}) -> Tensor[]")
+    names = schema_arguments(op, namespace)
+    _GRAD_LIB.define(f"{op}(Tensor grad_out, {schema_parameters(op)}) -> Tensor[]")
 
     def recompute(grad_out, *args):
         inputs = dict(zip(names, args))
@@ -142,7 +136,7 @@ def _cache_append_guard(namespace: str):
 
 def register_autograd(namespace: str, lib: torch.library.Library) -> None:
     """Registers the backward of every op of ``namespace`` (``skiplayers`` or ``skiplayers_triton``)."""
-    varlen, cached = _argument_names(namespace, "varlen_attention"), _argument_names(namespace, "cache_attention")
+    varlen, cached = schema_arguments("varlen_attention", namespace), schema_arguments("cache_attention", namespace)
     _define_recompute_op(namespace, "varlen_attention", reference.varlen_attention, _VARLEN_DIFF)
     _define_recompute_op(namespace, "cache_attention", reference.cache_attention, _CACHE_DIFF)
     rules = {

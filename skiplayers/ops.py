@@ -25,6 +25,7 @@ import torch
 from . import reference
 from .autograd import register_autograd
 from .meta import Rule
+from .schemas import schema_arguments as schema_arguments  # re-exported: ops.schema_arguments(op)
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
@@ -58,12 +59,6 @@ def _load_extension() -> None:
 
 _load_extension()
 _ops = torch.ops.skiplayers
-
-
-def schema_arguments(op: str) -> tuple[str, ...]:
-    """The argument names of ``skiplayers::<op>``, in order, read from the registered schema
-    (``csrc/skiplayers.cpp`` defines them once; every backend, fake and test follows it)."""
-    return tuple(a.name for a in getattr(_ops, op).default._schema.arguments)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Why a second namespace: the CUDA C++ backend registers its kernels for the CUDA 
 ``skiplayers::<op>``; one key of one op holds one kernel, so the Triton kernels live beside them.
 
 Schemas stay in one place: each schema here is read from the C++ definition
-(``str(torch.ops.skiplayers.<op>.default._schema)``) with the namespace swapped, and the fake
+(``skiplayers.schemas.schema_text``) with the namespace swapped, and the fake
 implementations are ``skiplayers.ops.FAKES``, shared with ``skiplayers::``.
 
 Registration choice: a plain ``Library.impl`` of the launcher for the CUDA key. torch.compile treats
@@ -24,6 +24,7 @@ import torch
 
 from skiplayers import ops as sk_ops
 from skiplayers.autograd import register_autograd
+from skiplayers.schemas import schema_text
 
 from .host import INTERPRETED
 from .launchers import LAUNCHERS
@@ -31,18 +32,9 @@ from .launchers import LAUNCHERS
 NAMESPACE = "skiplayers_triton"
 
 
-def schema_of(op: str) -> str:
-    """The C++ schema of ``skiplayers::<op>`` without its namespace (``"<op>(...) -> ..."``)."""
-    schema = str(getattr(torch.ops.skiplayers, op).default._schema)
-    prefix = "skiplayers::"
-    if not schema.startswith(prefix):
-        raise RuntimeError(f"unexpected schema for skiplayers::{op}: {schema}")
-    return schema[len(prefix):]
-
-
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _op in sk_ops.OP_NAMES:
-    _lib.define(schema_of(_op))
+    _lib.define(schema_text(_op))
     _lib.impl(_op, LAUNCHERS[_op], "CUDA")
     if INTERPRETED:
         _lib.impl(_op, LAUNCHERS[_op], "CPU")
