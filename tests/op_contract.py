@@ -36,18 +36,23 @@ def assert_attention_close(out: torch.Tensor, case: dict, reference_fn) -> None:
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive low-precision error {(bound - atol) / 2:.3g})"
 
 
+def arguments(op: str, case: dict) -> list:
+    """The values of ``case`` (a dict keyed by the schema's argument names) in schema order."""
+    return [case[k] for k in sk_ops.schema_arguments(op)]
+
+
 def call(ops, op: str, case: dict):
-    """``ops.<op>`` on the arguments of ``case`` (a dict keyed by the schema's argument names), by position."""
-    return getattr(ops, op)(*[case[k] for k in sk_ops.schema_arguments(op)])
+    """``ops.<op>`` (an OpSet, or the ``reference`` module) on the arguments of ``case``, by position."""
+    return getattr(ops, op)(*arguments(op, case))
 
 
 def check_varlen_attention(ops, case: dict) -> None:
-    out = ops.varlen_attention(*[case[k] for k in _VARLEN_ARGS])
+    out = call(ops, "varlen_attention", case)
     assert_attention_close(out, case, reference.varlen_attention)
 
 
 def check_cache_attention(ops, case: dict) -> None:
-    out = ops.cache_attention(*[case[k] for k in _CACHE_ARGS])
+    out = call(ops, "cache_attention", case)
     assert_attention_close(out, case, reference.cache_attention)
 
 
@@ -60,16 +65,16 @@ def check_compact_rows(ops, case: dict) -> None:
 def check_cache_append(ops, case: dict) -> None:
     mine = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     ref = _to_cpu({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
-    ops.cache_append(*[mine[k] for k in _APPEND_ARGS])
-    reference.cache_append(*[ref[k] for k in _APPEND_ARGS])
+    call(ops, "cache_append", mine)
+    call(reference, "cache_append", ref)
     for name in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
         assert torch.equal(mine[name].cpu(), ref[name]), f"{name} differs"
     assert torch.equal(mine["cache_seqlens"].cpu(), case["cache_seqlens"].cpu()), "cache_seqlens must not change"
 
 
 def check_cache_compact(ops, case: dict) -> None:
-    outs = ops.cache_compact(*[case[k] for k in _COMPACT_ARGS])
-    refs = reference.cache_compact(*[_to_cpu(case)[k] for k in _COMPACT_ARGS])
+    outs = call(ops, "cache_compact", case)
+    refs = call(reference, "cache_compact", _to_cpu(case))
     lengths = refs[4]
     assert torch.equal(outs[4].cpu(), lengths), "new cache_seqlens differ"
     for name, o, r in zip(("k_cache", "v_cache", "pos_cache", "tag_cache"), outs[:4], refs[:4]):
@@ -89,8 +94,8 @@ BAD_VARLEN_INPUTS = [
     (dict(q_tag=torch.zeros(3, dtype=torch.int32)), "q_tag"),
 ]
 
-# Argument orders, read from the schemas (``csrc/skiplayers.cpp``): a case dict is turned into a call
-# with ``[case[k] for k in _VARLEN_ARGS]``.
+# Argument names in schema order (``csrc/skiplayers.cpp``), for the tests that pick some of them out;
+# a whole call is ``call(ops, op, case)``.
 _VARLEN_ARGS = sk_ops.schema_arguments("varlen_attention")
 _CACHE_ARGS = sk_ops.schema_arguments("cache_attention")
 _APPEND_ARGS = sk_ops.schema_arguments("cache_append")

@@ -331,7 +331,7 @@ _OPCHECK_CASES = {
                needs=("registered",))
 def test_opcheck(ops, backend, op, dtype):
     case = _OPCHECK_CASES[op](dtype, backend.device)
-    args = tuple(case[k] for k in sk_ops.schema_arguments(op))
+    args = tuple(op_contract.arguments(op, case))
     registered = getattr(getattr(torch.ops, backend.namespace), op).default
     torch.library.opcheck(registered, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
