@@ -150,8 +150,6 @@ def over_backends(argnames: str = "", cases=((),), needs: tuple[str, ...] = ("co
     return pytest.mark.parametrize(("ops", *names), params, indirect=["ops"])
 
 
-
-
 def triton_device() -> str:
     """The device the Triton ops run on here ("cpu" under the interpreter); raises when triton was
     imported in a way these tests cannot run (imports triton: call it from Triton test files only)."""

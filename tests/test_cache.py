@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import skiplayers as sk
+from cases import cu_seqlens
 from model_helpers import checking_cache_lengths, decode_step_inputs
 from skiplayers.ops import get_ops
 
@@ -27,9 +28,7 @@ def rows(counts: list[int], start: int = 0):
     host = torch.tensor(counts, dtype=torch.int64)
     pos = torch.cat([torch.arange(start, start + n, dtype=torch.int32) for n in counts])
     k = pos.float()[:, None, None].expand(-1, H_KV, D).contiguous()
-    cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    torch.cumsum(host, 0, out=cu[1:])
-    return k, k.clone(), pos, torch.zeros_like(pos), cu, host
+    return k, k.clone(), pos, torch.zeros_like(pos), cu_seqlens(counts, "cpu"), host
 
 
 def filled(counts: list[int], layers: int = 2) -> sk.SkipCache:
