@@ -18,9 +18,20 @@ the patched model:
   multiply-adds, from the config: q, k, v, o projections ``d * (2 q + 2 kv)`` plus QK^T and PV
   ``2 q * keys`` (``keys``: mean attended keys of the phase) against that plus the MLP's
   ``3 d * intermediate`` (d = hidden size, q / kv = query / key-value heads x head dim).
-* ``*_union_bound`` (the layer_mask batch): the work if every sequence ran every layer that any
+* ``*_union_bound`` (the layer_mask batches): the work if every sequence ran every layer that any
   sequence runs, ``L / |union of the layers run|``; the batch should cost the layers it runs
-  (``*_vs_bound`` >= 0.8), not the union.
+  (``*_vs_bound`` >= 0.8), not the union, wherever a layer's cost follows its rows.
+
+**Where a layer's cost follows its rows** (``section="layer_cost"``): the decoder layers' linear
+projections timed on n rows, cycling through all L layers so that every layer's weights come from
+memory as they do in a decode step (``--cost-rows``). On the machine this was written on, 1 to 8
+rows cost within about 1.5x of each other (the weights' read, not the multiply-adds, is the cost),
+and the cost per row falls to a floor only from about 32 rows on. So a decode step of the batch of
+8 costs about the union of the layers its sequences run, which for these 8 masks is all L: no
+kernel can make it cost the rows (every layer's weights must be read once per step if one
+sequence runs it). The row savings of a decode step appear with more rows per layer, so the
+layer_mask setting also runs on ``--wide`` times the batch (the 8 prompts and their 8 masks
+repeated: 64 sequences by default, the same masks, so the same bounds).
 * ``*_flop_bound``: multiply-adds of the unpatched run over those of the patched run, counted by
   forward hooks on every ``nn.Linear`` (so the unpatched model's padding rows, the LM head, early
   exit's head calls at every exit layer and its K/V propagation count) plus QK^T / PV at the
@@ -43,12 +54,13 @@ techniques do to a model that was not made for them.
 Writes ``results/skipping.{json,csv,png}``; ``--smoke`` runs a few settings on 4 prompts and 8
 items and writes ``skipping_smoke.*`` to a temporary directory (or ``--out``).
 
-    python -m benchmarks.skipping [--runs 5] [--steps 16] [--items 40] [--threads 1]
+    python -m benchmarks.skipping [--runs 5] [--steps 16] [--items 40] [--threads 1] [--wide 8]
     python -m benchmarks.skipping --smoke
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -240,21 +252,57 @@ def savings_row(setting: Setting, res, full: dict, patched: dict, config, keys, 
     return row
 
 
-def run_savings(model, ids, attn, settings, args) -> list[dict]:
-    keys = mean_keys(attn, args.steps)
-    full = record(model, None, ids, attn, args.steps, keys, args.backend)
+def run_savings(model, batches, args) -> list[dict]:
+    """``batches``: ``(ids, attn, settings)`` triples; each batch's settings run against the
+    unpatched model on that batch."""
     rows = []
-    with tqdm(total=len(settings) * args.runs, desc="savings (interleaved runs)") as bar:
-        for setting in settings:
-            patched = record(model, setting, ids, attn, args.steps, keys, args.backend)  # also a warmup
-            res = compare(model, setting.policy, ids, attn, None, args.runs, args.steps, args.backend,
-                          progress=bar, layer_mask=setting.layer_mask)
-            rows.append(savings_row(setting, res, full, patched, model.config, keys, args.steps))
-            r = rows[-1]
-            bar.write(f"{setting.name:28}: prefill x{r['prefill_speedup']:.2f} (bound x{r['prefill_bound']:.2f}, "
-                      f"flops x{r['prefill_flop_bound']:.2f}); decode x{r['decode_speedup']:.2f} "
-                      f"(bound x{r['decode_bound']:.2f}, flops x{r['decode_flop_bound']:.2f})")
+    total = sum(len(settings) for _, _, settings in batches) * args.runs
+    with tqdm(total=total, desc="savings (interleaved runs)") as bar:
+        for ids, attn, settings in batches:
+            keys = mean_keys(attn, args.steps)
+            full = record(model, None, ids, attn, args.steps, keys, args.backend)
+            for setting in settings:
+                patched = record(model, setting, ids, attn, args.steps, keys, args.backend)  # also a warmup
+                res = compare(model, setting.policy, ids, attn, None, args.runs, args.steps, args.backend,
+                              progress=bar, layer_mask=setting.layer_mask)
+                rows.append({**savings_row(setting, res, full, patched, model.config, keys, args.steps),
+                             "batch": ids.shape[0]})
+                r = rows[-1]
+                bar.write(f"{setting.name:28}: prefill x{r['prefill_speedup']:.2f} (bound x{r['prefill_bound']:.2f}, "
+                          f"flops x{r['prefill_flop_bound']:.2f}); decode x{r['decode_speedup']:.2f} "
+                          f"(bound x{r['decode_bound']:.2f}, flops x{r['decode_flop_bound']:.2f})")
     return rows
+
+
+def wide_batch(ids, attn, masks: Setting, repeat: int):
+    """The batch and its masks repeated ``repeat`` times: the same bounds, ``repeat`` x the rows per layer."""
+    setting = Setting(f"{masks.name} x {repeat} ({repeat * ids.shape[0]} seqs)", masks.kind, masks.policy,
+                      masks.layer_mask.repeat(repeat, 1))
+    return ids.repeat(repeat, 1), attn.repeat(repeat, 1), [setting]
+
+
+# --- the cost of a layer vs its rows -----------------------------------------------------------
+
+
+def layer_cost(model, row_counts: list[int], repeats: int = 7) -> list[dict]:
+    """``section="layer_cost"``: median time of the decoder layers' linear projections on n rows
+    (``[1, n, in_features]`` inputs), per layer, over passes through all layers in order, so each
+    layer's weights are read from memory as in a decode step rather than from a warm cache."""
+    projections = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    layers = model.config.num_hidden_layers
+    out = []
+    for n in tqdm(row_counts, desc="layer cost vs rows"):
+        inputs = {f: torch.randn(1, n, f) for f in {m.in_features for m in projections}}
+        times = []
+        for _ in range(repeats + 1):  # the first pass warms the allocator
+            start = time.perf_counter()
+            for module in projections:
+                module(inputs[module.in_features])
+            times.append(time.perf_counter() - start)
+        ms = statistics.median(times[1:]) * 1e3 / layers
+        out.append({"section": "layer_cost", "setting": f"{n} rows", "kind": "layer_cost", "rows": n,
+                    "ms_per_layer": round(ms, 3), "ms_per_row_layer": round(ms / n, 4)})
+    return out
 
 
 # --- quality -----------------------------------------------------------------------------------
@@ -303,10 +351,15 @@ def plot(rows, layers: int, title: str, path: Path) -> None:
     plt = pyplot()
     savings = [r for r in rows if r["section"] == "savings"]
     quality = [r for r in rows if r["section"] == "quality"]
+    cost = [r for r in rows if r["section"] == "layer_cost"]
     full = next((r["accuracy"] for r in quality if r["kind"] == "full"), None)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig = plt.figure(figsize=(19, 10))
+    grid = fig.add_gridspec(2, 3)
+    axes = {"savings": fig.add_subplot(grid[0, :2]), "cost": fig.add_subplot(grid[0, 2]),
+            "drop": fig.add_subplot(grid[1, 0]), "skip": fig.add_subplot(grid[1, 1]),
+            "exit": fig.add_subplot(grid[1, 2])}
 
-    ax, x = axes[0, 0], range(len(savings))
+    ax, x = axes["savings"], range(len(savings))
     for shift, phase, color in ((-0.2, "prefill", "C0"), (0.2, "decode", "C1")):
         xs = [i + shift for i in x]
         ax.bar(xs, [r[f"{phase}_speedup"] for r in savings], 0.4, color=color, label=f"{phase} measured")
@@ -331,11 +384,23 @@ def plot(rows, layers: int, title: str, path: Path) -> None:
                 label="agreement with full")
         ax.set(xlabel=label, ylabel="exact match", ylim=(-0.03, 1.03))
 
-    quality_line(axes[0, 1], "drop_attention", f"attention dropped in the last k of {layers} layers")
-    axes[0, 1].set_title(f"{TASK}: dropped attention layers")
-    axes[0, 1].legend(fontsize=8)
+    ax = axes["cost"]
+    if cost:
+        ns = [r["rows"] for r in cost]
+        ax.plot(ns, [r["ms_per_layer"] for r in cost], "o-", label="measured")
+        ax.plot(ns, [cost[0]["ms_per_layer"] * n / ns[0] for n in ns], ":", color="gray",
+                label=f"proportional to rows (from {ns[0]})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(title="a decoder layer's linear projections vs rows\n(weights read from memory, as in decode)",
+               xlabel="rows computed by the layer", ylabel="ms per layer")
+        ax.legend(fontsize=8)
 
-    ax = axes[1, 0]
+    quality_line(axes["drop"], "drop_attention", f"attention dropped in the last k of {layers} layers")
+    axes["drop"].set_title(f"{TASK}: dropped attention layers")
+    axes["drop"].legend(fontsize=8)
+
+    ax = axes["skip"]
     sel = [r for r in quality if r["kind"] == "skip_layers"]
     ax.bar([i - 0.2 for i in range(len(sel))], [r["accuracy"] for r in sel], 0.4, color="C0", label="accuracy")
     ax.bar([i + 0.2 for i in range(len(sel))], [r["agreement_with_full"] for r in sel], 0.4, color="C1",
@@ -349,7 +414,7 @@ def plot(rows, layers: int, title: str, path: Path) -> None:
     ax.set_xticks(range(len(sel)), [r["setting"] for r in sel], rotation=20, ha="right", fontsize=8)
     ax.set(title=f"{TASK}: static skip sets", ylabel="exact match", ylim=(0, 1.1))
 
-    ax = axes[1, 1]
+    ax = axes["exit"]
     sel = sorted((r for r in quality if r["kind"] == "early_exit"), key=lambda r: r["x"])
     ts = [r["x"] for r in sel]
     ax.plot(ts, [r["accuracy"] for r in sel], "o-", label="accuracy")
@@ -380,13 +445,17 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine's noise down)")
     parser.add_argument("--backend", default=None)
+    parser.add_argument("--wide", type=int, default=8,
+                        help="the layer_mask batch is also run repeated this many times (64 sequences)")
+    parser.add_argument("--cost-rows", type=lambda t: [int(n) for n in t.split(",")],
+                        default=[1, 2, 3, 4, 6, 8, 16, 32, 64], help="row counts of the layer-cost section")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true",
                         help="4 prompts, 8 steps, 1 run, a few settings, 8 items; writes skipping_smoke.* "
                              "to a temporary directory unless --out")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.runs, args.steps, args.items = 1, 8, 8
+        args.runs, args.steps, args.items, args.wide, args.cost_rows = 1, 8, 8, 2, [1, 8]
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     stem = "skipping_smoke" if args.smoke else "skipping"
@@ -398,10 +467,12 @@ def main(argv=None):
     tok = sk.load_default_tokenizer()
     layers = model.config.num_hidden_layers
     savings = savings_settings(layers, batch, args.smoke)
-    rows = run_savings(model, ids, attn, savings, args)
+    masks = next(s for s in savings if s.layer_mask is not None)
+    rows = layer_cost(model, args.cost_rows)
+    rows += run_savings(model, [(ids, attn, savings), wide_batch(ids, attn, masks, args.wide)], args)
     savings_s = time.perf_counter() - start
     rows += run_quality(model, tok, quality_settings(layers, args.smoke), args)
-    mask = next(s.layer_mask for s in savings if s.layer_mask is not None)
+    mask = masks.layer_mask
     keys = mean_keys(attn, args.steps)
     meta = {
         "model": "SmolLM2-135M-Instruct", "dtype": "float32", "runs": args.runs, "decode_steps": args.steps,
@@ -409,14 +480,14 @@ def main(argv=None):
         "prompt_tokens": attn.sum(1).tolist(), "padded_length": ids.shape[1],
         "mean_keys_prefill_decode": [round(k, 1) for k in keys],
         "per_token_layer_macs_prefill": dict(zip(("attention", "mlp"), per_token_macs(model.config, keys[0]))),
-        "layer_mask": mask.int().tolist(), "exit_layers": list(EXIT_LAYERS),
+        "layer_mask": mask.int().tolist(), "wide_repeat": args.wide, "exit_layers": list(EXIT_LAYERS),
         "quality_task": f"builtin:{TASK}", "max_new_tokens": args.max_new_tokens, "smoke": args.smoke,
         "seconds": {"savings": round(savings_s, 1), "total": round(time.perf_counter() - start, 1)},
     }
     json_path, csv_path = write_results(stem, rows, meta, out)
     png = Path(out) / f"{stem}.png"
     plot(rows, layers, f"SmolLM2-135M-Instruct, float32, CPU, {args.threads} thread(s); savings: batch {batch}, "
-         f"{args.steps} tokens, {args.runs} runs; quality: {args.items} items", png)
+         f"{args.steps} tokens, {args.runs} runs (layer_mask also x{args.wide}); quality: {args.items} items", png)
     print(f"wrote {json_path}, {csv_path}, {png} in {meta['seconds']['total']:.0f} s")
 
 

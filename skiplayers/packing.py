@@ -80,6 +80,36 @@ def drop_rows(rows: PackedRows, keep: torch.Tensor, tensors: list[torch.Tensor],
     return PackedRows(index, cu, counts, pos, tag), compacted
 
 
+def select_row_sets(rows: PackedRows, keep: torch.Tensor, tensors: list[torch.Tensor]):
+    """Several subsets of ``rows`` at once: subset k holds the rows where ``keep[k]`` (bool
+    ``[K, N]``, **host**) is True, with each of ``tensors`` (all ``[N, ...]``, on the rows' device)
+    gathered likewise. Returns one ``(PackedRows, index, gathered tensors)`` per subset; ``index``
+    (int64 ``[n_k]``, the rows' device) gives the kept rows' indices among the old ones.
+
+    For row sets decided on the host (the layer routes: ``layer_mask``, exits). The counts and
+    ``cu_seqlens`` come from ``keep`` and the host counts, so unlike :func:`drop_rows` this reads
+    nothing back from the device; and all K subsets cost one ``index_select`` per tensor and one
+    host-to-device copy in all (each subset's tensors are views of the combined ones), because on
+    CPU the per-op host cost, not the bytes, is what a decode step pays here. Needs ``rows.counts``
+    (the eager path)."""
+    subsets, batch = keep.shape[0], rows.counts.shape[0]
+    sequence_of_row = torch.repeat_interleave(torch.arange(batch), rows.counts)
+    which, kept = keep.nonzero().unbind(1)  # ordered by subset, then row
+    sizes = keep.sum(dim=1).tolist()
+    counts = torch.bincount(which * batch + sequence_of_row[kept], minlength=subsets * batch).view(subsets, batch)
+    cu = torch.zeros(subsets, batch + 1, dtype=torch.int32)
+    torch.cumsum(counts, 1, out=cu[:, 1:])
+    device = rows.index.device
+    kept, cu = kept.to(device), cu.to(device)
+    indices = kept.split(sizes)
+    gathered = [t.index_select(0, kept).split(sizes) for t in (rows.index, rows.pos, rows.tag, *tensors)]
+    out = []
+    for k in range(subsets):
+        flat, pos, tag, *rest = (g[k] for g in gathered)
+        out.append((PackedRows(flat, cu[k], counts[k], pos, tag), indices[k], rest))
+    return out
+
+
 def unpack(rows: PackedRows, values: torch.Tensor, batch: int, columns: int, fill: float) -> torch.Tensor:
     """Scatters ``values`` ``[N, ...]`` back to ``[batch, columns, ...]``; other columns get ``fill``."""
     out = values.new_full((batch * columns, *values.shape[1:]), fill)

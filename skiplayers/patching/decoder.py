@@ -134,7 +134,8 @@ def _router(decoder, state: PatchState, step, mask, context_mask) -> LayerRouter
     def head(h):
         return state.lm_head(decoder.norm(h))
 
-    return LayerRouter(state.policy, mask, head, exits)
+    stop = state.policy.context_stop_layer if step.has_context(context_mask) else None
+    return LayerRouter(state.policy, len(decoder.layers), stop, mask, head, exits)
 
 
 def _log_work(state: PatchState, router: LayerRouter, rows: int, layers: int) -> None:
