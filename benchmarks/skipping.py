@@ -25,8 +25,9 @@ the patched model:
 **Where a layer's cost follows its rows** (``section="layer_cost"``): the decoder layers' linear
 projections timed on n rows, cycling through all L layers so that every layer's weights come from
 memory as they do in a decode step (``--cost-rows``). On the machine this was written on, 1 to 8
-rows cost within about 1.5x of each other (the weights' read, not the multiply-adds, is the cost),
-and the cost per row falls to a floor only from about 32 rows on. So a decode step of the batch of
+rows cost 1.3 to 2.2 ms per layer, not in proportion to the rows (the weights' read, not the
+multiply-adds, is the cost; 2 and 3 rows cost more than 4 or 8), and the cost per row falls towards
+a floor only from about 32 rows on. So a decode step of the batch of
 8 costs about the union of the layers its sequences run, which for these 8 masks is all L: no
 kernel can make it cost the rows (every layer's weights must be read once per step if one
 sequence runs it). The row savings of a decode step appear with more rows per layer, so the
