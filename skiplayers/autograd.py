@@ -3,7 +3,7 @@
 The compiled and Triton kernels are forward-only. So that a patched model never returns logits
 whose gradients silently miss parameters, every op gets an autograd rule here:
 
-* ``varlen_attention`` / ``cache_attention``: gradients of q, k, v (k_cache, v_cache) by
+* ``varlen_attention`` / ``cache_attention``: gradients of q, k, v (the k_cache, v_cache pools) by
   **recomputation in PyTorch**: the backward reruns the op's pure-PyTorch semantics
   (``reference.py``, float32 per sequence, dense predicate mask) under autograd and differentiates
   it. It is exact (it is the reference's own gradient) but not a fused kernel: memory is
@@ -11,10 +11,9 @@ whose gradients silently miss parameters, every op gets an autograd rule here:
   tags) gets no gradient. The recomputation is itself an opaque op (``skiplayers_grad::<op>``), so
   that torch.compile's AOT autograd can trace the backward of a compiled attention op.
 * ``compact_rows``: the gradient of ``x[keep]`` scattered back to the kept rows (zeros elsewhere).
-* ``cache_compact``: the gradient of each kept slot goes back to the slot it came from.
-* ``cache_append`` writes into cache buffers in place, which autograd cannot follow: called with
-  ``k`` or ``v`` that require grad while grad mode is on, it raises instead of dropping their
-  gradient (``torch.no_grad()``, ``.detach()`` or ``use_cache=False`` are the ways out).
+* ``cache_append`` and ``cache_compact`` write into cache pages in place, which autograd cannot
+  follow: called with K/V that require grad while grad mode is on, they raise instead of dropping
+  the gradient (``torch.no_grad()``, ``.detach()`` or ``use_cache=False`` are the ways out).
 """
 
 from __future__ import annotations
@@ -92,46 +91,31 @@ def _compact_rows_backward(ctx, grad_rows, grad_cu):
     return grad_x, None, None
 
 
-def _cache_compact_setup(ctx, inputs, output):
-    k_cache, _, _, _, cache_seqlens, keep, _ = inputs
-    ctx.keep, ctx.lengths, ctx.cache_shape = keep, cache_seqlens, k_cache.shape
+# The in-place cache ops, and the inputs whose gradient each would drop.
+_IN_PLACE = {
+    "cache_append": ("k", "v", "k_cache", "v_cache"),
+    "cache_compact": ("k_cache", "v_cache"),
+}
 
 
-def _slots_back(grad_new: torch.Tensor | None, keep, lengths, shape) -> torch.Tensor | None:
-    """Gradient of the old buffer: kept slot s of sequence b receives the gradient of its new slot."""
-    if grad_new is None:
-        return None
-    grad_old = grad_new.new_zeros(shape)
-    for b, n in enumerate(lengths.tolist()):
-        kept = keep[b, :n].nonzero().flatten()
-        grad_old[b, kept] = grad_new[b, : kept.numel()]
-    return grad_old
+def _in_place_guard(namespace: str, op_name: str):
+    """An Autograd-key kernel for an in-place cache op: refuses inputs whose gradient it would drop,
+    otherwise runs the backend kernel below autograd."""
+    op = getattr(getattr(torch.ops, namespace), op_name).default
+    names = schema_arguments(op_name, namespace)
+    guarded = [names.index(n) for n in _IN_PLACE[op_name]]
 
-
-def _cache_compact_backward(ctx, grad_k, grad_v, grad_pos, grad_tag, grad_lengths):
-    shape = ctx.cache_shape
-    return (
-        _slots_back(grad_k, ctx.keep, ctx.lengths, shape), _slots_back(grad_v, ctx.keep, ctx.lengths, shape),
-        None, None, None, None, None,
-    )
-
-
-def _cache_append_guard(namespace: str):
-    """An Autograd-key kernel for the in-place ``cache_append``: refuses inputs whose gradient it
-    would drop, otherwise runs the backend kernel below autograd."""
-    op = getattr(torch.ops, namespace).cache_append.default
-
-    def cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+    def run(*args):
+        if torch.is_grad_enabled() and any(args[i].requires_grad for i in guarded):
             raise RuntimeError(
-                f"{namespace}::cache_append writes K/V into cache buffers in place and cannot carry their "
+                f"{namespace}::{op_name} writes K/V into cache pages in place and cannot carry their "
                 "gradient; call it under torch.no_grad() or on detached tensors (a patched model trains "
                 "with use_cache=False)"
             )
         with torch._C._AutoDispatchBelowAutograd():
-            return op(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens)
+            return op(*args)
 
-    return cache_append
+    return run
 
 
 def register_autograd(namespace: str, lib: torch.library.Library) -> None:
@@ -143,8 +127,8 @@ def register_autograd(namespace: str, lib: torch.library.Library) -> None:
         "varlen_attention": (_attention_backward("varlen_attention", varlen, _VARLEN_DIFF), _save_inputs(varlen)),
         "cache_attention": (_attention_backward("cache_attention", cached, _CACHE_DIFF), _save_inputs(cached)),
         "compact_rows": (_compact_rows_backward, _compact_rows_setup),
-        "cache_compact": (_cache_compact_backward, _cache_compact_setup),
     }
     for op, (backward, setup_context) in rules.items():
         torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup_context, lib=lib)
-    lib.impl("cache_append", _cache_append_guard(namespace), "Autograd")
+    for op in _IN_PLACE:
+        lib.impl(op, _in_place_guard(namespace, op), "Autograd")

@@ -8,7 +8,10 @@ Conventions shared by every op:
 
 * packed activations ``[total_tokens, heads, head_dim]``; sequence ``b`` owns rows
   ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` (``cu_seqlens`` int32 ``[B + 1]``, flash-attn's layout);
-* caches ``[B, S_cap, kv_heads, head_dim]``; sequence ``b`` owns slots ``0 .. cache_seqlens[b] - 1``;
+* paged caches: pools of pages ``[num_pages, page_size, kv_heads, head_dim]`` (K, V) and
+  ``[num_pages, page_size]`` (int32 pos, tag); sequence ``b`` holds slots ``0 .. cache_seqlens[b] - 1``,
+  slot ``s`` in page ``block_table[b, s // page_size]`` (int32 ``[B, max_pages]``) at offset
+  ``s % page_size`` (the layout of vLLM, FlashInfer and ``varlen_attn(block_table=...)``);
 * ``pos`` int32 absolute positions, ``tag`` int32 flag/sentence words (``skiplayers/meta.py``);
 * query head ``h`` reads KV head ``h // (heads // kv_heads)`` (GQA, no ``repeat_kv``);
 * a query that sees no key outputs zeros.
@@ -82,10 +85,12 @@ def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_
 
 
 def _cache_attention_fake(
-    q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale, num_splits=0
+    q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule, scale,
+    num_splits=0,
 ):
-    _check_one_device("cache_attention", q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens_q,
-                      cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache, q_tag=q_tag, tag_cache=tag_cache)
+    _check_one_device("cache_attention", q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                      cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache,
+                      q_tag=q_tag, tag_cache=tag_cache)
     return q.new_empty(q.shape)
 
 
@@ -95,23 +100,18 @@ def _compact_rows_fake(x, cu_seqlens, keep):
     return x.new_empty((kept, *x.shape[1:])), cu_seqlens.new_empty(cu_seqlens.shape)
 
 
-def _cache_append_fake(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens):
+def _cache_append_fake(k_cache, v_cache, pos_cache, tag_cache, block_table, k, v, pos, tag, cu_seqlens,
+                       cache_seqlens):
     _check_one_device("cache_append", k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache,
-                      k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens)
+                      block_table=block_table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens,
+                      cache_seqlens=cache_seqlens)
     return None
 
 
-def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity):
+def _cache_compact_fake(k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep):
     _check_one_device("cache_compact", k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache,
-                      cache_seqlens=cache_seqlens, keep=keep)
-    batch = k_cache.shape[0]
-    return (
-        k_cache.new_empty((batch, capacity, *k_cache.shape[2:])),
-        v_cache.new_empty((batch, capacity, *v_cache.shape[2:])),
-        pos_cache.new_empty((batch, capacity)),
-        tag_cache.new_empty((batch, capacity)),
-        cache_seqlens.new_empty(cache_seqlens.shape),
-    )
+                      block_table=block_table, cache_seqlens=cache_seqlens, keep=keep)
+    return cache_seqlens.new_empty(cache_seqlens.shape)
 
 
 FAKES: dict[str, Callable[..., object]] = dict(
@@ -247,6 +247,7 @@ def cache_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cache_seqlens: torch.Tensor,
     q_pos: torch.Tensor,
@@ -258,14 +259,18 @@ def cache_attention(
     num_splits: int = 0,
     ops: OpSet | None = None,
 ) -> torch.Tensor:
-    """Attention of a few new queries per sequence over per-sequence KV caches (the decode op).
+    """Attention of a few new queries per sequence over per-sequence paged KV caches (the decode op).
 
     Args:
         q: ``[Nq, H, D]`` packed by ``cu_seqlens_q`` int32 ``[B + 1]``.
-        k_cache, v_cache: ``[B, S_cap, H_kv, D]``; sequence b's keys are its first
-            ``cache_seqlens[b]`` slots (int32 ``[B]``, each may differ). The new tokens' own K/V
-            must already be in the cache (``cache_append``) for them to see themselves.
-        q_pos: int32 ``[Nq]``; pos_cache, tag_cache: int32 ``[B, S_cap]`` per slot.
+        k_cache, v_cache: page pools ``[num_pages, page_size, H_kv, D]`` (head dim dense).
+        block_table: int32 ``[B, max_pages]``: sequence b's slot s is page
+            ``block_table[b, s // page_size]``, offset ``s % page_size``. Entries past the pages a
+            sequence uses are never read. Pages may be in any order and shared between sequences.
+        cache_seqlens: int32 ``[B]``: sequence b's keys are its first ``cache_seqlens[b]`` slots
+            (each may differ; at most ``max_pages * page_size``). The new tokens' own K/V must
+            already be in the cache (``cache_append``) for them to see themselves.
+        q_pos: int32 ``[Nq]``; pos_cache, tag_cache: int32 ``[num_pages, page_size]`` per slot.
         num_splits: split-K factor over the keys (0: the backend chooses); the result does not
             depend on it.
 
@@ -274,8 +279,9 @@ def cache_attention(
     ops = ops or _compiled_op_set("compiled")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return ops.cache_attention(
-        q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, q_pos=q_pos,
-        pos_cache=pos_cache, q_tag=q_tag, tag_cache=tag_cache, rule=rule, scale=scale, num_splits=num_splits,
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
+        cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache, q_tag=q_tag, tag_cache=tag_cache, rule=rule,
+        scale=scale, num_splits=num_splits,
     )
 
 
@@ -292,27 +298,29 @@ def compact_rows(
 
 
 def cache_append(
-    k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens, ops: OpSet | None = None
+    k_cache, v_cache, pos_cache, tag_cache, block_table, k, v, pos, tag, cu_seqlens, cache_seqlens,
+    ops: OpSet | None = None,
 ) -> None:
     """Writes the packed new rows of sequence b (``k, v [N, H_kv, D]``, ``pos, tag [N]``) into its
-    cache slots ``cache_seqlens[b] ..`` in place. ``cache_seqlens`` is not changed (the caller adds
-    the counts); the caller guarantees the capacity."""
+    paged slots ``cache_seqlens[b] ..`` in place, through ``block_table[b]``. ``cache_seqlens`` is not
+    changed (the caller adds the counts); the caller has assigned the pages the new slots fall in,
+    and no page written here belongs to another sequence."""
     ops = ops or _compiled_op_set("compiled")
     ops.cache_append(
-        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, k=k, v=v, pos=pos, tag=tag,
-        cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens,
+        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, block_table=block_table, k=k,
+        v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens,
     )
 
 
 def cache_compact(
-    k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity: int, ops: OpSet | None = None
-):
-    """Keeps, per sequence, the slots ``s < cache_seqlens[b]`` with ``keep[b, s]`` (bool ``[B, S_cap]``),
-    moved to the front of new buffers of ``capacity`` slots. Returns the new
-    ``(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens)``; slots past each new length are
-    unspecified."""
+    k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep, ops: OpSet | None = None
+) -> torch.Tensor:
+    """Keeps, per sequence, the slots ``s < cache_seqlens[b]`` with ``keep[b, s]`` (bool
+    ``[B, max_pages * page_size]``), moved in place to the front of the sequence's own pages in their
+    order. Returns the new ``cache_seqlens`` (int32 ``[B]``); slots past each new length are
+    unspecified, and the pages past it are the caller's to free. No page may belong to two sequences."""
     ops = ops or _compiled_op_set("compiled")
     return ops.cache_compact(
-        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, cache_seqlens=cache_seqlens,
-        keep=keep, capacity=capacity,
+        k_cache=k_cache, v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, block_table=block_table,
+        cache_seqlens=cache_seqlens, keep=keep,
     )

@@ -6,7 +6,9 @@ with a dense mask built from the visibility predicate. Slow on purpose: it is wr
 Layout conventions (see ``skiplayers/ops.py`` for the full argument documentation):
 
 * packed activations ``[total_tokens, heads, head_dim]`` with ``cu_seqlens`` int32 ``[B + 1]``;
-* caches ``[B, S_cap, kv_heads, head_dim]`` with ``cache_seqlens`` int32 ``[B]``;
+* paged caches: a pool of pages ``[num_pages, page_size, kv_heads, head_dim]`` (pos/tag int32
+  ``[num_pages, page_size]``); sequence b's slot s is page ``block_table[b, s // page_size]``, offset
+  ``s % page_size``; it holds ``cache_seqlens[b]`` slots (int32 ``[B]``);
 * per-token metadata ``pos`` and ``tag`` int32 (bits in ``skiplayers/meta.py``).
 
 A query that sees no key at all gets an all-zero output row.
@@ -90,25 +92,49 @@ def varlen_attention(
     return _attend_sequences(q, spans, scale, compute_dtype)
 
 
+def page_slots(pool: torch.Tensor, block_table: torch.Tensor, b: int, first: int, count: int):
+    """``(pages, offsets)`` int64 ``[count]``: where slots ``first .. first + count - 1`` of sequence b
+    lie in ``pool [num_pages, page_size, ...]``. Raises ``ValueError`` when a slot lies past the
+    block table's row or in an entry that is not a page of the pool."""
+    num_pages, page_size = pool.shape[:2]
+    slots = torch.arange(first, first + count, device=block_table.device)
+    if count and first + count > block_table.shape[1] * page_size:
+        raise ValueError(f"sequence {b} needs {first + count} slots, its block table holds "
+                         f"{block_table.shape[1] * page_size} ({block_table.shape[1]} pages of {page_size})")
+    pages = block_table[b, slots // page_size].long()
+    bad = pages[(pages < 0) | (pages >= num_pages)]
+    if bad.numel():
+        raise ValueError(f"sequence {b}: block_table names page {int(bad[0])}, outside the pool's {num_pages} pages")
+    return pages, slots % page_size
+
+
+def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, b: int, count: int) -> torch.Tensor:
+    """Slots ``0 .. count - 1`` of sequence b from a paged ``pool [num_pages, page_size, ...]``, as
+    ``[count, ...]`` (a copy)."""
+    return pool[page_slots(pool, block_table, b, 0, count)]
+
+
 def cache_attention(
-    q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule: int,
+    q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule: int,
     scale: float, num_splits: int = 0, compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Attention of packed queries ``[Nq, H, D]`` over caches ``[B, S_cap, Hkv, D]``.
+    """Attention of packed queries ``[Nq, H, D]`` over paged caches ``[num_pages, page_size, Hkv, D]``.
 
-    Sequence b's keys are slots ``0 .. cache_seqlens[b] - 1``. ``num_splits`` only changes how
-    backends parallelise; the result does not depend on it. ``compute_dtype`` as in
-    :func:`varlen_attention`.
+    Sequence b's keys are its slots ``0 .. cache_seqlens[b] - 1`` (through ``block_table[b]``).
+    ``num_splits`` only changes how backends parallelise; the result does not depend on it.
+    ``compute_dtype`` as in :func:`varlen_attention`.
     """
     del num_splits
     q_tag = _tags_or_zeros(q_tag, q_pos)
     tag_cache = _tags_or_zeros(tag_cache, pos_cache)
     cq, lens = cu_seqlens_q.tolist(), cache_seqlens.tolist()
-    spans = (
-        (qs, qe, k_cache[b, :n], v_cache[b, :n],
-         visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], pos_cache[b, :n], tag_cache[b, :n]))
-        for b, (qs, qe, n) in enumerate(zip(cq[:-1], cq[1:], lens))
-    )
+
+    def span(b, qs, qe, n):
+        k_pos, k_tag = gather_slots(pos_cache, block_table, b, n), gather_slots(tag_cache, block_table, b, n)
+        visible = visibility_mask(rule, q_pos[qs:qe], q_tag[qs:qe], k_pos, k_tag)
+        return qs, qe, gather_slots(k_cache, block_table, b, n), gather_slots(v_cache, block_table, b, n), visible
+
+    spans = (span(b, qs, qe, n) for b, (qs, qe, n) in enumerate(zip(cq[:-1], cq[1:], lens)))
     return _attend_sequences(q, spans, scale, compute_dtype)
 
 
@@ -118,43 +144,34 @@ def compact_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor):
     return x[keep], kept_before[cu_seqlens.long()].to(torch.int32)
 
 
-def cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens) -> None:
-    """Writes sequence b's new rows ``cu_seqlens[b] ..`` into its slots ``cache_seqlens[b] ..`` (in place).
-
-    ``cache_seqlens`` itself is not changed; the caller adds the new counts.
-    """
+def cache_append(k_cache, v_cache, pos_cache, tag_cache, block_table, k, v, pos, tag, cu_seqlens,
+                 cache_seqlens) -> None:
+    """Writes sequence b's new rows ``cu_seqlens[b] ..`` into its slots ``cache_seqlens[b] ..`` (in
+    place, through ``block_table[b]``). ``cache_seqlens`` itself is not changed; the caller adds the
+    new counts (and has assigned the pages the new slots fall in)."""
     cu, lens = cu_seqlens.tolist(), cache_seqlens.tolist()
     for b, start in enumerate(lens):
         n = cu[b + 1] - cu[b]
         if n == 0:
             continue
-        if start + n > k_cache.shape[1]:
-            raise ValueError(f"cache_append: sequence {b} needs {start + n} slots, capacity is {k_cache.shape[1]}")
+        pages, offsets = page_slots(k_cache, block_table, b, start, n)
         rows = slice(cu[b], cu[b + 1])
-        k_cache[b, start:start + n] = k[rows]
-        v_cache[b, start:start + n] = v[rows]
-        pos_cache[b, start:start + n] = pos[rows]
-        tag_cache[b, start:start + n] = tag[rows]
+        k_cache[pages, offsets] = k[rows]
+        v_cache[pages, offsets] = v[rows]
+        pos_cache[pages, offsets] = pos[rows]
+        tag_cache[pages, offsets] = tag[rows]
 
 
-def cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity: int):
-    """Per sequence, the slots ``s < cache_seqlens[b]`` with ``keep[b, s]``, moved to the front of new
-    buffers with ``capacity`` slots. Slots past the new length are unspecified (zero here). Returns
-    ``(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens)``."""
-    batch = k_cache.shape[0]
-    new_k = k_cache.new_zeros((batch, capacity, *k_cache.shape[2:]))
-    new_v = v_cache.new_zeros((batch, capacity, *v_cache.shape[2:]))
-    new_pos = pos_cache.new_zeros((batch, capacity))
-    new_tag = tag_cache.new_zeros((batch, capacity))
-    new_lens = torch.zeros(batch, dtype=torch.int32, device=cache_seqlens.device)
+def cache_compact(k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep) -> torch.Tensor:
+    """Per sequence, the slots ``s < cache_seqlens[b]`` with ``keep[b, s]`` (bool ``[B, max_pages *
+    page_size]``) move to the front of the sequence's own slots, order kept (in place; slots past the
+    new length are unspecified: unchanged here). Returns the new ``cache_seqlens`` (int32 ``[B]``)."""
+    new_lens = torch.zeros_like(cache_seqlens)
     for b, n in enumerate(cache_seqlens.tolist()):
-        idx = keep[b, :n].nonzero().flatten()
-        m = idx.numel()
-        if m > capacity:
-            raise ValueError(f"cache_compact: sequence {b} keeps {m} slots, capacity is {capacity}")
-        new_k[b, :m] = k_cache[b, idx]
-        new_v[b, :m] = v_cache[b, idx]
-        new_pos[b, :m] = pos_cache[b, idx]
-        new_tag[b, :m] = tag_cache[b, idx]
+        pages, offsets = page_slots(k_cache, block_table, b, 0, n)
+        kept = keep[b, :n].nonzero().flatten()
+        m = kept.numel()
+        for pool in (k_cache, v_cache, pos_cache, tag_cache):
+            pool[pages[:m], offsets[:m]] = pool[pages[kept], offsets[kept]]  # the right side is a copy
         new_lens[b] = m
-    return new_k, new_v, new_pos, new_tag, new_lens
+    return new_lens

@@ -58,7 +58,7 @@ class Backend:
 
 
 _VALUE_CHECKS = frozenset({"cu_seqlens_q_decreasing", "cu_seqlens_k_short", "append_overflow", "length_past_capacity",
-                           "compact_overflow", "rows_cu_seqlens"})
+                           "unassigned_page", "rows_cu_seqlens"})
 
 BACKENDS = {
     b.name: b

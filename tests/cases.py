@@ -1,5 +1,6 @@
 """Random op problems shared by every backend's tests: ragged and empty sequences, gapped positions
-(as after compaction), context / anchor / sink tags, GQA, non-contiguous inputs.
+(as after compaction), context / anchor / sink tags, GQA, non-contiguous inputs, paged caches whose
+pages are shuffled through the pool, with unassigned pages and unused slots full of garbage.
 
 Each ``make_*`` returns a dict of the op's arguments (names as in the schemas), so a test calls
 ``ops.<op>(**case)`` for any backend and ``reference.<op>(**case)`` for the truth.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from skiplayers import reference
 from skiplayers.meta import TAG_ANCHOR, TAG_CONTEXT, TAG_SENTENCE_SHIFT, TAG_SINK, Rule
+
+PAGE_SIZE = 16  # SkipCache's default
 
 
 def sequence_metadata(length: int, gen: torch.Generator, rule: int, gapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +86,56 @@ def make_varlen_attention(
     )
 
 
+def page_table(slots: list[int], page_size: int, gen: torch.Generator, max_pages: int | None = None,
+               spare_pages: int = 3, shuffled: bool = True) -> tuple[torch.Tensor, int]:
+    """A block table for sequences that need ``slots[b]`` slots, and the pool's page count.
+
+    Sequence b gets the ``ceil(slots[b] / page_size)`` pages it needs, drawn from a shuffled
+    permutation of the pool's pages (so neither page order nor adjacency follows the sequence);
+    ``spare_pages`` pages stay unassigned; entries past a sequence's pages are -1. ``max_pages``
+    (default: the most any sequence needs, plus one) is the table's width.
+    """
+    needed = [-(-n // page_size) for n in slots]
+    width = max([*needed, 0]) + 1 if max_pages is None else max_pages
+    num_pages = sum(needed) + spare_pages
+    order = torch.randperm(num_pages, generator=gen) if shuffled else torch.arange(num_pages)
+    table = torch.full((len(slots), width), -1, dtype=torch.int32)
+    first = 0
+    for b, n in enumerate(needed):
+        n = min(n, width)  # a narrower table than the slots need: for the refusal tests
+        table[b, :n] = order[first : first + n].to(torch.int32)
+        first += n
+    return table, num_pages
+
+
+def write_slots(pool: torch.Tensor, block_table: torch.Tensor, b: int, values: torch.Tensor) -> None:
+    """Writes ``values [n, ...]`` into sequence b's slots ``0 .. n - 1`` of a paged ``pool``."""
+    pool[reference.page_slots(pool, block_table, b, 0, values.shape[0])] = values.to(pool.dtype)
+
+
+def _pool(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype, device, gen,
+          noncontiguous: bool = False) -> torch.Tensor:
+    """K or V pages ``[num_pages, page_size, kv_heads, head_dim]`` of random values; if
+    ``noncontiguous``, heads strided inside a wider buffer."""
+    width = kv_heads + 2 if noncontiguous else kv_heads
+    full = torch.randn(num_pages, page_size, width, head_dim, generator=gen).to(dtype=dtype, device=device)
+    return full[:, :, 1 : kv_heads + 1] if noncontiguous else full
+
+
+def _metadata_pools(num_pages: int, page_size: int, gen, garbage: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 pos and tag pages; unused slots hold garbage (a visible position, a random tag word)."""
+    if garbage:
+        return (torch.full((num_pages, page_size), -7, dtype=torch.int32),
+                torch.full((num_pages, page_size), 0x5A5A, dtype=torch.int32))
+    return (torch.randint(0, 1000, (num_pages, page_size), generator=gen, dtype=torch.int32),
+            torch.randint(0, 1000, (num_pages, page_size), generator=gen, dtype=torch.int32))
+
+
 def make_cache_attention(
     cache_lengths: list[int],
     q_lengths: list[int] | None = None,
-    capacity: int | None = None,
+    page_size: int = PAGE_SIZE,
+    max_pages: int | None = None,
     heads: int = 6,
     kv_heads: int = 2,
     head_dim: int = 64,
@@ -94,31 +144,32 @@ def make_cache_attention(
     rule: int = 0,
     gapped: bool = True,
     noncontiguous: bool = False,
+    noncontiguous_cache: bool = False,
     with_tags: bool = True,
     num_splits: int = 0,
     seed: int = 0,
 ) -> dict:
-    """Sequence b's cache holds ``cache_lengths[b]`` slots, the last ``q_lengths[b]`` (default 1,
-    0 for an empty cache) of which are the new queries' own tokens."""
+    """Sequence b's paged cache holds ``cache_lengths[b]`` slots, the last ``q_lengths[b]`` (default
+    1, 0 for an empty cache) of which are the new queries' own tokens (:func:`page_table`)."""
     gen = torch.Generator().manual_seed(seed)
-    batch = len(cache_lengths)
     q_lengths = [min(1, n) for n in cache_lengths] if q_lengths is None else q_lengths
-    capacity = max([*cache_lengths, 1]) + 5 if capacity is None else capacity
-    k_cache = torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device)
-    v_cache = torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device)
-    pos_cache = torch.full((batch, capacity), -7, dtype=torch.int32)  # garbage past each length
-    tag_cache = torch.full((batch, capacity), 0x5A5A, dtype=torch.int32)
+    block_table, num_pages = page_table(cache_lengths, page_size, gen, max_pages)
+    k_cache = _pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen, noncontiguous_cache)
+    v_cache = _pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen, noncontiguous_cache)
+    pos_cache, tag_cache = _metadata_pools(num_pages, page_size, gen)
     q_pos, q_tag = [], []
     for b, (n, nq) in enumerate(zip(cache_lengths, q_lengths)):
         assert nq <= n
         pos, tag = sequence_metadata(n, gen, rule, gapped)
-        pos_cache[b, :n], tag_cache[b, :n] = pos, tag
+        write_slots(pos_cache, block_table, b, pos)
+        write_slots(tag_cache, block_table, b, tag)
         q_pos.append(pos[n - nq :])
         q_tag.append(tag[n - nq :])
     return dict(
         q=_strided_rows(sum(q_lengths), heads, head_dim, dtype, device, gen, noncontiguous),
         k_cache=k_cache,
         v_cache=v_cache,
+        block_table=block_table.to(device),
         cu_seqlens_q=cu_seqlens(q_lengths, device),
         cache_seqlens=torch.tensor(cache_lengths, dtype=torch.int32, device=device),
         q_pos=torch.cat(q_pos).to(device),
@@ -142,16 +193,22 @@ def make_compact_rows(lengths: list[int], width: int = 5, dtype=torch.float32, d
 
 
 def make_cache_append(
-    cache_lengths: list[int], new_lengths: list[int], capacity: int, kv_heads=2, head_dim=64, dtype=torch.float32,
-    device="cpu", noncontiguous=False, seed: int = 0,
+    cache_lengths: list[int], new_lengths: list[int], page_size: int = 4, max_pages: int | None = None, kv_heads=2,
+    head_dim=64, dtype=torch.float32, device="cpu", noncontiguous=False, seed: int = 0,
 ) -> dict:
+    """Sequence b holds ``cache_lengths[b]`` slots and appends ``new_lengths[b]`` rows; its block table
+    row has the pages both need (:func:`page_table`)."""
     gen = torch.Generator().manual_seed(seed)
-    batch, n = len(cache_lengths), sum(new_lengths)
+    n = sum(new_lengths)
+    block_table, num_pages = page_table([a + b for a, b in zip(cache_lengths, new_lengths)], page_size, gen,
+                                        max_pages)
+    pos_cache, tag_cache = _metadata_pools(num_pages, page_size, gen, garbage=False)
     return dict(
-        k_cache=torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device),
-        v_cache=torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device),
-        pos_cache=torch.randint(0, 1000, (batch, capacity), generator=gen, dtype=torch.int32).to(device),
-        tag_cache=torch.randint(0, 1000, (batch, capacity), generator=gen, dtype=torch.int32).to(device),
+        k_cache=_pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen),
+        v_cache=_pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen),
+        pos_cache=pos_cache.to(device),
+        tag_cache=tag_cache.to(device),
+        block_table=block_table.to(device),
         k=_strided_rows(n, kv_heads, head_dim, dtype, device, gen, noncontiguous),
         v=_strided_rows(n, kv_heads, head_dim, dtype, device, gen, noncontiguous),
         pos=torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32).to(device),
@@ -162,19 +219,21 @@ def make_cache_append(
 
 
 def make_cache_compact(
-    cache_lengths: list[int], capacity: int, new_capacity: int | None = None, kv_heads=2, head_dim=64,
+    cache_lengths: list[int], page_size: int = 4, max_pages: int | None = None, kv_heads=2, head_dim=64,
     dtype=torch.float32, device="cpu", keep_fraction: float = 0.3, seed: int = 0,
 ) -> dict:
+    """Sequence b holds ``cache_lengths[b]`` slots; ``keep`` (bool ``[B, max_pages * page_size]``)
+    keeps about ``keep_fraction`` of them, and is random past each length too."""
     gen = torch.Generator().manual_seed(seed)
-    batch = len(cache_lengths)
-    keep = torch.rand(batch, capacity, generator=gen) < keep_fraction
-    needed = max([int(keep[b, :n].sum()) for b, n in enumerate(cache_lengths)] + [0])
+    block_table, num_pages = page_table(cache_lengths, page_size, gen, max_pages)
+    pos_cache, tag_cache = _metadata_pools(num_pages, page_size, gen, garbage=False)
+    keep = torch.rand(len(cache_lengths), block_table.shape[1] * page_size, generator=gen) < keep_fraction
     return dict(
-        k_cache=torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device),
-        v_cache=torch.randn(batch, capacity, kv_heads, head_dim, generator=gen).to(dtype=dtype, device=device),
-        pos_cache=torch.randint(0, 1000, (batch, capacity), generator=gen, dtype=torch.int32).to(device),
-        tag_cache=torch.randint(0, 1000, (batch, capacity), generator=gen, dtype=torch.int32).to(device),
+        k_cache=_pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen),
+        v_cache=_pool(num_pages, page_size, kv_heads, head_dim, dtype, device, gen),
+        pos_cache=pos_cache.to(device),
+        tag_cache=tag_cache.to(device),
+        block_table=block_table.to(device),
         cache_seqlens=torch.tensor(cache_lengths, dtype=torch.int32, device=device),
         keep=keep.to(device),
-        capacity=needed + 3 if new_capacity is None else new_capacity,
     )

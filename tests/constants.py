@@ -56,3 +56,7 @@ ROWS_LARGE = ([3000, 1, 2500],)
 # key blocks).
 NUM_SPLITS = (0, 1, 3, 7)
 NUM_SPLITS_LARGE = (64,)
+
+# Page sizes of the paged-cache tests: one slot a page, SkipCache's default, and pages longer than a
+# key block of most kernels.
+PAGE_SIZES = (1, 16, 64)

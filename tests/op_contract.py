@@ -62,25 +62,42 @@ def check_compact_rows(ops, case: dict) -> None:
     assert torch.equal(out.cpu(), ref_out) and torch.equal(cu.cpu(), ref_cu)
 
 
+_POOLS = ("k_cache", "v_cache", "pos_cache", "tag_cache")
+
+
+def _clone(case: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
 def check_cache_append(ops, case: dict) -> None:
-    mine = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-    ref = _to_cpu({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    """Every page of every pool equals the reference's afterwards (the new slots written, nothing
+    else touched); ``cache_seqlens`` and ``block_table`` are not changed."""
+    mine, ref = _clone(case), _to_cpu(_clone(case))
     call(ops, "cache_append", mine)
     call(reference, "cache_append", ref)
-    for name in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
+    assert torch.equal(mine["block_table"].cpu(), case["block_table"].cpu()), "block_table must not change"
+    for name in _POOLS:
         assert torch.equal(mine[name].cpu(), ref[name]), f"{name} differs"
     assert torch.equal(mine["cache_seqlens"].cpu(), case["cache_seqlens"].cpu()), "cache_seqlens must not change"
 
 
 def check_cache_compact(ops, case: dict) -> None:
-    outs = call(ops, "cache_compact", case)
-    refs = call(reference, "cache_compact", _to_cpu(case))
-    lengths = refs[4]
-    assert torch.equal(outs[4].cpu(), lengths), "new cache_seqlens differ"
-    for name, o, r in zip(("k_cache", "v_cache", "pos_cache", "tag_cache"), outs[:4], refs[:4]):
-        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+    """The new lengths and each sequence's kept slots equal the reference's; pages outside the
+    sequences' slots are not touched (slots past a new length are unspecified)."""
+    mine, ref = _clone(case), _to_cpu(_clone(case))
+    lengths = call(reference, "cache_compact", ref)
+    new_lengths = call(ops, "cache_compact", mine)
+    assert torch.equal(new_lengths.cpu(), lengths), f"new cache_seqlens {new_lengths.tolist()} != {lengths.tolist()}"
+    table = case["block_table"].cpu()
+    owned = torch.zeros(case["k_cache"].shape[0], dtype=torch.bool)
+    for b, n in enumerate(case["cache_seqlens"].tolist()):
+        owned[table[b, : -(-n // case["k_cache"].shape[1])].long()] = True
+    for name in _POOLS:
+        got, want = mine[name].cpu(), ref[name]
         for b, n in enumerate(lengths.tolist()):
-            assert torch.equal(o[b, :n].cpu(), r[b, :n]), f"{name} of sequence {b} differs"
+            assert torch.equal(reference.gather_slots(got, table, b, n), reference.gather_slots(want, table, b, n)), \
+                f"{name} of sequence {b} differs"
+        assert torch.equal(got[~owned], case[name].cpu()[~owned]), f"{name}: a page no sequence owns was written"
 
 
 # Inputs every backend must refuse with a clear message: (changes to a make_varlen_attention([4, 6])

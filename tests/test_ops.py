@@ -26,6 +26,7 @@ from constants import (
     HEADS,
     NUM_SPLITS,
     NUM_SPLITS_LARGE,
+    PAGE_SIZES,
     RAGGED,
     RAGGED_LARGE,
     ROWS,
@@ -181,13 +182,28 @@ def test_cache_attention_many_sequences_and_long_caches(ops, backend, dtype, num
 
 @over_backends("dtype", [*sized(CPU, torch.float32), *LOW])
 def test_cache_attention_strided_cache_views(ops, backend, dtype):
-    case = cases.make_cache_attention([40, 300], heads=6, kv_heads=2, dtype=dtype, seed=9, device=backend.device)
-    for name in ("k_cache", "v_cache"):
-        c = case[name]
-        wide = torch.zeros(c.shape[0], c.shape[1], c.shape[2] + 2, c.shape[3], dtype=dtype, device=backend.device)
-        wide[:, :, 1:-1] = c
-        case[name] = wide[:, :, 1:-1]  # heads strided inside a wider buffer
-        assert not case[name].is_contiguous()
+    case = cases.make_cache_attention([40, 300], heads=6, kv_heads=2, dtype=dtype, seed=9, noncontiguous_cache=True,
+                                      device=backend.device)
+    assert not case["k_cache"].is_contiguous()  # heads strided inside a wider buffer
+    op_contract.check_cache_attention(ops, case)
+
+
+# Page sizes 1 / 16 / 64 with pages shuffled through the pool (tests/cases.page_table), one-token and
+# multi-token queries, caches ending inside a page and on a page boundary.
+@over_backends("page_size,dtype,rule,q_lengths", grid(PAGE_SIZES, F32_THEN_LOW, [Rule.CAUSAL, Rule.ANCHORS],
+                                                      [[1, 0, 1, 1], [3, 0, 17, 1]]))
+def test_cache_attention_page_sizes(ops, backend, page_size, dtype, rule, q_lengths):
+    case = cases.make_cache_attention([5, 0, 128, 193], q_lengths=q_lengths, page_size=page_size, dtype=dtype,
+                                      rule=rule, num_splits=3, seed=page_size, device=backend.device)
+    op_contract.check_cache_attention(ops, case)
+
+
+@over_backends()
+def test_cache_attention_shares_pages_between_sequences(ops, backend):
+    """Attention only reads pages: two sequences may name the same pages (a shared prompt)."""
+    case = cases.make_cache_attention([40, 40, 7], q_lengths=[1, 1, 1], page_size=16, seed=3, device=backend.device)
+    case["block_table"][1] = case["block_table"][0]
+    case["q_pos"][1] = case["q_pos"][0]
     op_contract.check_cache_attention(ops, case)
 
 
@@ -234,11 +250,14 @@ def _skip_case(kind: str, dtype, decode: bool, device):
     clean[poisoned] = 0
     v[poisoned] = float("nan")
     cu_q = torch.tensor([0, n_new], dtype=torch.int32)
-    if decode:
-        args = dict(q=q, k_cache=k[None], v_cache=v[None], cu_seqlens_q=cu_q,
-                    cache_seqlens=torch.tensor([n_keys], dtype=torch.int32), q_pos=pos[queries], pos_cache=pos[None],
-                    q_tag=tag[queries], tag_cache=tag[None], rule=rule, scale=0.125, num_splits=2)
-        return _on(device, args), clean[None].to(device)
+    if decode:  # one sequence in pages of 8 slots, in order
+        pages = n_keys // 8
+        args = dict(q=q, k_cache=k.view(pages, 8, 2, 64), v_cache=v.view(pages, 8, 2, 64),
+                    block_table=torch.arange(pages, dtype=torch.int32)[None], cu_seqlens_q=cu_q,
+                    cache_seqlens=torch.tensor([n_keys], dtype=torch.int32), q_pos=pos[queries],
+                    pos_cache=pos.view(pages, 8), q_tag=tag[queries], tag_cache=tag.view(pages, 8), rule=rule,
+                    scale=0.125, num_splits=2)
+        return _on(device, args), clean.view(pages, 8, 2, 64).to(device)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, n_keys], dtype=torch.int32),
                 q_pos=pos[queries], k_pos=pos, q_tag=tag[queries], k_tag=tag, rule=rule, scale=0.125)
     return _on(device, args), clean.to(device)
@@ -272,31 +291,35 @@ def test_compact_rows_other_dtypes_and_vectors(ops, backend, dtype):
     op_contract.check_compact_rows(ops, case)
 
 
-@over_backends("dtype,noncontiguous", grid(DTYPES, [True, False]))
-def test_cache_append(ops, backend, dtype, noncontiguous):
-    case = cases.make_cache_append([0, 3, 10, 0], [5, 0, 7, 1], capacity=17, dtype=dtype, noncontiguous=noncontiguous,
-                                   device=backend.device)
+@over_backends("dtype,noncontiguous,page_size", grid(DTYPES, [True, False], [*PAGE_SIZES, 5]))
+def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
+    case = cases.make_cache_append([0, 3, 10, 0], [5, 0, 7, 1], page_size=page_size, dtype=dtype,
+                                   noncontiguous=noncontiguous, device=backend.device)
     op_contract.check_cache_append(ops, case)
 
 
 @over_backends("dim", [64, 128, 80, 5])  # 5: 10-byte rows, 2-byte copies
 def test_cache_append_head_dims(ops, backend, dim):
-    case = cases.make_cache_append([2, 0], [1, 3], capacity=5, kv_heads=3, head_dim=dim, dtype=torch.bfloat16,
+    case = cases.make_cache_append([2, 0], [1, 3], page_size=2, kv_heads=3, head_dim=dim, dtype=torch.bfloat16,
                                    device=backend.device)
     op_contract.check_cache_append(ops, case)
 
 
-@over_backends("dtype,new_capacity,lengths,capacity",
-               grid(DTYPES, [None, 40], [together([0, 12, 30, 3], 30), together([0, 12, 130, 3], 130)]))
-def test_cache_compact(ops, backend, dtype, new_capacity, lengths, capacity):
-    case = cases.make_cache_compact(lengths, capacity=capacity, new_capacity=new_capacity, dtype=dtype,
-                                    device=backend.device)
+@over_backends("dtype,page_size,lengths", grid(DTYPES, [*PAGE_SIZES, 5], [[0, 12, 30, 3], [0, 12, 130, 3]]))
+def test_cache_compact(ops, backend, dtype, page_size, lengths):
+    case = cases.make_cache_compact(lengths, page_size=page_size, dtype=dtype, seed=page_size, device=backend.device)
+    op_contract.check_cache_compact(ops, case)
+
+
+@over_backends("keep_fraction", [0.0, 1.0])
+def test_cache_compact_keeps_nothing_or_everything(ops, backend, keep_fraction):
+    case = cases.make_cache_compact([7, 0, 40], page_size=16, keep_fraction=keep_fraction, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
 @over_backends("", sized(CPU, ()))
 def test_cache_compact_long_cache(ops, backend):
-    case = cases.make_cache_compact([1000, 0, 777], capacity=1100, keep_fraction=0.5, device=backend.device)
+    case = cases.make_cache_compact([1000, 0, 777], page_size=16, keep_fraction=0.5, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
@@ -321,8 +344,8 @@ _OPCHECK_CASES = {
                                                                        device=dev),
     "cache_attention": lambda dtype, dev: cases.make_cache_attention([4, 9], num_splits=2, dtype=dtype, device=dev),
     "compact_rows": lambda dtype, dev: cases.make_compact_rows([2, 5], dtype=dtype, device=dev),
-    "cache_append": lambda dtype, dev: cases.make_cache_append([1, 2], [2, 1], capacity=6, dtype=dtype, device=dev),
-    "cache_compact": lambda dtype, dev: cases.make_cache_compact([3, 6], capacity=8, dtype=dtype, device=dev),
+    "cache_append": lambda dtype, dev: cases.make_cache_append([1, 2], [2, 1], dtype=dtype, device=dev),
+    "cache_compact": lambda dtype, dev: cases.make_cache_compact([3, 6], dtype=dtype, device=dev),
 }
 
 
@@ -370,15 +393,16 @@ def _bad_value(check: str, device) -> tuple[str, dict]:
         name, cu = ("cu_seqlens_q", [0, 6, 4]) if check == "cu_seqlens_q_decreasing" else ("cu_seqlens_k", [0, 4, 9])
         case[name] = torch.tensor(cu, dtype=torch.int32, device=device)
         return "varlen_attention", case
-    if check == "append_overflow":
-        return "cache_append", cases.make_cache_append([4], [3], capacity=6, device=device)
+    if check == "append_overflow":  # 4 + 3 slots, a block table of 3 pages of 2
+        return "cache_append", cases.make_cache_append([4], [3], page_size=2, max_pages=3, device=device)
     if check == "length_past_capacity":
-        case = cases.make_cache_attention([3], capacity=4, device=device)
+        case = cases.make_cache_attention([3], page_size=4, max_pages=1, device=device)
         case["cache_seqlens"] = torch.tensor([9], dtype=torch.int32, device=device)
         return "cache_attention", case
-    if check == "compact_overflow":
-        return "cache_compact", cases.make_cache_compact([20], capacity=20, new_capacity=2, keep_fraction=1.0,
-                                                         device=device)
+    if check == "unassigned_page":  # slot 9 of 20 lies in a page the table does not name
+        case = cases.make_cache_compact([20], page_size=4, device=device)
+        case["block_table"][0, 2] = -1
+        return "cache_compact", case
     case = cases.make_compact_rows([3, 4], device=device)  # rows_cu_seqlens
     case["cu_seqlens"] = torch.tensor([0, 5, 4], dtype=torch.int32, device=device)
     return "compact_rows", case
@@ -387,9 +411,9 @@ def _bad_value(check: str, device) -> tuple[str, dict]:
 BAD_VALUES = {  # check -> the message every backend that makes it on the host raises
     "cu_seqlens_q_decreasing": "non-decreasing",
     "cu_seqlens_k_short": "ends at",
-    "append_overflow": "capacity 6",
+    "append_overflow": "block table holds 6 slots",
     "length_past_capacity": "outside",
-    "compact_overflow": "more than the new capacity 2",
+    "unassigned_page": r"block_table\[0, 2\] = -1 is not a page of the pool",
     "rows_cu_seqlens": "non-decreasing",
 }
 

@@ -83,33 +83,60 @@ inline AttentionShape check_varlen_attention(const at::Tensor& q, const at::Tens
   return s;
 }
 
+// A paged cache's K/V pools: [num_pages, page_size, kv_heads, head_dim] of one dtype, head_dim dense;
+// the ops that write them (append, compact) need them contiguous.
+inline void check_kv_pages(const at::Tensor& k_cache, const at::Tensor& v_cache, bool contiguous, const char* op) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
+              ": k_cache and v_cache must both be pages [num_pages, page_size, kv_heads, head_dim], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, op, ": cache head_dim must be contiguous");
+  TORCH_CHECK(!contiguous || (k_cache.is_contiguous() && v_cache.is_contiguous()), op,
+              ": k_cache and v_cache must be contiguous");
+}
+
+// Slot metadata pages: contiguous int32 [num_pages, page_size], like the K/V pools' first two dims.
+inline void check_metadata_pages(const at::Tensor& t, const at::Tensor& k_cache, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == k_cache.size(0) &&
+                  t.size(1) == k_cache.size(1) && t.is_contiguous(),
+              op, ": ", name, " must be contiguous int32 [num_pages, page_size] = [", k_cache.size(0), ", ",
+              k_cache.size(1), "], got ", t.scalar_type(), " ", t.sizes());
+}
+
+// block_table: contiguous int32 [B, max_pages].
+inline void check_block_table(const at::Tensor& block_table, int64_t batch, const char* op) {
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == batch &&
+                  block_table.is_contiguous(),
+              op, ": block_table must be contiguous int32 [B, max_pages] with B = ", batch, ", got ",
+              block_table.scalar_type(), " ", block_table.sizes());
+}
+
+// The most slots a sequence can hold: its block table row's pages.
+inline int64_t slots_per_sequence(const at::Tensor& block_table, const at::Tensor& k_cache) {
+  return block_table.size(1) * k_cache.size(1);
+}
+
 inline AttentionShape check_cache_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                            const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens,
-                                            const at::Tensor& q_pos, const at::Tensor& pos_cache,
-                                            const std::optional<at::Tensor>& q_tag,
+                                            const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                                            const at::Tensor& cache_seqlens, const at::Tensor& q_pos,
+                                            const at::Tensor& pos_cache, const std::optional<at::Tensor>& q_tag,
                                             const std::optional<at::Tensor>& tag_cache, int64_t rule,
                                             int64_t num_splits) {
   const char* op = "skiplayers::cache_attention";
   check_rule(rule, op);
   TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0 = automatic), got ", num_splits);
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
-              ": k_cache and v_cache must both be [B, S_cap, kv_heads, head_dim], got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
-              ": q and the caches must share a dtype");
-  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, op, ": cache head_dim must be contiguous");
+  check_kv_pages(k_cache, v_cache, /*contiguous=*/false, op);
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), op, ": q and the caches must share a dtype");
   AttentionShape s = check_query(q, cu_seqlens_q, q_pos, q_tag, k_cache.size(2), k_cache.size(3), op);
-  TORCH_CHECK(k_cache.size(0) == s.batch, op, ": caches hold ", k_cache.size(0), " sequences, cu_seqlens_q ", s.batch);
+  check_block_table(block_table, s.batch, op);
   check_int32_vector(cache_seqlens, s.batch, op, "cache_seqlens");
-  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.dim() == 2 && pos_cache.size(0) == s.batch &&
-                  pos_cache.size(1) == k_cache.size(1),
-              op, ": pos_cache must be int32 [B, S_cap], got ", pos_cache.scalar_type(), " ", pos_cache.sizes());
+  check_metadata_pages(pos_cache, k_cache, op, "pos_cache");
   if (tag_cache) {
-    TORCH_CHECK(tag_cache->scalar_type() == at::kInt && tag_cache->sizes() == pos_cache.sizes(), op,
-                ": tag_cache must be int32 [B, S_cap]");
+    check_metadata_pages(*tag_cache, k_cache, op, "tag_cache");
     check_same_device(q, *tag_cache, op, "tag_cache");
   }
-  for (const at::Tensor* t : {&k_cache, &v_cache, &cache_seqlens, &pos_cache}) check_same_device(q, *t, op, "cache");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &block_table, &cache_seqlens, &pos_cache})
+    check_same_device(q, *t, op, "cache");
   return s;
 }
 
@@ -124,51 +151,52 @@ inline void check_compact_rows(const at::Tensor& x, const at::Tensor& cu_seqlens
   check_same_device(x, cu_seqlens, op, "cu_seqlens");
 }
 
-// A cache layer's buffers: K/V contiguous [B, S_cap, kv_heads, head_dim] of one dtype, slot
-// positions and tags contiguous int32 [B, S_cap].
-inline void check_cache_buffers(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
-                                const at::Tensor& tag_cache, const char* op) {
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
-              op, ": caches must be contiguous [B, S_cap, kv_heads, head_dim] of one dtype");
-  TORCH_CHECK(pos_cache.scalar_type() == at::kInt && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
-                  pos_cache.size(0) == k_cache.size(0) && pos_cache.size(1) == k_cache.size(1) &&
-                  tag_cache.sizes() == pos_cache.sizes() && tag_cache.scalar_type() == at::kInt &&
-                  tag_cache.is_contiguous(),
-              op, ": pos_cache and tag_cache must be contiguous int32 [B, S_cap]");
+// A paged cache's pools, as the writing ops need them: contiguous K/V pages of one dtype and
+// contiguous int32 pos/tag pages.
+inline void check_cache_pages(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                              const at::Tensor& tag_cache, const char* op) {
+  check_kv_pages(k_cache, v_cache, /*contiguous=*/true, op);
+  check_metadata_pages(pos_cache, k_cache, op, "pos_cache");
+  check_metadata_pages(tag_cache, k_cache, op, "tag_cache");
 }
 
 inline void check_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
-                               const at::Tensor& tag_cache, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& pos, const at::Tensor& tag, const at::Tensor& cu_seqlens,
-                               const at::Tensor& cache_seqlens) {
+                               const at::Tensor& tag_cache, const at::Tensor& block_table, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& pos, const at::Tensor& tag,
+                               const at::Tensor& cu_seqlens, const at::Tensor& cache_seqlens) {
   const char* op = "skiplayers::cache_append";
-  check_cache_buffers(k_cache, v_cache, pos_cache, tag_cache, op);
+  check_cache_pages(k_cache, v_cache, pos_cache, tag_cache, op);
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
               op, ": k and v must be [total, kv_heads, head_dim] matching the cache, got ", k.sizes(), " and ",
               v.sizes());
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), op,
               ": k, v and the caches must share a dtype");
-  const int64_t batch = k_cache.size(0);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op, ": cu_seqlens must be [B + 1]");
+  const int64_t batch = cu_seqlens.size(0) - 1;
+  check_block_table(block_table, batch, op);
   check_int32_vector(pos, k.size(0), op, "pos");
   check_int32_vector(tag, k.size(0), op, "tag");
   check_int32_vector(cu_seqlens, batch + 1, op, "cu_seqlens");
   check_int32_vector(cache_seqlens, batch, op, "cache_seqlens");
-  for (const at::Tensor* t : {&v_cache, &pos_cache, &tag_cache, &k, &v, &pos, &tag, &cu_seqlens, &cache_seqlens})
+  for (const at::Tensor* t :
+       {&v_cache, &pos_cache, &tag_cache, &block_table, &k, &v, &pos, &tag, &cu_seqlens, &cache_seqlens})
     check_same_device(k_cache, *t, op, "input");
 }
 
 inline void check_cache_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
-                                const at::Tensor& tag_cache, const at::Tensor& cache_seqlens, const at::Tensor& keep,
-                                int64_t capacity) {
+                                const at::Tensor& tag_cache, const at::Tensor& block_table,
+                                const at::Tensor& cache_seqlens, const at::Tensor& keep) {
   const char* op = "skiplayers::cache_compact";
-  check_cache_buffers(k_cache, v_cache, pos_cache, tag_cache, op);
-  const int64_t batch = k_cache.size(0);
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.sizes() == pos_cache.sizes() && keep.is_contiguous(), op,
-              ": keep must be contiguous bool [B, S_cap]");
+  check_cache_pages(k_cache, v_cache, pos_cache, tag_cache, op);
+  TORCH_CHECK(cache_seqlens.dim() == 1, op, ": cache_seqlens must be [B]");
+  const int64_t batch = cache_seqlens.size(0);
   check_int32_vector(cache_seqlens, batch, op, "cache_seqlens");
-  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
-  for (const at::Tensor* t : {&v_cache, &pos_cache, &tag_cache, &cache_seqlens, &keep})
+  check_block_table(block_table, batch, op);
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 2 && keep.size(0) == batch &&
+                  keep.size(1) == slots_per_sequence(block_table, k_cache) && keep.is_contiguous(),
+              op, ": keep must be contiguous bool [B, max_pages * page_size] = [", batch, ", ",
+              slots_per_sequence(block_table, k_cache), "], got ", keep.scalar_type(), " ", keep.sizes());
+  for (const at::Tensor* t : {&v_cache, &pos_cache, &tag_cache, &block_table, &cache_seqlens, &keep})
     check_same_device(k_cache, *t, op, "input");
 }
 

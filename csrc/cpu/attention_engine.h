@@ -3,8 +3,9 @@
 // style: key blocks the predicate rules out are skipped, scores of visible blocks come from a
 // GEMM, the softmax is online (base 2), and the output accumulates in float32.
 //
-// Packed keys (varlen_attention) and cache slots (cache_attention) are both "a strided run of key
-// rows", so one engine serves both; the launchers only enumerate tiles and splits.
+// Packed keys (varlen_attention) and paged cache slots (cache_attention) are both "a run of key
+// rows" (strided, or strided within pages named by a block table row), so one engine serves both;
+// the launchers only enumerate tiles and splits.
 #pragma once
 
 #include <cmath>
@@ -33,17 +34,24 @@ struct QueryTile {
   int64_t group;
 };
 
-// Key rows [begin, end) of one sequence and one KV head.
+// Key rows [begin, end) of one sequence and one KV head. Row j is flat row j of k, v, pos and tag,
+// or, when `pages` is set (a paged cache), flat row paged_slot(pages, page_size, j) of the pools.
 template <typename scalar_t>
 struct KeyRun {
   const scalar_t* k;
   const scalar_t* v;
-  int64_t k_stride;
+  int64_t k_stride;  // between flat rows (a page's consecutive slots; pages are page_size rows apart)
   int64_t v_stride;
   const int32_t* pos;
   const int32_t* tag;  // nullptr: all tags 0
   int64_t begin;
   int64_t end;
+  const int32_t* pages = nullptr;  // the sequence's block table row, or nullptr: rows are not paged
+  int64_t page_size = 0;
+
+  int64_t flat(int64_t j) const { return pages ? paged_slot(pages, page_size, j) : j; }
+  // Whether rows [j, j + n) are consecutive flat rows (one stride apart).
+  bool consecutive(int64_t j, int64_t n) const { return !pages || j / page_size == (j + n - 1) / page_size; }
 };
 
 // Unnormalised result of a tile: rows r = g * count + i (head-major), acc [rows, head_dim],
@@ -62,16 +70,42 @@ struct Scratch {
   std::vector<float> k_t;     // [D, kKeyBlock], GEMM scratch (see gemm.h)
   std::vector<float> v;       // [kKeyBlock, D], the value block as float (low-precision inputs)
   std::vector<uint8_t> visible;  // [count, kKeyBlock]
+  std::vector<int64_t> rows;     // [kKeyBlock], flat rows of a paged key block
+  std::vector<int32_t> pos, tag;  // [kKeyBlock], a paged key block's metadata, gathered
 
-  void reserve(int64_t rows, int64_t count, int64_t head_dim) {
-    q.resize(rows * head_dim);
-    scores.resize(rows * kKeyBlock);
+  void reserve(int64_t rows_, int64_t count, int64_t head_dim) {
+    q.resize(rows_ * head_dim);
+    scores.resize(rows_ * kKeyBlock);
     k.resize(kKeyBlock * head_dim);
     k_t.resize(head_dim * kKeyBlock);
     v.resize(kKeyBlock * head_dim);
     visible.resize(count * kKeyBlock);
+    rows.resize(kKeyBlock);
+    pos.resize(kKeyBlock);
+    tag.resize(kKeyBlock);
   }
 };
+
+// One key block [kb, kb + n) of a KeyRun: its metadata, and where its flat rows are.
+struct KeyBlock {
+  const int64_t* rows;  // flat rows, or nullptr: rows kb .. kb + n - 1
+  const int32_t* pos;
+  const int32_t* tag;  // nullptr: all tags 0
+  int64_t first;       // flat row of key kb
+  bool consecutive;    // rows first .. first + n - 1
+};
+
+template <typename scalar_t>
+KeyBlock key_block(const KeyRun<scalar_t>& kr, int64_t kb, int64_t n, Scratch& ws) {
+  if (!kr.pages) return KeyBlock{nullptr, kr.pos + kb, kr.tag ? kr.tag + kb : nullptr, kb, true};
+  int64_t* rows = ws.rows.data();
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = kr.flat(kb + j);
+    ws.pos[j] = kr.pos[rows[j]];
+    ws.tag[j] = kr.tag ? kr.tag[rows[j]] : 0;
+  }
+  return KeyBlock{rows, ws.pos.data(), ws.tag.data(), rows[0], kr.consecutive(kb, n)};
+}
 
 inline void init_partial(PartialResult p, int64_t rows, int64_t head_dim) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -81,16 +115,23 @@ inline void init_partial(PartialResult p, int64_t rows, int64_t head_dim) {
   std::fill(p.acc, p.acc + rows * head_dim, 0.f);
 }
 
-// Float rows of a key or value block: the rows themselves for float inputs, else converted into
-// `buffer` ([n, D], dense).
+// Float rows of a key or value block, and their leading dimension: the rows themselves for float
+// inputs on consecutive rows, else converted (or gathered from their pages) into `buffer` ([n, D]).
 template <typename scalar_t>
-const float* as_float_rows(const scalar_t* rows, int64_t stride, int64_t n, int64_t D, float* buffer) {
+const float* as_float_rows(const scalar_t* base, int64_t stride, const KeyBlock& block, int64_t n, int64_t D,
+                           float* buffer, int64_t* ld) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return rows;
-  } else {
-    for (int64_t j = 0; j < n; ++j) load_scaled(rows + j * stride, buffer + j * D, D, 1.f);
-    return buffer;
+    if (block.consecutive) {
+      *ld = stride;
+      return base + block.first * stride;
+    }
   }
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t row = block.rows ? block.rows[j] : block.first + j;
+    load_scaled(base + row * stride, buffer + j * D, D, 1.f);
+  }
+  *ld = D;
+  return buffer;
 }
 
 template <typename scalar_t>
@@ -114,13 +155,14 @@ void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t h
 
   for (int64_t kb = kr.begin; kb < kr.end; kb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, kr.end - kb);
+    const KeyBlock block = key_block(kr, kb, n, ws);
     BlockSummary ksum = block_summary_empty();
-    for (int64_t j = 0; j < n; ++j) block_summary_add(ksum, kr.pos[kb + j], kr.tag ? kr.tag[kb + j] : 0);
+    for (int64_t j = 0; j < n; ++j) block_summary_add(ksum, block.pos[j], block.tag ? block.tag[j] : 0);
     if (!block_may_be_visible(rule, qsum, ksum)) continue;  // skipped: never loaded, never computed
 
     // scores[rows, n] = qbuf[rows, D] . K_block^T
-    const float* kblock = as_float_rows(kr.k + kb * kr.k_stride, kr.k_stride, n, D, ws.k.data());
-    const int64_t k_ld = std::is_same_v<scalar_t, float> ? kr.k_stride : D;
+    int64_t k_ld, v_ld;
+    const float* kblock = as_float_rows(kr.k, kr.k_stride, block, n, D, ws.k.data(), &k_ld);
     gemm_abt(rows, n, D, qbuf, D, kblock, k_ld, scores, n, ws.k_t.data());
 
     if (!block_fully_visible(rule, qsum, ksum)) {
@@ -128,7 +170,7 @@ void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t h
       for (int64_t i = 0; i < qt.count; ++i) {
         const int32_t qp = qt.pos[i], qtag = qt.tag ? qt.tag[i] : 0;
         for (int64_t j = 0; j < n; ++j)
-          vis[i * n + j] = key_visible(rule, qp, qtag, kr.pos[kb + j], kr.tag ? kr.tag[kb + j] : 0);
+          vis[i * n + j] = key_visible(rule, qp, qtag, block.pos[j], block.tag ? block.tag[j] : 0);
       }
       for (int64_t g = 0; g < qt.group; ++g)
         for (int64_t i = 0; i < qt.count; ++i) {
@@ -154,8 +196,7 @@ void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t h
     }
 
     // acc[rows, D] += P[rows, n] . V_block[n, D]
-    const float* vblock = as_float_rows(kr.v + kb * kr.v_stride, kr.v_stride, n, D, ws.v.data());
-    const int64_t v_ld = std::is_same_v<scalar_t, float> ? kr.v_stride : D;
+    const float* vblock = as_float_rows(kr.v, kr.v_stride, block, n, D, ws.v.data(), &v_ld);
     gemm_ab_accumulate(rows, D, n, scores, n, vblock, v_ld, out.acc, D);
   }
 }

@@ -166,21 +166,31 @@ int64_t choose_splits(int64_t base_tasks, int64_t max_keys) {
   return std::max<int64_t>(1, std::min(by_threads, by_length));
 }
 
-at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens_in,
-                               const at::Tensor& q_pos_in, const at::Tensor& pos_cache_in,
-                               const std::optional<at::Tensor>& q_tag_in,
-                               const std::optional<at::Tensor>& tag_cache_in, int64_t rule, double scale,
+// A pool whose pages are page_size flat rows apart (true of contiguous pools and of views that
+// stride only the heads), so that flat row = page * page_size + offset.
+at::Tensor flat_rows_pool(const at::Tensor& pool) {
+  const at::Tensor p = dense_last_dim(pool);
+  return p.stride(0) == p.size(1) * p.stride(1) ? p : p.contiguous();
+}
+
+at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
+                               const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& cache_seqlens_in, const at::Tensor& q_pos_in,
+                               const at::Tensor& pos_cache, const std::optional<at::Tensor>& q_tag_in,
+                               const std::optional<at::Tensor>& tag_cache, int64_t rule, double scale,
                                int64_t num_splits) {
-  const AttentionShape s = check_cache_attention(q_in, k_cache, v_cache, cu_seqlens_q, cache_seqlens_in, q_pos_in,
-                                                 pos_cache_in, q_tag_in, tag_cache_in, rule, num_splits);
+  const AttentionShape s =
+      check_cache_attention(q_in, k_cache_in, v_cache_in, block_table, cu_seqlens_q, cache_seqlens_in, q_pos_in,
+                            pos_cache, q_tag_in, tag_cache, rule, num_splits);
   const at::Tensor q = dense_last_dim(q_in);
+  const at::Tensor k_cache = flat_rows_pool(k_cache_in), v_cache = flat_rows_pool(v_cache_in);
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();
-  const at::Tensor q_pos = q_pos_in.contiguous(), pos_cache = pos_cache_in.contiguous();
+  const at::Tensor q_pos = q_pos_in.contiguous();
   const std::optional<at::Tensor> q_tag = q_tag_in ? std::optional(q_tag_in->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> tag_cache = tag_cache_in ? std::optional(tag_cache_in->contiguous()) : std::nullopt;
+  const int64_t page_size = k_cache.size(1);
   check_cu_seqlens(cu_q, q.size(0), "skiplayers::cache_attention", "cu_seqlens_q");
-  check_cache_lengths(lens, k_cache.size(1), "skiplayers::cache_attention");
+  check_paged_slots(block_table, lens.data_ptr<int32_t>(), nullptr, k_cache.size(0), page_size,
+                    "skiplayers::cache_attention");
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
   if (s.empty()) return out;
@@ -191,7 +201,8 @@ at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   const int64_t base_tasks = count_tiles(cu_q.data_ptr<int32_t>(), s.batch, tile) * s.kv_heads;
   const int64_t splits = num_splits > 0 ? num_splits : choose_splits(base_tasks, max_keys);
   const std::vector<Task> tasks = tile_tasks(cu_q.data_ptr<int32_t>(), s.batch, s.kv_heads, tile, splits);
-  const int64_t S_cap = k_cache.size(1);
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  const int64_t max_pages = block_table.size(1);
   const int64_t rows_max = group * tile;
 
   // With splits, every task leaves its partial result here and a second pass merges them.
@@ -208,15 +219,16 @@ at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
       const QueryTile<scalar_t> qt = query_tile<scalar_t>(q, q_pos.data_ptr<int32_t>(), optional_int_ptr(q_tag), t, group);
       int64_t k_begin, k_end;
       split_key_range(len[t.batch], splits, t.split, kKeyBlock, &k_begin, &k_end);
-      const int64_t slot0 = static_cast<int64_t>(t.batch) * S_cap;
-      const KeyRun<scalar_t> kr{k_cache.data_ptr<scalar_t>() + t.batch * k_cache.stride(0) + t.kv_head * k_cache.stride(2),
-                                v_cache.data_ptr<scalar_t>() + t.batch * v_cache.stride(0) + t.kv_head * v_cache.stride(2),
+      const KeyRun<scalar_t> kr{k_cache.data_ptr<scalar_t>() + t.kv_head * k_cache.stride(2),
+                                v_cache.data_ptr<scalar_t>() + t.kv_head * v_cache.stride(2),
                                 k_cache.stride(1),
                                 v_cache.stride(1),
-                                pos_cache.data_ptr<int32_t>() + slot0,
-                                tag_cache ? tag_cache->data_ptr<int32_t>() + slot0 : nullptr,
+                                pos_cache.data_ptr<int32_t>(),
+                                tag_cache ? tag_cache->data_ptr<int32_t>() : nullptr,
                                 k_begin,
-                                k_end};
+                                k_end,
+                                table + t.batch * max_pages,
+                                page_size};
       const int64_t rows = group * qt.count;
       TileScratch& ws = thread_scratch();
       PartialResult p = splits > 1 ? PartialResult{part_acc.data() + ti * rows_max * s.head_dim,

@@ -16,12 +16,28 @@ inline void check_cu_seqlens(const at::Tensor& cu, int64_t rows, const char* op,
   TORCH_CHECK(c[n - 1] == rows, op, ": ", name, " ends at ", c[n - 1], " but there are ", rows, " rows");
 }
 
-// Every cache length must lie in [0, capacity].
-inline void check_cache_lengths(const at::Tensor& lens, int64_t capacity, const char* op) {
-  const int32_t* l = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < lens.size(0); ++b)
-    TORCH_CHECK(l[b] >= 0 && l[b] <= capacity, op, ": cache_seqlens[", b, "] = ", l[b], " is outside [0, ",
-                capacity, "]");
+// Sequence b's slots [0, lens[b] + added[b]) (added: nullptr for none) must fit its block table row,
+// and every page they touch must be a page of the pool. `block_table` is contiguous int32 [B, max_pages].
+inline void check_paged_slots(const at::Tensor& block_table, const int32_t* lens, const int32_t* added,
+                              int64_t num_pages, int64_t page_size, const char* op) {
+  const int64_t batch = block_table.size(0), max_pages = block_table.size(1), capacity = max_pages * page_size;
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = added ? added[b] : 0;
+    if (added) {
+      TORCH_CHECK(lens[b] >= 0 && lens[b] + n <= capacity, op, ": sequence ", b, " holds ", lens[b],
+                  " slots and appends ", n, ", but its block table holds ", capacity, " slots");
+    } else {
+      TORCH_CHECK(lens[b] >= 0 && lens[b] <= capacity, op, ": cache_seqlens[", b, "] = ", lens[b],
+                  " is outside [0, ", capacity, "]");
+    }
+    const int64_t pages = (lens[b] + n + page_size - 1) / page_size;
+    for (int64_t i = 0; i < pages; ++i) {
+      const int32_t page = table[b * max_pages + i];
+      TORCH_CHECK(page >= 0 && page < num_pages, op, ": block_table[", b, ", ", i, "] = ", page,
+                  " is not a page of the pool (num_pages ", num_pages, ")");
+    }
+  }
 }
 
 }  // namespace skiplayers::cpu

@@ -1,5 +1,6 @@
-// CPU kernels that move rows: compaction of a packed ragged batch, the cache write at per-sequence
-// offsets, and per-sequence cache compaction. They copy bytes, so one kernel serves every dtype.
+// CPU kernels that move rows: compaction of a packed ragged batch, the paged cache write at
+// per-sequence offsets, and per-sequence compaction of a paged cache in place. They copy bytes, so
+// one kernel serves every dtype.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +12,7 @@
 
 #include "../common/op_checks.h"
 #include "host_checks.h"
+#include "skiplayers/ragged.h"
 
 namespace skiplayers::cpu {
 namespace {
@@ -59,28 +61,31 @@ std::tuple<at::Tensor, at::Tensor> compact_rows_cpu(const at::Tensor& x_in, cons
 }
 
 void cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
-                      const at::Tensor& tag_cache, const at::Tensor& k_in, const at::Tensor& v_in,
-                      const at::Tensor& pos_in, const at::Tensor& tag_in, const at::Tensor& cu_seqlens,
-                      const at::Tensor& cache_seqlens) {
-  check_cache_append(k_cache, v_cache, pos_cache, tag_cache, k_in, v_in, pos_in, tag_in, cu_seqlens, cache_seqlens);
+                      const at::Tensor& tag_cache, const at::Tensor& block_table, const at::Tensor& k_in,
+                      const at::Tensor& v_in, const at::Tensor& pos_in, const at::Tensor& tag_in,
+                      const at::Tensor& cu_seqlens, const at::Tensor& cache_seqlens) {
+  const char* op = "skiplayers::cache_append";
+  check_cache_append(k_cache, v_cache, pos_cache, tag_cache, block_table, k_in, v_in, pos_in, tag_in, cu_seqlens,
+                     cache_seqlens);
   const at::Tensor k = k_in.contiguous(), v = v_in.contiguous(), pos = pos_in.contiguous(), tag = tag_in.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous(), lens = cache_seqlens.contiguous();
-  check_cu_seqlens(cu, k.size(0), "skiplayers::cache_append", "cu_seqlens");
-  const int64_t batch = k_cache.size(0), capacity = k_cache.size(1);
+  check_cu_seqlens(cu, k.size(0), op, "cu_seqlens");
+  const int64_t batch = block_table.size(0), max_pages = block_table.size(1), page_size = k_cache.size(1);
   const int32_t* c = cu.data_ptr<int32_t>();
   const int32_t* len = lens.data_ptr<int32_t>();
+  std::vector<int32_t> added(batch);
+  for (int64_t b = 0; b < batch; ++b) added[b] = c[b + 1] - c[b];
+  check_paged_slots(block_table, len, added.data(), k_cache.size(0), page_size, op);
 
-  std::vector<int64_t> src, dst;  // dst: flat slot index b * capacity + s
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  std::vector<int64_t> src, dst;  // dst: flat slot index of the pools
   src.reserve(k.size(0));
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n = c[b + 1] - c[b];
-    TORCH_CHECK(len[b] >= 0 && len[b] + n <= capacity, "skiplayers::cache_append: sequence ", b, " holds ", len[b],
-                " slots and appends ", n, ", but the cache has capacity ", capacity);
-    for (int64_t i = 0; i < n; ++i) {
+  dst.reserve(k.size(0));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < added[b]; ++i) {
       src.push_back(c[b] + i);
-      dst.push_back(b * capacity + len[b] + i);
+      dst.push_back(paged_slot(table + b * max_pages, page_size, len[b] + i));
     }
-  }
   const int64_t kv_row = k.size(1) * k.size(2) * k.element_size();
   copy_rows(k.data_ptr(), k_cache.data_ptr(), kv_row, src, dst);
   copy_rows(v.data_ptr(), v_cache.data_ptr(), kv_row, src, dst);
@@ -88,40 +93,44 @@ void cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   copy_rows(tag.data_ptr(), tag_cache.data_ptr(), sizeof(int32_t), src, dst);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_compact_cpu(
-    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache, const at::Tensor& tag_cache,
-    const at::Tensor& cache_seqlens, const at::Tensor& keep, int64_t capacity) {
-  check_cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity);
+at::Tensor cache_compact_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                             const at::Tensor& tag_cache, const at::Tensor& block_table,
+                             const at::Tensor& cache_seqlens, const at::Tensor& keep) {
+  const char* op = "skiplayers::cache_compact";
+  check_cache_compact(k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep);
   const at::Tensor lens = cache_seqlens.contiguous();
-  check_cache_lengths(lens, k_cache.size(1), "skiplayers::cache_compact");
-  const int64_t batch = k_cache.size(0), old_capacity = k_cache.size(1);
+  const int64_t batch = block_table.size(0), max_pages = block_table.size(1), page_size = k_cache.size(1);
   const int32_t* len = lens.data_ptr<int32_t>();
+  check_paged_slots(block_table, len, nullptr, k_cache.size(0), page_size, op);
+  const int32_t* table = block_table.data_ptr<int32_t>();
   const bool* kp = keep.data_ptr<bool>();
+  const int64_t slots = keep.size(1);
 
   at::Tensor new_lens = at::empty({batch}, lens.options());
   int32_t* nl = new_lens.data_ptr<int32_t>();
-  std::vector<int64_t> src, dst;
-  for (int64_t b = 0; b < batch; ++b) {
-    int64_t kept = 0;
-    for (int64_t s = 0; s < len[b]; ++s)
-      if (kp[b * old_capacity + s]) {
-        src.push_back(b * old_capacity + s);
-        dst.push_back(b * capacity + kept++);
-      }
-    TORCH_CHECK(kept <= capacity, "skiplayers::cache_compact: sequence ", b, " keeps ", kept,
-                " slots, more than the new capacity ", capacity);
-    nl[b] = static_cast<int32_t>(kept);
-  }
-  at::Tensor nk = at::empty({batch, capacity, k_cache.size(2), k_cache.size(3)}, k_cache.options());
-  at::Tensor nv = at::empty(nk.sizes(), nk.options());
-  at::Tensor npos = at::empty({batch, capacity}, pos_cache.options());
-  at::Tensor ntag = at::empty({batch, capacity}, tag_cache.options());
   const int64_t kv_row = k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
-  copy_rows(k_cache.data_ptr(), nk.data_ptr(), kv_row, src, dst);
-  copy_rows(v_cache.data_ptr(), nv.data_ptr(), kv_row, src, dst);
-  copy_rows(pos_cache.data_ptr(), npos.data_ptr(), sizeof(int32_t), src, dst);
-  copy_rows(tag_cache.data_ptr(), ntag.data_ptr(), sizeof(int32_t), src, dst);
-  return {nk, nv, npos, ntag, new_lens};
+  char* pools[] = {static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()),
+                   static_cast<char*>(pos_cache.data_ptr()), static_cast<char*>(tag_cache.data_ptr())};
+  const int64_t row_bytes[] = {kv_row, kv_row, sizeof(int32_t), sizeof(int32_t)};
+  // A sequence's kept slots move towards its front in slot order: a slot is read before any later
+  // kept slot can be written over it, so the move is safe in place. Sequences own disjoint pages.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int32_t* row = table + b * max_pages;
+      int64_t kept = 0;
+      for (int64_t s = 0; s < len[b]; ++s) {
+        if (!kp[b * slots + s]) continue;
+        if (kept != s) {
+          const int64_t from = paged_slot(row, page_size, s), to = paged_slot(row, page_size, kept);
+          for (int i = 0; i < 4; ++i)
+            std::memcpy(pools[i] + to * row_bytes[i], pools[i] + from * row_bytes[i], row_bytes[i]);
+        }
+        ++kept;
+      }
+      nl[b] = static_cast<int32_t>(kept);
+    }
+  });
+  return new_lens;
 }
 
 }  // namespace

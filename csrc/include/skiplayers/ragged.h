@@ -1,8 +1,9 @@
-// Index math for packed ragged batches and per-sequence caches, shared by the CPU and CUDA kernels.
+// Index math for packed ragged batches and paged per-sequence caches, shared by the CPU and CUDA kernels.
 //
-// Conventions (flash-attn's):
+// Conventions (flash-attn's and vLLM's):
 //   packed activations  [total_tokens, H, D], sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1
-//   caches              [B, S_cap, H_kv, D], sequence b owns slots 0 .. cache_seqlens[b]-1
+//   paged caches        pools [num_pages, page_size, H_kv, D]; sequence b owns slots 0 .. cache_seqlens[b]-1,
+//                       slot s in page block_table[b, s / page_size] at offset s % page_size
 // Query head h reads KV head h / (H / H_kv) (grouped-query attention, no repeat_kv).
 #pragma once
 
@@ -31,6 +32,12 @@ SKIPLAYERS_HD int32_t sequence_of_row(const int32_t* cu_seqlens, int32_t batch, 
 // The KV head that query head `q_head` reads.
 SKIPLAYERS_HD int32_t kv_head_of(int32_t q_head, int32_t num_q_heads, int32_t num_kv_heads) {
   return q_head / (num_q_heads / num_kv_heads);
+}
+
+// Flat slot index of sequence slot `slot` in a pool viewed as [num_pages * page_size, ...]:
+// page block_table_row[slot / page_size], offset slot % page_size.
+SKIPLAYERS_HD int64_t paged_slot(const int32_t* block_table_row, int64_t page_size, int64_t slot) {
+  return static_cast<int64_t>(block_table_row[slot / page_size]) * page_size + slot % page_size;
 }
 
 // Query tiles of packed ragged queries (GPU kernels). A tile holds `tile_rows` rows of one
