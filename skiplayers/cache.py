@@ -1,10 +1,18 @@
 """SkipCache: a `transformers` Cache whose stored length differs per layer and per sequence.
 
-Per layer it keeps K/V buffers ``[B, S_cap, H_kv, D]``, the absolute position and tag of every
-stored slot (``[B, S_cap]`` int32) and the stored length of each sequence (``[B]`` int32, on the
-model's device, with a host mirror so capacity decisions never wait on the device). Each
-:class:`SkipCacheLayer` owns these and is the only code that changes them (append, compact, drop
-the last slots, select sequences); :class:`SkipCache` decides what each layer stores and keeps.
+K/V live in pages (``pages.py``): pools ``[num_pages, page_size, H_kv, D]`` shared by all layers, the
+layout of vLLM, FlashInfer and torch's ``varlen_attn(block_table=...)``. Per layer and sequence a
+block table names the pages that hold the sequence's slots (slot s in page ``block_table[b, s //
+page_size]``), so a sequence pays for the pages its stored tokens fill, not for the longest
+sequence of the batch: a layer holds at most one partly filled page per sequence. Pages that
+context stop never fills are never taken; pages that anchor reduction or ``crop`` empties go back
+to the pool.
+
+Each :class:`SkipCacheLayer` owns its block table (int32 ``[B, max_pages]``, on the pool's device,
+with a host mirror) and the stored length of each sequence (int32 ``[B]`` on the device, with a host
+mirror): page assignment is decided on the host from the mirrors and never waits on the device. The
+layer is the only code that changes them (append, compact, drop the last slots, select sequences);
+:class:`SkipCache` decides what each layer stores and keeps.
 
 Two lengths, both exposed:
 
@@ -13,8 +21,10 @@ Two lengths, both exposed:
 * the **physical** lengths (``layer_lengths()``): slots actually stored per (layer, sequence). With
   context stop, layers >= ℓ store no context token, so their lengths do not depend on the context.
 
-Buffers are allocated for what is stored plus a small growth margin for decoding; at layers >= ℓ
-the context never enters them, not even during prefill (the rows are dropped before layer ℓ).
+Memory: ``nbytes()`` counts the K/V pages the layers hold; ``pool_nbytes()`` the pools' tensors
+(free pages included). A pool grows on demand, or is reserved up front (``max_tokens`` /
+``max_bytes``): then it never reallocates, and with :meth:`SkipCache.reserve` before a decode step
+the step itself takes no page (``patching/static_decode.py``).
 
 Writes come through transformers' own path: each attention module of a patched model calls
 :meth:`SkipCache.update` with its new K/V, which stores them through the running forward's step
@@ -34,15 +44,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .handles import new_handle
 from .meta import TAG_ANCHOR, TAG_SENTENCE_SHIFT, TAG_SINK
 from .ops import OpSet
+from .pages import PagePool, page_bytes
 
 if TYPE_CHECKING:
     from .policy import SkipPolicy
 
-
-def _grown_capacity(needed: int) -> int:
-    """Capacity for ``needed`` slots: room for some decoding steps, rounded to 16 slots."""
-    margin = min(256, max(16, needed // 8))
-    return -(-(needed + margin) // 16) * 16
+DEFAULT_PAGE_SIZE = 16
 
 
 def _read_only(name: str, doc: str) -> property:
@@ -50,16 +57,22 @@ def _read_only(name: str, doc: str) -> property:
     return property(operator.attrgetter(name), doc=doc)
 
 
-class SkipCacheLayer(CacheLayerMixin):
-    """One layer's buffers and stored lengths, and the only code that changes them.
+def _pages_for(slots: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Pages needed to hold ``slots`` (int64 host tensor) slots each."""
+    return (slots + page_size - 1) // page_size
 
-    ``keys, values [B, S_cap, H_kv, D]`` and ``pos, tag`` (int32 ``[B, S_cap]``) hold sequence b's
-    first ``lengths[b]`` slots. The stored length of each sequence is kept twice: ``lengths`` (int32
-    ``[B]``, on the buffers' device) is what the kernels read, ``host_lengths`` (int64 ``[B]``, cpu)
-    is its mirror, so that capacity and dispatch decisions never wait on the device. Both change
-    only together, inside :meth:`append`, :meth:`compact`, :meth:`drop_last` and the batch
-    selections; from outside they are read-only properties (read, never modify in place), and
-    :meth:`check_lengths` verifies that they agree.
+
+class SkipCacheLayer(CacheLayerMixin):
+    """One layer's block tables and stored lengths, and the only code that changes them.
+
+    The pages themselves are the cache pool's (``pool.keys``, ``pool.values``, ``pool.pos``,
+    ``pool.tag``); transformers' ``keys`` / ``values`` attributes stay None. Sequence b holds ``lengths[b]`` slots in the pages ``block_table[b, :held[b]]`` of the cache's
+    pool (-1 past them). The block table and the lengths are kept twice: on the pool's device
+    (``block_table`` int32 ``[B, max_pages]``, ``lengths`` int32 ``[B]``: what the kernels read) and on
+    the host (``host_block_table``, ``host_lengths`` int64 ``[B]``), so that page assignment and
+    dispatch never wait on the device. Both change only together, inside :meth:`append`,
+    :meth:`compact`, :meth:`drop_last` and the batch selections; from outside they are read-only
+    properties (read, never modify in place), and :meth:`check_lengths` verifies that they agree.
     """
 
     is_compileable = False
@@ -71,16 +84,26 @@ class SkipCacheLayer(CacheLayerMixin):
         super().__init__()
         self._owner = owner
         self.index = index  # the decoder layer it caches (named in errors)
-        self._pos: torch.Tensor | None = None
-        self._tag: torch.Tensor | None = None
+        self.pool: PagePool | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._table: torch.Tensor | None = None  # device int32 [B, max_pages]
+        self._host_table: torch.Tensor | None = None  # host int32 [B, max_pages]
+        self._held: torch.Tensor | None = None  # host int64 [B]: pages held per sequence
         self._lengths: torch.Tensor | None = None
         self._host_lengths: torch.Tensor | None = None
 
     # Read-only from outside: only the layer's own methods rebind them.
-    pos = _read_only("_pos", "int32 ``[B, S_cap]``: the absolute position of every stored slot.")
-    tag = _read_only("_tag", "int32 ``[B, S_cap]``: the tag word of every stored slot (``meta.py``).")
-    lengths = _read_only("_lengths", "int32 ``[B]`` on the buffers' device: slots stored per sequence.")
+    block_table = _read_only("_table", "int32 ``[B, max_pages]`` on the pool's device: each sequence's pages.")
+    host_block_table = _read_only("_host_table", "int32 ``[B, max_pages]`` on the host: the mirror of ``block_table``.")
+    lengths = _read_only("_lengths", "int32 ``[B]`` on the pool's device: slots stored per sequence.")
     host_lengths = _read_only("_host_lengths", "int64 ``[B]`` on the host: the mirror of ``lengths``.")
+
+    @property
+    def held_pages(self) -> torch.Tensor | None:
+        """int64 ``[B]`` (host): pages each sequence holds at this layer."""
+        return self._held
 
     # --- the transformers CacheLayerMixin interface ---
 
@@ -102,25 +125,46 @@ class SkipCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self._pos = self._tag = self._lengths = self._host_lengths = None
+        self._release_all()
+        self._clear()
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps the sequences ``indices`` (int64 ``[B']``, repeats allowed: beam search), in that order."""
-        if not self.is_initialized:
+        """Keeps the sequences ``indices`` (int64 ``[B']``, repeats allowed: beam search), in that order.
+
+        Pages move with their sequence: a sequence's first selection takes its block table row as
+        it is (no copy), each further selection of it gets copies of its pages (the writing ops
+        need every page to belong to one sequence), and the pages of sequences not selected go back
+        to the pool."""
+        if self._host_table is None:
             return
-        dev = indices.to(self.keys.device)
-        self.keys, self.values, self._pos, self._tag = self.keys[dev], self.values[dev], self._pos[dev], self._tag[dev]
-        self._lengths, self._host_lengths = self._lengths[dev], self._host_lengths[indices.cpu()]
+        chosen = indices.cpu().tolist()
+        rows, held, first_use = [], [], set()
+        for old in chosen:
+            pages = self._host_table[old, : int(self._held[old])].tolist()
+            if old not in first_use:
+                first_use.add(old)
+                rows.append(pages)
+            else:
+                copies = self.pool.take(len(pages))
+                self.pool.copy_pages(pages, copies)
+                rows.append(copies)
+            held.append(len(pages))
+        dropped = [p for b in range(self._host_table.shape[0]) if b not in first_use
+                   for p in self._host_table[b, : int(self._held[b])].tolist()]
+        self.pool.give(dropped)
+        self._held = torch.tensor(held, dtype=torch.int64)
+        self._set_table(rows)
+        self._lengths = self._lengths[indices.to(self._lengths.device)]
+        self._host_lengths = self._host_lengths[indices.cpu()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
+        if self._host_table is None:
             return
-        for name in ("keys", "values", "_pos", "_tag", "_lengths", "_host_lengths"):
-            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self.batch_select_indices(torch.arange(self._host_table.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise TypeError("crop a SkipCache as a whole (SkipCache.crop): a layer alone does not know which columns it holds")
@@ -128,57 +172,82 @@ class SkipCacheLayer(CacheLayerMixin):
     # --- skiplayers ---
 
     @property
-    def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+    def page_size(self) -> int:
+        return self._owner.page_size
 
     def nbytes(self, include_metadata: bool = False) -> int:
-        if self.keys is None:
+        """Bytes of the K/V pages this layer holds (with ``include_metadata``, also their pos/tag
+        pages, the block tables and the lengths)."""
+        if self._held is None:
             return 0
-        total = self.keys.nbytes + self.values.nbytes
+        pages = int(self._held.sum())
+        total = pages * self.pool.page_nbytes
         if include_metadata:
-            total += self._pos.nbytes + self._tag.nbytes + self._lengths.nbytes
+            total += pages * 2 * self.page_size * 4 + self._table.nbytes + self._lengths.nbytes
         return total
+
+    def reserve(self, counts: torch.Tensor, like: torch.Tensor | None = None) -> None:
+        """Makes sure sequence b holds the pages for ``counts[b]`` more slots (int64 ``[B]``, host),
+        taking them from the pool; host work only, plus a copy of the block table to the device
+        when it changed. ``like`` (K/V rows ``[N, H_kv, D]``) sizes the pool at a first write."""
+        batch = counts.shape[0]
+        if self._held is None:
+            if like is None:
+                raise RuntimeError(f"SkipCache layer {self.index}: no pages yet, and no K/V to size them by")
+            self.pool = self._owner.pool_for(like)
+            self._held = torch.zeros(batch, dtype=torch.int64)
+            self._host_lengths = torch.zeros(batch, dtype=torch.int64)
+            self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.pool.keys.device)
+            self._set_table([[] for _ in range(batch)])
+            self.is_initialized = True
+        elif self._held.shape[0] != batch:
+            raise ValueError(f"SkipCache holds {self._held.shape[0]} sequences, the input has {batch}")
+        needed = _pages_for(self._host_lengths + counts, self.page_size) - self._held
+        if not bool((needed > 0).any()):
+            return
+        rows = [self._host_table[b, : int(self._held[b])].tolist() for b in range(batch)]
+        for b, n in enumerate(needed.tolist()):
+            if n > 0:
+                rows[b] += self.pool.take(n)
+        self._held = torch.maximum(self._held, self._held + needed)
+        self._set_table(rows)
 
     def append(self, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
         """Stores sequence b's ``counts[b]`` new rows after its stored slots (packed ``k, v [N, H_kv, D]``,
         ``pos, tag [N]`` int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]``
-        on the host), growing the buffers first when they are too small."""
-        batch = counts.shape[0]
-        if self.keys is None:
-            self._allocate(batch, _grown_capacity(int(counts.max()) if batch else 0), k)
-        else:
-            if self.keys.shape[0] != batch:
-                raise ValueError(f"SkipCache holds {self.keys.shape[0]} sequences, the input has {batch}")
-            needed = int((self._host_lengths + counts).max()) if batch else 0
-            if needed > self.capacity:
-                self._allocate(batch, _grown_capacity(needed), k)
+        on the host), taking pages first where they are needed."""
+        self.reserve(counts, like=k)
         ops.cache_append(
-            k_cache=self.keys, v_cache=self.values, pos_cache=self._pos, tag_cache=self._tag, k=k, v=v, pos=pos,
-            tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
+            k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
+            block_table=self._table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
         )
         self._host_lengths += counts
-        self._lengths += counts.to(device=self._lengths.device, dtype=torch.int32)
+        # The device lengths follow on the device (no host-to-device copy of the counts).
+        self._lengths += cu_seqlens[1:] - cu_seqlens[:-1]
+
+    def slot_tags(self) -> torch.Tensor:
+        """int32 ``[B, max_pages * page_size]`` on the device: the tag word of each sequence's slots in
+        slot order (garbage past each length)."""
+        batch, width = self._table.shape
+        return self.pool.tag[self._table.clamp(min=0).long()].reshape(batch, width * self.page_size)
 
     def compact(self, keep: torch.Tensor, ops: OpSet) -> None:
         """Keeps, per sequence b, the stored slots ``s < lengths[b]`` with ``keep[b, s]`` (bool
-        ``[B, S_cap]`` on the buffers' device; slots past a sequence's length are never kept), moved
-        to the front of buffers sized for what is kept (memory is released, not only marked free).
-        Reads the kept counts back (one device sync); does nothing when every stored slot is kept."""
-        if self.keys is None:
+        ``[B, max_pages * page_size]`` on the device), moved in place to the front of the sequence's
+        pages; the pages left empty go back to the pool. Reads the new lengths back (one device sync)."""
+        if self._held is None:
             return
-        keep = keep & (torch.arange(self.capacity, device=keep.device)[None, :] < self._lengths[:, None])
-        kept = keep.sum(dim=1).cpu()
-        if torch.equal(kept, self._host_lengths):
-            return
-        self.keys, self.values, self._pos, self._tag, self._lengths = ops.cache_compact(
-            k_cache=self.keys, v_cache=self.values, pos_cache=self._pos, tag_cache=self._tag,
-            cache_seqlens=self._lengths, keep=keep, capacity=_grown_capacity(int(kept.max()) if kept.numel() else 0),
+        new_lengths = ops.cache_compact(
+            k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
+            block_table=self._table, cache_seqlens=self._lengths, keep=keep.contiguous(),
         )
-        self._host_lengths = kept.to(torch.int64)
+        self._lengths = new_lengths
+        self._host_lengths = new_lengths.cpu().to(torch.int64)
+        self._release_unused()
 
     def drop_last(self, counts: torch.Tensor) -> None:
-        """Forgets sequence b's last ``counts[b]`` stored slots (int64 ``[B]``, host); the buffers keep
-        their capacity."""
+        """Forgets sequence b's last ``counts[b]`` stored slots (int64 ``[B]``, host); pages left empty
+        go back to the pool."""
         if self._host_lengths is None:
             return
         if bool((counts > self._host_lengths).any()):
@@ -186,11 +255,13 @@ class SkipCacheLayer(CacheLayerMixin):
                                "it is inconsistent")
         self._host_lengths -= counts
         self._lengths -= counts.to(device=self._lengths.device, dtype=torch.int32)
+        self._release_unused()
 
     def check_lengths(self) -> None:
         """Raises ``RuntimeError`` naming this layer and the sequences whose host mirror differs from
-        the device lengths, or whose length is outside ``0 .. capacity``. Reads the device lengths
-        back (a device sync): for tests and debugging, never called on the forward path."""
+        the device lengths, whose length is outside ``0 .. held pages * page_size``, or whose block
+        table differs between host and device or names a page twice. Reads the device back (a
+        device sync): for tests and debugging, never called on the forward path."""
         host, device = self._host_lengths, self._lengths
         if host is None and device is None:
             return
@@ -200,30 +271,66 @@ class SkipCacheLayer(CacheLayerMixin):
         if host.shape != device.shape:
             raise RuntimeError(f"SkipCache layer {self.index}: host lengths hold {host.shape[0]} sequences, "
                                f"device lengths {device.shape[0]}")
-        wrong = ((host != device) | (host < 0) | (host > self.capacity)).nonzero().flatten().tolist()
+        capacity = self._held * self.page_size
+        wrong = ((host != device) | (host < 0) | (host > capacity)).nonzero().flatten().tolist()
         if wrong:
             raise RuntimeError(
                 f"SkipCache layer {self.index}: stored lengths inconsistent for sequences {wrong} (host "
-                f"{host[wrong].tolist()}, device {device[wrong].tolist()}, capacity {self.capacity})"
+                f"{host[wrong].tolist()}, device {device[wrong].tolist()}, capacity {capacity[wrong].tolist()})"
             )
+        if not torch.equal(self._table.cpu(), self._host_table):
+            raise RuntimeError(f"SkipCache layer {self.index}: the device block table differs from its host mirror")
 
-    def _allocate(self, batch: int, capacity: int, like: torch.Tensor) -> None:
-        """Buffers of ``capacity`` slots for ``batch`` sequences, like ``like [N, H_kv, D]``; what is
-        stored is kept (growth), and a first allocation starts with nothing stored."""
-        kv_shape = (batch, capacity, *like.shape[1:])
-        keys = like.new_empty(kv_shape)
-        values = like.new_empty(kv_shape)
-        pos = torch.zeros((batch, capacity), dtype=torch.int32, device=like.device)
-        tag = torch.zeros((batch, capacity), dtype=torch.int32, device=like.device)
-        if self.keys is not None:  # grow: keep what is stored
-            old = self.capacity
-            keys[:, :old], values[:, :old] = self.keys, self.values
-            pos[:, :old], tag[:, :old] = self._pos, self._tag
+    def read(self, field: str, b: int) -> torch.Tensor:
+        """Sequence b's stored slots of the pool's ``field`` (``"keys"``, ``"values"``, ``"pos"`` or
+        ``"tag"``) in slot order, ``[lengths[b], ...]`` (a copy; for tests and inspection)."""
+        n = int(self._host_lengths[b])
+        slots = torch.arange(n)
+        pages = self._host_table[b, slots // self.page_size].long()
+        pool = getattr(self.pool, field)
+        return pool[pages.to(pool.device), (slots % self.page_size).to(pool.device)]
+
+    def pages(self) -> list[int]:
+        """The pages this layer holds, over all sequences (host)."""
+        if self._host_table is None:
+            return []
+        return [p for b in range(self._host_table.shape[0]) for p in self._host_table[b, : int(self._held[b])].tolist()]
+
+    def _set_table(self, rows: list[list[int]]) -> None:
+        """Rebuilds the block table from per-sequence page lists (host), and its device copy. The
+        width grows in steps of 8 pages, so that a decode step that takes a page rarely widens it."""
+        width = max([len(r) for r in rows] + [0])
+        if self._host_table is not None and width <= self._host_table.shape[1]:
+            width = self._host_table.shape[1]
         else:
-            self._lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
-            self._host_lengths = torch.zeros(batch, dtype=torch.int64)
-        self.keys, self.values, self._pos, self._tag = keys, values, pos, tag
-        self.is_initialized = True
+            width = -(-width // 8) * 8
+        table = torch.full((len(rows), width), -1, dtype=torch.int32)
+        for b, r in enumerate(rows):
+            table[b, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        self._host_table = table
+        device = self.pool.keys.device
+        if self._table is not None and self._table.shape == table.shape:
+            self._table.copy_(table, non_blocking=False)  # in place: graphs that read it stay valid
+        else:
+            self._table = table.to(device, copy=True)  # never the host mirror itself, even on the CPU
+
+    def _release_unused(self) -> None:
+        """Returns the pages past each sequence's stored slots to the pool."""
+        keep = _pages_for(self._host_lengths, self.page_size)
+        if not bool((keep < self._held).any()):
+            return
+        rows, freed = [], []
+        for b in range(self._held.shape[0]):
+            pages = self._host_table[b, : int(self._held[b])].tolist()
+            rows.append(pages[: int(keep[b])])
+            freed += pages[int(keep[b]):]
+        self.pool.give(freed)
+        self._held = keep.clone()
+        self._set_table(rows)
+
+    def _release_all(self) -> None:
+        if self.pool is not None:
+            self.pool.give(self.pages())
 
 
 _NOT_HF_WRITABLE = (
@@ -237,8 +344,24 @@ class SkipCache(Cache):
 
     layers: list[SkipCacheLayer]  # type: ignore[assignment]  # Cache declares its layer union; all are ours
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, page_size: int = DEFAULT_PAGE_SIZE, max_tokens: int | None = None,
+                 max_bytes: int | None = None):
+        """``num_layers``: the model's decoder layers. ``page_size``: slots per page (16 by default;
+        torch's ``varlen_attn`` reads pages of a multiple of 256 slots only). A pool grows on
+        demand unless reserved: ``max_tokens`` slots (over all layers and sequences, each (layer,
+        sequence) rounding up to whole pages) or ``max_bytes`` of K/V pages, allocated at the first
+        write and never reallocated."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if max_tokens is not None and max_bytes is not None:
+            raise ValueError("reserve the pool by max_tokens or by max_bytes, not both")
+        for name, value in (("max_tokens", max_tokens), ("max_bytes", max_bytes)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         super().__init__(layers=[SkipCacheLayer(self, idx) for idx in range(num_layers)])
+        self.page_size = page_size
+        self.max_tokens, self.max_bytes = max_tokens, max_bytes
+        self._pools: dict[tuple, PagePool] = {}
         self.logical_length = 0
         # Per sequence: context tokens and non-context tokens seen so far (host int64 [B]).
         self.context_counts: torch.Tensor | None = None
@@ -300,6 +423,37 @@ class SkipCache(Cache):
             raise TypeError(_NOT_HF_WRITABLE)
         return self._active_step.store(self, layer_idx, key_states, value_states)
 
+    @property
+    def reserved(self) -> bool:
+        """Whether the pools are sized up front (``max_tokens`` / ``max_bytes``) and never grow."""
+        return self.max_tokens is not None or self.max_bytes is not None
+
+    def pool_for(self, like: torch.Tensor) -> PagePool:
+        """The pool of pages like ``like`` (K/V rows ``[N, H_kv, D]``: device, dtype, head shape),
+        created at its first use: reserved as asked, or a first size that grows with use."""
+        key = (like.device, like.dtype, *like.shape[1:])
+        if key not in self._pools:
+            per_page = page_bytes(self.page_size, like.shape[1], like.shape[2], like.dtype)
+            if self.max_tokens is not None:
+                pages = -(-self.max_tokens // self.page_size)
+            elif self.max_bytes is not None:
+                pages = self.max_bytes // per_page
+                if pages == 0:
+                    raise ValueError(f"max_bytes={self.max_bytes} holds no page ({per_page} bytes each)")
+            else:
+                pages = 0
+            self._pools[key] = PagePool(self.page_size, like, pages, reserved=self.reserved)
+        return self._pools[key]
+
+    def reserve(self, counts: torch.Tensor, layers=None) -> None:
+        """Takes now, at each of ``layers`` (default: every layer that holds pages), the pages that
+        ``counts[b]`` more slots of sequence b need (int64 ``[B]``, host), so that the writes of
+        the next step take none: what a decode step whose page assignment must happen before it
+        (a captured CUDA graph, ``patching/static_decode.py``) calls first."""
+        for idx in range(len(self.layers)) if layers is None else layers:
+            if self.layers[idx].held_pages is not None:
+                self.layers[idx].reserve(counts)
+
     def append(self, layer_idx: int, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
         """Stores new rows at layer ``layer_idx`` (:meth:`SkipCacheLayer.append`)."""
         self.layers[layer_idx].append(k, v, pos, tag, cu_seqlens, counts, ops)
@@ -323,18 +477,18 @@ class SkipCache(Cache):
         buffers sized for what is kept (memory is released, not only marked free)."""
         self._anchor_through = self.logical_length
         for layer in self.layers:
-            if layer.keys is None:
+            if layer.held_pages is None:
                 continue
-            current = self.sentence_counts.to(device=layer.tag.device, dtype=torch.int32)  # sentence each sequence is in
-            kept_tokens = (layer.tag & (TAG_ANCHOR | TAG_SINK)) != 0
-            current_sentence = (layer.tag >> TAG_SENTENCE_SHIFT) >= current[:, None]
+            tags = layer.slot_tags()
+            current = self.sentence_counts.to(device=tags.device, dtype=torch.int32)  # sentence each sequence is in
+            kept_tokens = (tags & (TAG_ANCHOR | TAG_SINK)) != 0
+            current_sentence = (tags >> TAG_SENTENCE_SHIFT) >= current[:, None]
             layer.compact(kept_tokens | current_sentence, ops)
 
-    def stored(self, layer_idx: int):
-        """``(keys, values, pos, tag, lengths, host_lengths)`` of a layer: the layout of
-        ``cache_attention`` and the host mirror of the lengths (read only)."""
-        layer = self.layers[layer_idx]
-        return layer.keys, layer.values, layer.pos, layer.tag, layer.lengths, layer.host_lengths
+    def stored(self, layer_idx: int) -> SkipCacheLayer:
+        """The layer that holds ``layer_idx``'s cache: its pool's pages (``keys``, ``values``, ``pos``,
+        ``tag``), ``block_table``, ``lengths`` and their host mirrors (read only)."""
+        return self.layers[layer_idx]
 
     def is_empty(self, layer_idx: int) -> bool:
         layer = self.layers[layer_idx]
@@ -370,16 +524,27 @@ class SkipCache(Cache):
         return torch.stack(rows) if rows else torch.zeros(0, batch, dtype=torch.int64)
 
     def nbytes(self, include_metadata: bool = False) -> int:
-        """Bytes the K/V buffers occupy (allocated capacity, not only the used slots); with
-        ``include_metadata`` also the position, tag and length buffers."""
+        """Bytes of the K/V pages the layers hold (whole pages: a partly filled page counts whole);
+        with ``include_metadata`` also their position/tag pages, the block tables and the lengths.
+        Free pages of the pools are not counted: :meth:`pool_nbytes`."""
         self.settle()
         return sum(layer.nbytes(include_metadata) for layer in self.layers)
+
+    def pool_nbytes(self, include_metadata: bool = False) -> int:
+        """Bytes the pools' tensors occupy, free pages included (what the device allocator gave)."""
+        return sum(pool.nbytes(include_metadata) for pool in self._pools.values())
+
+    def stored_nbytes(self) -> int:
+        """Bytes the stored slots' K/V need (no page rounding): the floor :meth:`nbytes` approaches."""
+        self.settle()
+        return sum(int(layer.host_lengths.sum()) * layer.pool.page_nbytes // self.page_size
+                   for layer in self.layers if layer.host_lengths is not None)
 
     @property
     def batch_size(self) -> int:
         for layer in self.layers:
-            if layer.keys is not None:
-                return layer.keys.shape[0]
+            if layer.held_pages is not None:
+                return layer.held_pages.shape[0]
         return -1 if self.context_counts is None else self.context_counts.shape[0]
 
     @property
@@ -472,4 +637,5 @@ class SkipCache(Cache):
         self._select(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def __repr__(self) -> str:
-        return f"SkipCache(layers={len(self.layers)}, logical_length={self.logical_length}, nbytes={self.nbytes()})"
+        return (f"SkipCache(layers={len(self.layers)}, page_size={self.page_size}, logical_length={self.logical_length}, "
+                f"nbytes={self.nbytes()}, pool_nbytes={self.pool_nbytes()})")

@@ -35,7 +35,7 @@ def assert_no_finished_sentence_tokens(cache: sk.SkipCache, keep_first: int):
     current = cache.sentence_counts
     for layer in cache.layers:
         for b, n in enumerate(layer.host_lengths.tolist()):
-            tag = layer.tag[b, :n]
+            tag = layer.read("tag", b)
             finished = (tag >> TAG_SENTENCE_SHIFT) < current[b]
             kept_kinds = (tag & (TAG_ANCHOR | TAG_SINK)) != 0
             assert bool((~finished | kept_kinds).all()), "a finished sentence's non-anchor K/V is still cached"

@@ -146,19 +146,24 @@ def test_the_cuda_branch_of_the_decision():
     cuda = torch.device("cuda")
     auto = Dispatcher(sk.ops.get_ops("cpu"), "auto")  # the ops only name "ours" here; nothing runs
     decide = auto._decide
-    assert decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", None)[0].name == "varlen_attn"
-    assert decide(Pattern.CACHE_DECODE, cuda, torch.float16, 64, "s", None)[0].name == "varlen_attn"
-    assert decide(Pattern.CACHE_CAUSAL, cuda, torch.float32, 64, "s", None)[0].name == "sdpa"  # flash: no fp32
-    assert decide(Pattern.PREDICATE, cuda, torch.bfloat16, 128, "l", None)[0].name == "ours"
+    assert decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", None, None)[0].name == "varlen_attn"
+    assert decide(Pattern.VARLEN_CAUSAL, cuda, torch.float32, 64, "s", None, None)[0].name == "sdpa"  # flash: no fp32
+    # Over the paged cache: flash reads pages of a multiple of 256 slots only; else ours reads the
+    # pages in place (SDPA would gather them at every call).
+    assert decide(Pattern.CACHE_DECODE, cuda, torch.float16, 64, "s", None, 256)[0].name == "varlen_attn"
+    kernel, reason = decide(Pattern.CACHE_DECODE, cuda, torch.float16, 64, "s", None, 16)
+    assert kernel.name == "ours" and "cannot read its pages" in reason
+    assert decide(Pattern.CACHE_CAUSAL, cuda, torch.float32, 64, "s", None, 256)[0].name == "ours"  # flash: no fp32
+    assert decide(Pattern.PREDICATE, cuda, torch.bfloat16, 128, "l", None, 16)[0].name == "ours"
     entry = dict(pattern="varlen_causal", dtype="bfloat16", head_dim=128, band="l", kernel="ours",
                  ours_backend="cpu", median_us={"ours": 10.0, "sdpa": 30.0, "varlen_attn": 20.0})
     measured = Table("sm_90", {Table.key("varlen_causal", "bfloat16", 128, "l"): entry}, source="test")
-    kernel, reason = decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured)
+    kernel, reason = decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured, None)
     assert kernel.name == "ours" and "10 µs" in reason
     entry["ours_backend"] = "cuda"  # measured with our CUDA kernels, this model would run others: not comparable
-    assert decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured)[0].name == "varlen_attn"
+    assert decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured, None)[0].name == "varlen_attn"
     forced = Dispatcher(sk.ops.get_ops("cpu"), "cpu")
-    kernel, reason = forced._decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured)
+    kernel, reason = forced._decide(Pattern.VARLEN_CAUSAL, cuda, torch.bfloat16, 128, "l", measured, None)
     assert kernel.name == "ours" and "forces" in reason
 
 

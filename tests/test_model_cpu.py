@@ -14,7 +14,6 @@ from model_helpers import (
     assert_reduced_precision_matches,
     tiny_llama,
 )
-from skiplayers.cache import _grown_capacity
 
 BACKENDS = ["cpu", "torch"]
 STOPS = [None, 0, 2, 4]  # 4 = L: nothing stops
@@ -131,12 +130,12 @@ def test_cache_lengths_and_bytes_exclude_context(model, batch):
     assert torch.equal(lengths[:stop], attn.sum(1).expand(stop, 3))
     assert torch.equal(lengths[stop:], (attn.sum(1) - ctx.sum(1)).expand(4 - stop, 3))
     assert cache.get_seq_length() == ids.shape[1]  # logical: columns seen, padding included
-    # Buffers are sized from what each layer stores: at layers >= ℓ from the non-context tokens.
-    stored = lengths.max(dim=1).values.tolist()
-    assert [layer.capacity for layer in cache.layers] == [_grown_capacity(n) for n in stored]
-    kv_row = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
-    expected = sum(layer.capacity for layer in cache.layers) * 3 * kv_row
-    assert cache.nbytes() == expected
+    # Each (layer, sequence) holds the pages its stored tokens fill: at layers >= ℓ the non-context ones.
+    pages = (lengths + cache.page_size - 1) // cache.page_size
+    assert torch.equal(torch.stack([layer.held_pages for layer in cache.layers]), pages)
+    kv_slot = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
+    assert cache.nbytes() == int(pages.sum()) * cache.page_size * kv_slot
+    assert cache.stored_nbytes() == int(lengths.sum()) * kv_slot
 
 
 def test_cache_bytes_at_late_layers_do_not_depend_on_context_length(model):

@@ -34,7 +34,7 @@ def test_forward_matches_masked_model(model, batch, stop, use_cache):
 @pytest.mark.parametrize("stop", STOPS)
 def test_generate_matches_masked_model(model, batch, stop):
     cache = assert_generate_matches_masked(model, sk.SkipPolicy(context_stop_layer=stop), "cuda", batch, new_tokens=8)
-    assert cache.layers[0].keys.is_cuda
+    assert cache.layers[0].pool.keys.is_cuda and cache.layers[0].block_table.is_cuda
 
 
 @pytest.mark.parametrize(

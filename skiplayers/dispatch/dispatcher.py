@@ -44,27 +44,28 @@ class Dispatcher:
     def forced(self) -> bool:
         return self.backend != "auto"
 
-    def choose(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int, size_band: str):
-        """``(kernel, reason)`` for one case."""
-        key = (pattern, device, dtype, head_dim, size_band, tables_epoch())
+    def choose(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int, size_band: str,
+               page_size: int | None = None):
+        """``(kernel, reason)`` for one case (``page_size``: the cache's, for the patterns over it)."""
+        key = (pattern, device, dtype, head_dim, size_band, page_size, tables_epoch())
         chosen = self._chosen.get(key)
         if chosen is None:
             table = None if self.forced or pattern == Pattern.PREDICATE else table_for(device)
-            chosen = self._chosen[key] = self._decide(pattern, device, dtype, head_dim, size_band, table)
+            chosen = self._chosen[key] = self._decide(pattern, device, dtype, head_dim, size_band, table, page_size)
         return chosen
 
-    def _usable(self, name: str, pattern, device, dtype, head_dim):
+    def _usable(self, name: str, pattern, device, dtype, head_dim, page_size):
         kernel = self.ours if name == "ours" else standard_kernel(name)
-        return None if kernel.unsupported(pattern, device, dtype, head_dim) else kernel
+        return None if kernel.unsupported(pattern, device, dtype, head_dim, page_size) else kernel
 
-    def _decide(self, pattern, device, dtype, head_dim, size_band, table):
+    def _decide(self, pattern, device, dtype, head_dim, size_band, table, page_size):
         if self.forced:
             return self.ours, f"backend={self.backend!r} forces skiplayers' kernels"
         if pattern == Pattern.PREDICATE:
             return self.ours, "only skiplayers' kernels evaluate the visibility predicate"
         entry = table.lookup(pattern, dtype, head_dim, size_band) if table is not None else None
         if entry is not None and entry.get("named"):
-            kernel = self._usable(entry["kernel"], pattern, device, dtype, head_dim)
+            kernel = self._usable(entry["kernel"], pattern, device, dtype, head_dim, page_size)
             if kernel is not None:
                 return kernel, f"the table '{table.source}' names it"
         elif entry is not None:
@@ -73,24 +74,28 @@ class Dispatcher:
                 times.pop("ours", None)  # measured with another backend of ours than this model runs
             ranked = sorted(times.items(), key=lambda item: item[1])
             for name, us in ranked:
-                kernel = self._usable(name, pattern, device, dtype, head_dim)
+                kernel = self._usable(name, pattern, device, dtype, head_dim, page_size)
                 if kernel is not None:
                     others = ", ".join(f"{n} {t:.0f} µs" for n, t in ranked if n != name)
                     return kernel, f"fastest measured on {table.device}: {us:.0f} µs ({others or 'no other'})"
         if device.type == "cuda":
             where = table.device if table is not None else "this GPU"
-            for name in ("varlen_attn", "sdpa"):
-                kernel = self._usable(name, pattern, device, dtype, head_dim)
-                if kernel is not None:
-                    return kernel, f"not measured on {where}: torch's kernel for a standard pattern"
+            kernel = self._usable("varlen_attn", pattern, device, dtype, head_dim, page_size)
+            if kernel is not None:
+                return kernel, f"not measured on {where}: torch's kernel for a standard pattern"
+            if page_size is not None:
+                return self.ours, (f"not measured on {where}: ours reads the paged cache in place (varlen_attn "
+                                   "cannot read its pages here; SDPA would copy every page at every call)")
+            return standard_kernel("sdpa"), f"not measured on {where}: torch's kernel for a standard pattern"
         return self.ours, (f"not measured on {device_key(device)}: ours (skiplayers' CPU attention beat SDPA "
                            "where measured)")
 
-    def _kernel_for(self, facts: CallFacts, reads_cache: bool, longest: int, q: torch.Tensor, tokens: int):
+    def _kernel_for(self, facts: CallFacts, reads_cache: bool, longest: int, q: torch.Tensor, tokens: int,
+                    page_size: int | None = None):
         """Classifies one call, picks its kernel and counts it. ``longest``: the most new rows of one
         sequence (host); ``tokens``: the call's size for the band (rows, or stored keys read)."""
         pattern, _ = classify(facts, reads_cache=reads_cache, max_new_rows=longest)
-        kernel, _ = self.choose(pattern, q.device, q.dtype, q.shape[-1], band(tokens))
+        kernel, _ = self.choose(pattern, q.device, q.dtype, q.shape[-1], band(tokens), page_size)
         self.calls[(pattern, kernel.name)] += 1
         return pattern, kernel
 
@@ -103,10 +108,11 @@ class Dispatcher:
         return kernel.packed(c)
 
     def cache(self, facts: CallFacts, c: CacheCall, longest: int) -> torch.Tensor:
-        pattern, kernel = self._kernel_for(facts, True, longest, c.q, int(c.host_lengths.sum()))
+        pattern, kernel = self._kernel_for(facts, True, longest, c.q, int(c.host_lengths.sum()), c.page_size)
         if pattern in STANDARD and verifying():
             cu = c.cu_seqlens.tolist()
             for b, (s, e, n) in enumerate(zip(cu[:-1], cu[1:], c.host_lengths.tolist())):
                 if e > s:
-                    check_standard(pattern, c.rule, c.q_pos[s:e], c.q_tag[s:e], c.pos_cache[b, :n], c.tag_cache[b, :n])
+                    check_standard(pattern, c.rule, c.q_pos[s:e], c.q_tag[s:e], c.gather(c.pos_cache, b, n),
+                                   c.gather(c.tag_cache, b, n))
         return kernel.cache(c)

@@ -46,16 +46,19 @@ class PackedCall:
 
 @dataclass
 class CacheCall:
-    """Attention of packed new rows over a layer's cache, which already holds their own K/V.
+    """Attention of packed new rows over a layer's paged cache, which already holds their own K/V.
 
-    q ``[N, H, D]`` packed by cu_seqlens (device) / counts (host int64 ``[B]``); keys/values
-    ``[B, S_cap, H_kv, D]``, sequence b's first lengths[b] slots (int32 ``[B]`` device; host_lengths:
-    the same, int64 host); q_pos/q_tag int32 ``[N]``; pos_cache/tag_cache int32 ``[B, S_cap]``.
+    q ``[N, H, D]`` packed by cu_seqlens (device) / counts (host int64 ``[B]``); keys/values: the pool's
+    pages ``[num_pages, page_size, H_kv, D]``; sequence b's keys are its first lengths[b] slots
+    (int32 ``[B]`` device; host_lengths: the same, int64 host), slot s in page
+    ``block_table[b, s // page_size]`` (int32 ``[B, max_pages]``, device); q_pos/q_tag int32 ``[N]``;
+    pos_cache/tag_cache int32 ``[num_pages, page_size]``.
     """
 
     q: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
+    block_table: torch.Tensor
     cu_seqlens: torch.Tensor
     counts: torch.Tensor
     lengths: torch.Tensor
@@ -67,6 +70,20 @@ class CacheCall:
     rule: int
     scale: float
 
+    @property
+    def page_size(self) -> int:
+        return self.keys.shape[1]
+
+    def slots(self, b: int, n: int) -> torch.Tensor:
+        """int64 ``[n]`` on the device: flat indices of sequence b's first n slots in the pool viewed
+        as ``[num_pages * page_size, ...]`` (computed on the device: no host read of the table)."""
+        s = torch.arange(n, device=self.block_table.device)
+        return self.block_table[b, s // self.page_size].long() * self.page_size + s % self.page_size
+
+    def gather(self, pool: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Sequence b's first n slots of ``pool`` (K, V, pos or tag pages), as ``[n, ...]`` (a copy)."""
+        return pool.reshape(-1, *pool.shape[2:])[self.slots(b, n)]
+
 
 class Ours:
     """skiplayers' own ops (any pattern)."""
@@ -76,7 +93,8 @@ class Ours:
     def __init__(self, ops: OpSet):
         self.ops = ops
 
-    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    page_size: int | None = None) -> str | None:
         return None
 
     def packed(self, c: PackedCall) -> torch.Tensor:
@@ -87,9 +105,9 @@ class Ours:
 
     def cache(self, c: CacheCall) -> torch.Tensor:
         return self.ops.cache_attention(
-            q=c.q, k_cache=c.keys, v_cache=c.values, cu_seqlens_q=c.cu_seqlens, cache_seqlens=c.lengths,
-            q_pos=c.q_pos, pos_cache=c.pos_cache, q_tag=c.q_tag, tag_cache=c.tag_cache, rule=c.rule, scale=c.scale,
-            num_splits=0,
+            q=c.q, k_cache=c.keys, v_cache=c.values, block_table=c.block_table, cu_seqlens_q=c.cu_seqlens,
+            cache_seqlens=c.lengths, q_pos=c.q_pos, pos_cache=c.pos_cache, q_tag=c.q_tag, tag_cache=c.tag_cache,
+            rule=c.rule, scale=c.scale, num_splits=0,
         )
 
 
@@ -106,11 +124,13 @@ def _equal_nonzero(counts: list[int]) -> int | None:
 
 class Sdpa:
     """torch's scaled_dot_product_attention: one batched call when the sequences have the same
-    numbers of new rows (and, over the cache, of stored keys), else one call per sequence."""
+    numbers of new rows (and, over the cache, of stored keys), else one call per sequence. Over a
+    paged cache it first gathers each sequence's slots into contiguous K/V (a copy per call)."""
 
     name = "sdpa"
 
-    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    page_size: int | None = None) -> str | None:
         return "computes standard patterns only" if pattern == Pattern.PREDICATE else None
 
     def _sdpa(self, q, k, v, scale, causal=False, mask=None):
@@ -140,20 +160,21 @@ class Sdpa:
         heads, dim = c.q.shape[1:]
         if c.q.shape[0] == 0:
             return torch.empty_like(c.q)
-        # One batched call only when every sequence reads the same number of slots: the slots past a
-        # shorter sequence's length hold whatever the allocator left (NaN included), and a masked
-        # key still poisons SDPA's sum (NaN * 0), so a ragged batch is attended sequence by sequence.
+        # One batched call only when every sequence reads the same number of slots; a ragged batch is
+        # attended sequence by sequence (a padded batch would need a mask over padding, and any
+        # NaN a padded key held would still poison SDPA's sum: NaN * 0).
         n = _equal_nonzero(counts)
         if n is not None and all(counts) and len(set(lengths)) == 1:
             q = _heads_first(c.q.reshape(len(counts), n, heads, dim))
-            k, v = _heads_first(c.keys[:, :lengths[0]]), _heads_first(c.values[:, :lengths[0]])
+            k = _heads_first(torch.stack([c.gather(c.keys, b, lengths[0]) for b in range(len(counts))]))
+            v = _heads_first(torch.stack([c.gather(c.values, b, lengths[0]) for b in range(len(counts))]))
             mask = causal_lower_right(n, lengths[0]) if n > 1 else None
             return _heads_first(self._sdpa(q, k, v, c.scale, mask=mask)).reshape(-1, heads, dim)
         outs, start = [], 0
         for b, (count, length) in enumerate(zip(counts, lengths)):
             if count:
                 q = _heads_first(c.q[start:start + count])
-                k, v = _heads_first(c.keys[b, :length]), _heads_first(c.values[b, :length])
+                k, v = _heads_first(c.gather(c.keys, b, length)), _heads_first(c.gather(c.values, b, length))
                 mask = causal_lower_right(count, length) if count > 1 else None
                 outs.append(_heads_first(self._sdpa(q, k, v, c.scale, mask=mask)))
             start += count
@@ -168,9 +189,14 @@ def _varlen_fn():
     return varlen_attn
 
 
+# FlashAttention-2's paged KV reads pages of a multiple of 256 slots only (its mha_varlen_fwd checks
+# "Paged KV cache block size must be divisible by 256"); torch's varlen_attn runs it.
+VARLEN_PAGE_MULTIPLE = 256
+
+
 class VarlenAttn:
-    """``torch.nn.attention.varlen.varlen_attn``: one call over the packed rows; over the cache, the
-    cache's rows flattened with ``seqused_k`` (its per-sequence lengths)."""
+    """``torch.nn.attention.varlen.varlen_attn``: one call over the packed rows; over the paged
+    cache, one call over the pool with ``block_table`` and ``seqused_k`` (its per-sequence lengths)."""
 
     name = "varlen_attn"
 
@@ -178,7 +204,8 @@ class VarlenAttn:
         self.fn = _varlen_fn()
         self.params = set(inspect.signature(self.fn).parameters) if self.fn is not None else set()
 
-    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, pattern: Pattern, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    page_size: int | None = None) -> str | None:
         if pattern == Pattern.PREDICATE:
             return "computes standard patterns only"
         if self.fn is None:
@@ -193,8 +220,12 @@ class VarlenAttn:
             return "this torch's varlen_attn takes no softmax scale"
         if "enable_gqa" not in self.params:  # torch 2.10: whether GQA works is not documented there
             return "this torch's varlen_attn has no enable_gqa (grouped K/V heads)"
-        if pattern != Pattern.VARLEN_CAUSAL and "seqused_k" not in self.params:
-            return "this torch's varlen_attn takes no seqused_k (per-sequence cache lengths)"
+        if pattern != Pattern.VARLEN_CAUSAL:
+            if "seqused_k" not in self.params or "block_table" not in self.params:
+                return "this torch's varlen_attn takes no seqused_k / block_table (paged cache lengths)"
+            if page_size is not None and page_size % VARLEN_PAGE_MULTIPLE:
+                return (f"flash attention's paged KV takes pages of a multiple of {VARLEN_PAGE_MULTIPLE} slots "
+                        f"(the SkipCache has {page_size}: SkipCache(page_size=256) lets it run)")
         return None
 
     def _call(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **extra):
@@ -212,14 +243,12 @@ class VarlenAttn:
     def cache(self, c: CacheCall) -> torch.Tensor:
         if c.q.shape[0] == 0:
             return torch.empty_like(c.q)
-        batch, slots = c.keys.shape[:2]
-        keys = c.keys.reshape(batch * slots, *c.keys.shape[2:])  # a view: the buffers are contiguous
-        values = c.values.reshape(batch * slots, *c.values.shape[2:])
-        cu_k = torch.arange(batch + 1, device=c.q.device, dtype=torch.int32) * slots
+        batch = c.block_table.shape[0]
+        cu_k = torch.arange(batch + 1, device=c.q.device, dtype=torch.int32) * (c.block_table.shape[1] * c.page_size)
         max_q, max_k = int(c.counts.max()), int(c.host_lengths.max())
         # Flash aligns causality bottom-right, to each sequence's used keys: the new rows are the last ones.
-        return self._call(c.q, keys, values, c.cu_seqlens, cu_k, max_q, max_k, max_q > 1, c.scale,
-                          seqused_k=c.lengths.to(torch.int32))
+        return self._call(c.q, c.keys, c.values, c.cu_seqlens, cu_k, max_q, max_k, max_q > 1, c.scale,
+                          seqused_k=c.lengths.to(torch.int32), block_table=c.block_table)
 
 
 STANDARD_KERNELS = {"sdpa": Sdpa, "varlen_attn": VarlenAttn}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import DEFAULT_PAGE_SIZE
 from .patterns import Pattern
 from .table import BAND_EDGES, BANDS, device_key, dtype_name, table_for
 
@@ -64,7 +65,8 @@ class DispatchReport:
             lines.append(f"calls so far: {ran}")
         else:
             lines.append("calls so far: none")
-        lines.append("(tokens: the call's rows for varlen_causal, the stored keys read for the cache patterns)")
+        lines.append("(tokens: the call's rows for varlen_causal, the stored keys read for the cache patterns; caches "
+                     f"with SkipCache's default page size, {DEFAULT_PAGE_SIZE})")
         return "\n".join(lines)
 
 
@@ -87,7 +89,9 @@ def dispatch_report(model) -> DispatchReport:
     choices = []
     for pattern in Pattern:
         for size_band in ("any",) if pattern == Pattern.PREDICATE or dispatcher.forced else BANDS:
-            kernel, reason = dispatcher.choose(pattern, device, dtype, head_dim, "m" if size_band == "any" else size_band)
+            page_size = None if pattern == Pattern.VARLEN_CAUSAL else DEFAULT_PAGE_SIZE
+            kernel, reason = dispatcher.choose(pattern, device, dtype, head_dim, "m" if size_band == "any" else size_band,
+                                               page_size)
             choices.append(dict(pattern=str(pattern), band=size_band, kernel=kernel.name, reason=reason))
     table = table_for(device) if not dispatcher.forced else None
     return DispatchReport(

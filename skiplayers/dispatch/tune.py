@@ -10,7 +10,9 @@ entry's choice. ::
     python -m skiplayers.dispatch.tune --out skiplayers/dispatch/tables/sm_90.json      # on a GPU
     python -m skiplayers.dispatch.tune --device cpu --out skiplayers/dispatch/tables/cpu.json
 
-Heads: 9 query / 3 KV heads at head dim 64 (SmolLM2), 32 / 8 at 128 (Llama-3-8B).
+Heads: 9 query / 3 KV heads at head dim 64 (SmolLM2), 32 / 8 at 128 (Llama-3-8B). Caches are paged
+with SkipCache's default page size (a table measured at one page size is read for any: the kernels
+that cannot read a page size say so when dispatch asks them).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 from .. import ops as sk_ops
 from .. import reference
+from ..cache import DEFAULT_PAGE_SIZE
 from ..tolerance import attention_error
 from .dispatcher import standard_kernel
 from .kernels import STANDARD_KERNELS, CacheCall, Ours, PackedCall
@@ -58,24 +61,35 @@ def packed_case(counts: list[int], heads, kv_heads, dim, dtype, device, gen) -> 
                       scale=dim ** -0.5)
 
 
-def cache_case(lengths: list[int], new_rows: int, heads, kv_heads, dim, dtype, device, gen) -> CacheCall:
-    """Sequence b's cache holds ``lengths[b]`` keys (positions 0..), its last ``new_rows`` (at most
-    its length) are the new rows' own keys. The slots past each length hold NaN, as unused slots
-    of a real cache may: a kernel must not read them."""
-    batch, slots = len(lengths), max(lengths) + 16
+def cache_case(lengths: list[int], new_rows: int, heads, kv_heads, dim, dtype, device, gen,
+               page_size: int = DEFAULT_PAGE_SIZE) -> CacheCall:
+    """Sequence b's paged cache holds ``lengths[b]`` keys (positions 0..), its last ``new_rows`` (at
+    most its length) are the new rows' own keys. Its pages are taken from a shuffled pool in which
+    every slot no sequence holds is NaN, as unused slots of a real cache may be: a kernel must not
+    read them."""
+    batch, held = len(lengths), [-(-n // page_size) for n in lengths]
+    num_pages, width = sum(held) + 2, max(held) + 1
     counts = [min(new_rows, n) for n in lengths]
-    keys, values = (torch.randn(batch, slots, kv_heads, dim, generator=gen) for _ in range(2))
-    unused = torch.arange(slots)[None, :] >= torch.tensor(lengths)[:, None]
-    keys[unused], values[unused] = float("nan"), float("nan")
-    keys, values = keys.to(device, dtype), values.to(device, dtype)
-    pos_cache = torch.arange(slots, dtype=torch.int32).expand(batch, slots).contiguous()
+    keys, values = (torch.full((num_pages, page_size, kv_heads, dim), float("nan")) for _ in range(2))
+    pos_cache = torch.zeros(num_pages, page_size, dtype=torch.int32)
+    order = torch.randperm(num_pages, generator=gen)
+    table = torch.full((batch, width), -1, dtype=torch.int32)
+    first = 0
+    for b, (n, pages) in enumerate(zip(lengths, held)):
+        table[b, :pages] = order[first:first + pages].to(torch.int32)
+        first += pages
+        slots = torch.arange(n)
+        page, offset = table[b, slots // page_size].long(), slots % page_size
+        keys[page, offset], values[page, offset] = (torch.randn(n, kv_heads, dim, generator=gen) for _ in range(2))
+        pos_cache[page, offset] = slots.to(torch.int32)
     q_pos = torch.cat([torch.arange(n - c, n, dtype=torch.int32) for n, c in zip(lengths, counts)])
     q = torch.randn(sum(counts), heads, dim, generator=gen).to(device, dtype)
     return CacheCall(
-        q=q, keys=keys, values=values, cu_seqlens=_cu(counts, device), counts=torch.tensor(counts, dtype=torch.int64),
+        q=q, keys=keys.to(device, dtype), values=values.to(device, dtype), block_table=table.to(device),
+        cu_seqlens=_cu(counts, device), counts=torch.tensor(counts, dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int32, device=device), host_lengths=torch.tensor(lengths),
         q_pos=q_pos.to(device), q_tag=torch.zeros(q.shape[0], dtype=torch.int32, device=device),
-        pos_cache=pos_cache.to(device), tag_cache=torch.zeros(batch, slots, dtype=torch.int32, device=device),
+        pos_cache=pos_cache.to(device), tag_cache=torch.zeros(num_pages, page_size, dtype=torch.int32, device=device),
         rule=0, scale=dim ** -0.5,
     )
 
@@ -96,7 +110,8 @@ def reference_of(call, compute_dtype):
     if isinstance(c, PackedCall):
         args = (c.q, c.k, c.v, c.cu_seqlens, c.cu_seqlens, c.pos, c.pos, c.tag, c.tag)
         return reference.varlen_attention(*(a.cpu() for a in args), c.rule, c.scale, compute_dtype=compute_dtype)
-    args = (c.q, c.keys, c.values, c.cu_seqlens, c.lengths, c.q_pos, c.pos_cache, c.q_tag, c.tag_cache)
+    args = (c.q, c.keys, c.values, c.block_table, c.cu_seqlens, c.lengths, c.q_pos, c.pos_cache, c.q_tag,
+            c.tag_cache)
     return reference.cache_attention(*(a.cpu() for a in args), c.rule, c.scale, compute_dtype=compute_dtype)
 
 
@@ -153,7 +168,8 @@ def tune(device: torch.device, dtypes, head_dims, bands, repeats: int, progress:
                           heads, kv_heads, dim, dtype, device, gen)
         usable = {}
         for name, kernel in candidates.items():
-            why = kernel.unsupported(pattern, device, dtype, dim)
+            page_size = None if pattern == Pattern.VARLEN_CAUSAL else DEFAULT_PAGE_SIZE
+            why = kernel.unsupported(pattern, device, dtype, dim, page_size)
             if why is None:
                 why = check(kernel, small)
                 if why is not None:

@@ -119,11 +119,12 @@ class PackedStep:
             self._longest = int(rows.counts.max()) if rows.counts.numel() else 0
         q = packed(query)
         if layer_idx in self._reads_cache:
-            keys, values, pos, tag, lengths, host_lengths = self.cache.stored(layer_idx)
+            layer = self.cache.stored(layer_idx)
             out = dispatcher.cache(facts, CacheCall(
-                q=q, keys=keys, values=values, cu_seqlens=rows.cu_seqlens, counts=rows.counts, lengths=lengths,
-                host_lengths=host_lengths, q_pos=rows.pos, q_tag=rows.tag,
-                pos_cache=pos, tag_cache=tag, rule=rule, scale=scaling,
+                q=q, keys=layer.pool.keys, values=layer.pool.values, block_table=layer.block_table,
+                cu_seqlens=rows.cu_seqlens, counts=rows.counts, lengths=layer.lengths, host_lengths=layer.host_lengths,
+                q_pos=rows.pos, q_tag=rows.tag, pos_cache=layer.pool.pos, tag_cache=layer.pool.tag, rule=rule,
+                scale=scaling,
             ), self._longest)
         else:  # the keys are exactly this call's packed rows
             out = dispatcher.packed(facts, PackedCall(
