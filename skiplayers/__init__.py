@@ -25,6 +25,7 @@ from .meta import Rule  # noqa: E402
 from .models import load_default_model, load_default_tokenizer  # noqa: E402
 from .oracle import oracle_routes, run_routes  # noqa: E402
 from .patching import is_patched, patch, patched, unpatch  # noqa: E402
+from .patching.static_decode import StaticDecoder  # noqa: E402
 from .policy import EarlyExit, SkipPolicy  # noqa: E402
 from .prompts import fewshot_batch  # noqa: E402
 from .work import work_report  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "SkipCache",
     "Rule",
     "SkipPolicy",
+    "StaticDecoder",
     "calibrate",
     "dispatch_report",
     "fewshot_batch",

@@ -35,7 +35,6 @@ the cache is next used, so the last call can always be undone.
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,8 +52,13 @@ DEFAULT_PAGE_SIZE = 16
 
 
 def _read_only(name: str, doc: str) -> property:
-    """A property that reads the attribute ``name`` and cannot be set."""
-    return property(operator.attrgetter(name), doc=doc)
+    """A property that reads the attribute ``name`` and cannot be set (a plain function, which
+    dynamo traces, unlike ``operator.attrgetter``)."""
+
+    def read(self):
+        return getattr(self, name)
+
+    return property(read, doc=doc)
 
 
 def _pages_for(slots: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -225,6 +229,27 @@ class SkipCacheLayer(CacheLayerMixin):
         # The device lengths follow on the device (no host-to-device copy of the counts).
         self._lengths += cu_seqlens[1:] - cu_seqlens[:-1]
 
+    def prepare_write(self, counts: torch.Tensor, max_pages: int | None = None) -> None:
+        """The host half of a write whose device half comes later (:meth:`write_prepared`): takes the
+        pages ``counts[b]`` more slots need and counts them in the host mirror (int64 ``[B]``). From
+        here until the write the host mirror is ahead of the device. ``max_pages`` widens the block
+        table once to that many pages per sequence, so that later writes never replace the device
+        table (a captured graph holds its address)."""
+        if max_pages is not None and max_pages > self._host_table.shape[1]:
+            rows = [self._host_table[b, : int(self._held[b])].tolist() for b in range(self._held.shape[0])]
+            self._set_table(rows, width=max_pages)  # a new device table, of the new width
+        self.reserve(counts)
+        self._host_lengths += counts
+
+    def write_prepared(self, k, v, pos, tag, cu_seqlens, ops: OpSet) -> None:
+        """The device half of a write prepared by :meth:`prepare_write`: stores the packed rows and
+        advances the device lengths, on the device only (no page taken, nothing read back)."""
+        ops.cache_append(
+            k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
+            block_table=self._table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
+        )
+        self._lengths += cu_seqlens[1:] - cu_seqlens[:-1]
+
     def slot_tags(self) -> torch.Tensor:
         """int32 ``[B, max_pages * page_size]`` on the device: the tag word of each sequence's slots in
         slot order (garbage past each length)."""
@@ -296,14 +321,17 @@ class SkipCacheLayer(CacheLayerMixin):
             return []
         return [p for b in range(self._host_table.shape[0]) for p in self._host_table[b, : int(self._held[b])].tolist()]
 
-    def _set_table(self, rows: list[list[int]]) -> None:
-        """Rebuilds the block table from per-sequence page lists (host), and its device copy. The
-        width grows in steps of 8 pages, so that a decode step that takes a page rarely widens it."""
-        width = max([len(r) for r in rows] + [0])
-        if self._host_table is not None and width <= self._host_table.shape[1]:
+    def _set_table(self, rows: list[list[int]], width: int | None = None) -> None:
+        """Rebuilds the block table from per-sequence page lists (host), and its device copy (in
+        place when its shape stays). The width grows in steps of 8 pages, so that a decode step
+        that takes a page rarely widens it."""
+        needed = max([len(r) for r in rows] + [0])
+        if width is not None:
+            width = max(width, needed)
+        elif self._host_table is not None and needed <= self._host_table.shape[1]:
             width = self._host_table.shape[1]
         else:
-            width = -(-width // 8) * 8
+            width = -(-needed // 8) * 8
         table = torch.full((len(rows), width), -1, dtype=torch.int32)
         for b, r in enumerate(rows):
             table[b, : len(r)] = torch.tensor(r, dtype=torch.int32)
