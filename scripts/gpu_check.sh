@@ -70,10 +70,13 @@ if [ "$MODE" != "quick" ]; then
   run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_ops.py tests/test_triton_kernels.py \
     tests/test_triton_registration.py tests/test_model_triton.py
   # The -k filters match the readable ids (float16 is a substring of bfloat16, hence "not bfloat16").
+  # memcheck: the paged reads and writes (decode over shuffled pages of sizes 1 / 16 / 64, append,
+  # in-place compaction) stay inside the pools. racecheck (shared memory hazards): the decode
+  # kernel's lane-group merge and cache_compact's window move list, read between barriers.
   run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
-    tests/test_ops.py -k "(varlen_attention_ragged and float16 and not bfloat16 or cache_attention_decode and bfloat16 or compact_rows or cache_append) and not rejects and not device_side"
+    tests/test_ops.py -k "(varlen_attention_ragged and float16 and not bfloat16 or cache_attention_decode and bfloat16 or cache_attention_page_sizes and bfloat16 or compact_rows or cache_append or cache_compact) and not rejects and not device_side"
   run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
-    tests/test_ops.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32"
+    tests/test_ops.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32 or cache_compact"
   run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
   if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
   cp benchmarks/results/*kernels*.json "$OUT/" 2>/dev/null

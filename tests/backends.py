@@ -79,7 +79,9 @@ BACKENDS = {
                 frozenset({"compared", "validates", "split_k", "registered", "refuses_host_tensors"}),
                 marks=(pytest.mark.cuda,), head_dims=(64, 128),
                 head_dim_refusal=r"head_dim must be 64 or 128, got {}", namespace="skiplayers",
-                host_value_checks=frozenset({"compact_overflow", "rows_cu_seqlens"})),
+                # compact_rows reads its kept count back anyway (its output size); the paged cache
+                # ops never sync: lengths and block table entries are checked on the device.
+                host_value_checks=frozenset({"rows_cu_seqlens"})),
     )
 }
 

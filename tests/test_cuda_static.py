@@ -34,7 +34,7 @@ KERNELS = (
     "decode_split_kernel",
     "decode_combine_kernel",
     "compact_rows_scan_kernel",
-    "cache_compact_scan_kernel",
+    "cache_compact_kernel",
     "copy_rows_kernel",
 )
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # bytes per block (opt-in maximum)

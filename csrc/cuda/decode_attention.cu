@@ -1,6 +1,7 @@
-// CUDA launcher of skiplayers::cache_attention (decode over per-sequence KV caches): split-K
-// kernel + combine kernel (decode_kernel.cuh). No host synchronisation, so a decode step can be
-// captured in a CUDA graph; cache lengths are checked on the device.
+// CUDA launcher of skiplayers::cache_attention (decode over paged KV caches): split-K kernel +
+// combine kernel (decode_kernel.cuh). No host synchronisation, so a decode step can be captured in
+// a CUDA graph; cache lengths and the block table entries of the slots in use are checked on the
+// device.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -47,25 +48,28 @@ void launch(const DecodeParams<T>& p, int64_t kv_heads, cudaStream_t stream) {
 }
 
 at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
-                                const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens_in,
-                                const at::Tensor& q_pos_in, const at::Tensor& pos_cache_in,
-                                const std::optional<at::Tensor>& q_tag_in,
-                                const std::optional<at::Tensor>& tag_cache_in, int64_t rule, double scale,
+                                const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                                const at::Tensor& cache_seqlens_in, const at::Tensor& q_pos_in,
+                                const at::Tensor& pos_cache, const std::optional<at::Tensor>& q_tag_in,
+                                const std::optional<at::Tensor>& tag_cache, int64_t rule, double scale,
                                 int64_t num_splits) {
-  const AttentionShape s = check_cache_attention(q_in, k_cache_in, v_cache_in, cu_seqlens_q, cache_seqlens_in,
-                                                 q_pos_in, pos_cache_in, q_tag_in, tag_cache_in, rule, num_splits);
+  const AttentionShape s = check_cache_attention(q_in, k_cache_in, v_cache_in, block_table, cu_seqlens_q,
+                                                 cache_seqlens_in, q_pos_in, pos_cache, q_tag_in, tag_cache, rule,
+                                                 num_splits);
   const c10::cuda::CUDAGuard guard(q_in.device());
   check_head_dim(s.head_dim, kOp);
   check_compute_capability(kOp);
-  const int64_t capacity = k_cache_in.size(1);
-  TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && capacity < (1ll << 31), kOp,
-              " (CUDA): at most 2^31 - 1 sequences, rows and slots");
+  const int64_t capacity = slots_per_sequence(block_table, k_cache_in);
+  const int64_t pool_slots = k_cache_in.size(0) * k_cache_in.size(1);
+  TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && capacity < (1ll << 31) &&
+                  pool_slots < (1ll << 31),
+              kOp, " (CUDA): at most 2^31 - 1 sequences, rows, slots per sequence and slots in the pool");
   TORCH_CHECK(s.kv_heads <= 65535, kOp, " (CUDA): at most 65535 KV heads, got ", s.kv_heads);
   const at::Tensor q = aligned16(dense_last_dim(q_in));
-  const at::Tensor k_cache = aligned16(k_cache_in), v_cache = aligned16(v_cache_in);
+  const SlotPool k_cache = slot_pool(k_cache_in), v_cache = slot_pool(v_cache_in);
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();
-  const at::Tensor q_pos = q_pos_in.contiguous(), pos_cache = pos_cache_in.contiguous();
-  const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in), tag_cache = optional_contiguous(tag_cache_in);
+  const at::Tensor q_pos = q_pos_in.contiguous();
+  const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in);
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
   if (s.empty()) return out;
@@ -89,19 +93,18 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
       p.q = reinterpret_cast<const T*>(q.data_ptr());
       p.q_token_stride = q.stride(0);
       p.q_head_stride = q.stride(1);
-      p.k_cache = reinterpret_cast<const T*>(k_cache.data_ptr());
-      p.v_cache = reinterpret_cast<const T*>(v_cache.data_ptr());
-      p.k_batch_stride = k_cache.stride(0);
-      p.k_slot_stride = k_cache.stride(1);
-      p.k_head_stride = k_cache.stride(2);
-      p.v_batch_stride = v_cache.stride(0);
-      p.v_slot_stride = v_cache.stride(1);
-      p.v_head_stride = v_cache.stride(2);
+      p.k_cache = reinterpret_cast<const T*>(k_cache.pool.data_ptr());
+      p.v_cache = reinterpret_cast<const T*>(v_cache.pool.data_ptr());
+      p.k_slot_stride = k_cache.slot_stride;
+      p.k_head_stride = k_cache.head_stride;
+      p.v_slot_stride = v_cache.slot_stride;
+      p.v_head_stride = v_cache.head_stride;
+      p.block_table = block_table.data_ptr<int32_t>();
       p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
       p.cache_seqlens = lens.data_ptr<int32_t>();
       p.q_pos = q_pos.data_ptr<int32_t>();
       p.q_tag = optional_int_ptr(q_tag);
-      p.pos_cache = pos_cache.data_ptr<int32_t>();
+      p.pos_cache = pos_cache.data_ptr<int32_t>();  // contiguous (check_metadata_pages)
       p.tag_cache = optional_int_ptr(tag_cache);
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.part_acc = plan.splits > 1 ? part_acc.data_ptr<float>() : nullptr;
@@ -110,7 +113,10 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
       p.batch = static_cast<int32_t>(s.batch);
       p.heads = static_cast<int32_t>(s.heads);
       p.group = static_cast<int32_t>(group);
+      p.max_pages = static_cast<int32_t>(block_table.size(1));
+      p.page_size = static_cast<int32_t>(k_cache_in.size(1));
       p.capacity = static_cast<int32_t>(capacity);
+      p.pool_slots = static_cast<int32_t>(pool_slots);
       p.total_q = s.num_queries;
       p.rule = rule;
       p.scale_log2 = static_cast<float>(scale) * kLog2e;

@@ -1,15 +1,22 @@
-// Decode attention (skiplayers::cache_attention): a few queries per sequence over per-sequence KV
-// caches of different lengths. Flash-decoding: the keys of each sequence are cut into splits
-// (split-K), every (query tile, KV head, split) is one block, and a second kernel merges the
-// splits' partial softmax results.
+// Decode attention (skiplayers::cache_attention): a few queries per sequence over paged KV caches
+// of different lengths. Flash-decoding: the keys of each sequence are cut into splits (split-K),
+// every (query tile, KV head, split) is one block, and a second kernel merges the splits' partial
+// softmax results.
 //
 // Work of one block (kThreads threads):
 //   rows   up to ROWS rows of one sequence and one KV head; row r flattens (token r / G, query head
 //          kv_head * G + r % G) (ragged.h), so the G query heads that share a KV head are processed
 //          together and each key/value row is read once for all of them (GQA packing).
-//   keys   the split's key range [begin, end). kLanesPerKey lanes share one key: each loads one
-//          128-bit vector of the key (and value) row, so a key row is one coalesced access; the
-//          block's kKeyGroups lane groups take keys round-robin, kUnroll keys in flight per group.
+//   keys   the split's key range [begin, end) of the sequence's slots, in steps of kStep keys.
+//          kLanesPerKey lanes share one key: each loads one 128-bit vector of the key (and value)
+//          row, so a key row is one coalesced access; the block's kKeyGroups lane groups take keys
+//          round-robin, kUnroll keys in flight per group.
+//   pages  slot j of the sequence is flat slot paged_slot(block_table[b], page_size, j) of the pools
+//          (ragged.h; any page size, pages in any order). Each warp resolves the keys of its lane
+//          groups for a step once, one lane per key (KeyMeta: the flat slot and which rows see the
+//          key), one step ahead, and hands them to the lane groups with shuffles: the block table and
+//          pos/tag loads of step i + 1 are in flight with the K/V loads of step i, and every K and
+//          V load of a step is issued before the first use of any of them.
 //   skip   a key invisible to every row of the block (visibility.h) is never loaded.
 //   state  each lane group keeps an online softmax (base 2) per row; at the end the groups are
 //          merged through shared memory and the block writes the normalised output (one split) or
@@ -27,21 +34,27 @@ template <typename T>
 struct DecodeParams {
   const T* q;  // [total_q, heads, D]; strides in elements
   int64_t q_token_stride, q_head_stride;
-  const T* k_cache;  // [B, S_cap, kv_heads, D]
+  // K/V pools [num_pages, page_size, kv_heads, D], addressed by flat slot page * page_size + offset
+  // (the launcher guarantees pages are page_size slot strides apart).
+  const T* k_cache;
   const T* v_cache;
-  int64_t k_batch_stride, k_slot_stride, k_head_stride;
-  int64_t v_batch_stride, v_slot_stride, v_head_stride;
+  int64_t k_slot_stride, k_head_stride;
+  int64_t v_slot_stride, v_head_stride;
+  const int32_t* block_table;    // [B, max_pages], contiguous
   const int32_t* cu_seqlens_q;   // [B + 1]
   const int32_t* cache_seqlens;  // [B]
   const int32_t* q_pos;          // [total_q]
   const int32_t* q_tag;          // [total_q] or nullptr
-  const int32_t* pos_cache;      // [B, S_cap], contiguous
-  const int32_t* tag_cache;      // [B, S_cap], contiguous, or nullptr
+  const int32_t* pos_cache;      // [num_pages, page_size], contiguous (indexed by flat slot)
+  const int32_t* tag_cache;      // [num_pages, page_size], contiguous, or nullptr
   T* out;                        // [total_q, heads, D], contiguous
   float* part_acc;               // [num_splits, total_q, heads, D]  (num_splits > 1 only)
   float* part_m;                 // [num_splits, total_q, heads]
   float* part_l;                 // [num_splits, total_q, heads]
-  int32_t batch, heads, group, capacity;
+  int32_t batch, heads, group;
+  int32_t max_pages, page_size;
+  int32_t capacity;    // max_pages * page_size: the most slots a sequence can hold
+  int32_t pool_slots;  // num_pages * page_size: flat slots of the pools
   int64_t total_q;
   int64_t rule;
   float scale_log2;  // softmax scale * log2(e)
@@ -54,15 +67,51 @@ struct DecodeShape {
   static constexpr int kVec = kVec16<T>;               // elements per lane per key row
   static constexpr int kLanesPerKey = D / kVec;        // 8 / 16 (16-bit), 16 / 32 (fp32)
   static constexpr int kKeyGroups = kDecodeThreads / kLanesPerKey;
+  static constexpr int kGroupsPerWarp = 32 / kLanesPerKey;
   static constexpr int kUnroll = 2;                    // keys in flight per lane group
+  static constexpr int kStep = kKeyGroups * kUnroll;   // keys of the block per step
+  static constexpr int kKeysPerWarp = kGroupsPerWarp * kUnroll;  // keys of one warp per step
   static_assert(kLanesPerKey <= 32 && 32 % kLanesPerKey == 0, "a key row must fit a warp");
+  static_assert(kKeysPerWarp <= 32, "a warp resolves its keys of a step one lane per key");
 };
+
+// One key as the lane that resolved it hands it on: where it lies and which rows of the tile see it.
+struct KeyMeta {
+  int32_t slot;   // flat slot of the pools (valid only where rows != 0)
+  uint32_t rows;  // bit r: row r sees the key; 0: the key is not loaded
+};
+
+// Key j of a step resolved by one lane: its page through the block table row (checked to be a page
+// of the pool), then its pos / tag and the rows of the tile that see it. Keys at or past key_end
+// (outside the split, or past the sequence's length) are never touched: their block table entries
+// may be unassigned (-1).
+template <int ROWS>
+__device__ __forceinline__ KeyMeta resolve_key(const int32_t* table_row, int32_t page_size, int32_t pool_slots,
+                                               const int32_t* pos_cache, const int32_t* tag_cache, int64_t rule,
+                                               int64_t j, int64_t key_end, bool resolver, const int32_t (&q_pos)[ROWS],
+                                               const int32_t (&q_tag)[ROWS], const bool (&row_valid)[ROWS]) {
+  KeyMeta m{0, 0u};
+  if (resolver && j < key_end) {
+    const int64_t slot = paged_slot(table_row, page_size, j);
+    // page = slot / page_size is in [0, num_pages) exactly when slot is in [0, pool_slots).
+    SKIPLAYERS_DEVICE_CHECK(slot >= 0 && slot < pool_slots,
+                            "skiplayers::cache_attention: a block_table entry of a slot in use is not a page of the pool");
+    const int32_t kp = pos_cache[slot];
+    const int32_t kt = tag_cache ? tag_cache[slot] : 0;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+      if (row_valid[r] && key_visible(rule, q_pos[r], q_tag[r], kp, kt)) m.rows |= 1u << r;
+    m.slot = static_cast<int32_t>(slot);
+  }
+  return m;
+}
 
 // grid: (query tiles upper bound, kv_heads, num_splits)
 template <typename T, int D, int ROWS>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const DecodeParams<T> p) {
   using S = DecodeShape<T, D>;
   constexpr int kVec = S::kVec;
+  static_assert(ROWS <= 32, "row visibility is a 32-bit mask");
   __shared__ float sm_acc[S::kKeyGroups][ROWS][D];
   __shared__ float sm_m[S::kKeyGroups][ROWS];
   __shared__ float sm_l[S::kKeyGroups][ROWS];
@@ -77,7 +126,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
 
   const int32_t length = p.cache_seqlens[b];
   SKIPLAYERS_DEVICE_CHECK(length >= 0 && length <= p.capacity,
-                          "skiplayers::cache_attention: cache_seqlens[b] is outside [0, capacity]");
+                          "skiplayers::cache_attention: cache_seqlens[b] is outside [0, max_pages * page_size]");
   const int64_t splits = effective_splits(length, p.num_splits, p.min_keys_per_split);
   if (split >= splits) return;  // the combine kernel reads the first `splits` partials only
   int64_t key_begin, key_end;
@@ -87,6 +136,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
   const int64_t rows_in_seq = (p.cu_seqlens_q[b + 1] - first_token) * p.group;
   const int64_t row0 = static_cast<int64_t>(tc.tile) * ROWS;
 
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32;
   const int key_group = threadIdx.x / S::kLanesPerKey;
   const int sub = threadIdx.x % S::kLanesPerKey;  // which 128-bit vector of the row this lane holds
 
@@ -119,41 +170,44 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
     for (int e = 0; e < kVec; ++e) acc[r][e] = 0.f;
   }
 
-  const T* k_base = p.k_cache + b * p.k_batch_stride + kv_head * p.k_head_stride + sub * kVec;
-  const T* v_base = p.v_cache + b * p.v_batch_stride + kv_head * p.v_head_stride + sub * kVec;
-  const int32_t* key_pos = p.pos_cache + static_cast<int64_t>(b) * p.capacity;
-  const int32_t* key_tag = p.tag_cache ? p.tag_cache + static_cast<int64_t>(b) * p.capacity : nullptr;
+  const T* k_base = p.k_cache + kv_head * p.k_head_stride + sub * kVec;
+  const T* v_base = p.v_cache + kv_head * p.v_head_stride + sub * kVec;
+  const int32_t* table_row = p.block_table + static_cast<int64_t>(b) * p.max_pages;
+
+  // Lane `lane` < kKeysPerWarp of a warp resolves key (u, g) = (lane / kGroupsPerWarp, lane %
+  // kGroupsPerWarp) of the warp's lane groups: key begin + step * kStep + u * kKeyGroups + the
+  // block-wide group index. The lane group g of the warp at unroll u reads it from that lane.
+  const bool resolver = lane < S::kKeysPerWarp;
+  const int64_t resolver_offset =
+      (lane / S::kGroupsPerWarp) * S::kKeyGroups + warp * S::kGroupsPerWarp + lane % S::kGroupsPerWarp;
+  auto resolve = [&](int64_t step) {
+    return resolve_key<ROWS>(table_row, p.page_size, p.pool_slots, p.pos_cache, p.tag_cache, p.rule,
+                             key_begin + step * S::kStep + resolver_offset, key_end, resolver, q_pos, q_tag,
+                             row_valid);
+  };
 
   // Every lane of a warp runs the same number of steps (the shuffles below need the full warp).
-  constexpr int kStep = S::kKeyGroups * S::kUnroll;
-  const int64_t steps = ceil_div(key_end - key_begin, kStep);
+  const int64_t steps = ceil_div(key_end - key_begin, S::kStep);
+  KeyMeta meta = resolve(0);
   for (int64_t step = 0; step < steps; ++step) {
-    uint4 k_raw[S::kUnroll], v_raw[S::kUnroll];
-    bool visible[S::kUnroll][ROWS];
+    // This step's keys of this lane group, then all their K and V loads (invisible keys: none).
+    int32_t slot[S::kUnroll];
+    uint32_t rows[S::kUnroll];
 #pragma unroll
     for (int u = 0; u < S::kUnroll; ++u) {
-      const int64_t j = key_begin + step * kStep + u * S::kKeyGroups + key_group;
-      bool any = false;
-      if (j < key_end) {
-        const int32_t kp = key_pos[j];
-        const int32_t kt = key_tag ? key_tag[j] : 0;
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          visible[u][r] = row_valid[r] && key_visible(p.rule, q_pos[r], q_tag[r], kp, kt);
-          any = any || visible[u][r];
-        }
-      } else {
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) visible[u][r] = false;
-      }
-      if (any) {  // invisible keys are never loaded
-        k_raw[u] = load16(k_base + j * p.k_slot_stride);
-        v_raw[u] = load16(v_base + j * p.v_slot_stride);
-      } else {
-        k_raw[u] = make_uint4(0, 0, 0, 0);
-        v_raw[u] = make_uint4(0, 0, 0, 0);
-      }
+      const int src = u * S::kGroupsPerWarp + (lane / S::kLanesPerKey);
+      slot[u] = __shfl_sync(kFullMask, meta.slot, src);
+      rows[u] = __shfl_sync(kFullMask, meta.rows, src);
     }
+    // Predicated loads, not a branch: an invisible key (rows == 0) is not read, and its slot is 0.
+    uint4 k_raw[S::kUnroll], v_raw[S::kUnroll];
+#pragma unroll
+    for (int u = 0; u < S::kUnroll; ++u) {
+      k_raw[u] = load16_if(k_base + static_cast<int64_t>(slot[u]) * p.k_slot_stride, rows[u] != 0u);
+      v_raw[u] = load16_if(v_base + static_cast<int64_t>(slot[u]) * p.v_slot_stride, rows[u] != 0u);
+    }
+    // The next step's keys: block table and pos / tag loads in flight with this step's K/V.
+    meta = resolve(step + 1);
 
     float s[S::kUnroll][ROWS];
 #pragma unroll
@@ -178,7 +232,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
       float block_max = -INFINITY;
 #pragma unroll
       for (int u = 0; u < S::kUnroll; ++u) {
-        s[u][r] = visible[u][r] ? s[u][r] : -INFINITY;
+        s[u][r] = (rows[u] >> r) & 1u ? s[u][r] : -INFINITY;
         block_max = fmaxf(block_max, s[u][r]);
       }
       const float m_new = fmaxf(m[r], block_max);

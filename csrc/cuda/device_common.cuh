@@ -52,6 +52,21 @@ __device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[kVec16<T
 // Read-only 128-bit global load (the address must be 16-byte aligned; launchers guarantee it).
 __device__ __forceinline__ uint4 load16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// load16(p) where `pred` holds, zeros elsewhere, as one predicated load (`@p ld.global.nc`): never
+// a branch around the load, so the loads of a tile issue back to back and `p` is not dereferenced
+// where `pred` is false (it may then be any address).
+__device__ __forceinline__ uint4 load16_if(const void* p, bool pred) {
+  uint4 r = make_uint4(0u, 0u, 0u, 0u);
+  asm("{\n"
+      "  .reg .pred q;\n"
+      "  setp.ne.b32 q, %5, 0;\n"
+      "  @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return r;
+}
+
 // ---- warp reductions -------------------------------------------------------------------------
 
 // Sum / max over aligned groups of `width` lanes (width a power of two <= 32).

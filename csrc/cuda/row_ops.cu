@@ -4,15 +4,16 @@
 // Host synchronisation:
 //   compact_rows   one (its output size, the number of kept rows, is data-dependent); the same
 //                  copy brings back the validity of cu_seqlens, checked with a clear error.
-//   cache_append   none (capturable in a CUDA graph); metadata values are checked on the device.
-//   cache_compact  one, to check the kept counts against the new capacity and the lengths
-//                  against the old one with a clear error (the output size is `capacity`, known on
-//                  the host). Under CUDA-graph capture it skips the sync and checks on the device.
+//   cache_append   none (capturable in a CUDA graph); metadata values (cu_seqlens, the lengths
+//                  against the block table, the block table entries written through) are checked
+//                  on the device.
+//   cache_compact  none (capturable): in place, it returns the new lengths on the device; the
+//                  lengths and the block table entries of the slots in use are checked on the device.
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <tuple>
 #include <vector>
 
@@ -22,6 +23,14 @@
 
 namespace skiplayers::cuda {
 namespace {
+
+// Largest power of two <= 16 that divides every address and size in `xs`.
+int32_t access_width(std::initializer_list<uint64_t> xs) {
+  uint64_t w = 16;
+  for (uint64_t x : xs)
+    while (w > 1 && x % w != 0) w /= 2;
+  return static_cast<int32_t>(w);
+}
 
 // A plane moving rows of `src` ([rows, heads, head elements], strided) into rows of `dst`.
 // The widest access width that every address, stride and row size allows.
@@ -38,13 +47,10 @@ CopyPlane make_plane(const at::Tensor& src, const at::Tensor& dst, int64_t heads
   c.dst_head_stride = dst_head_stride * e;
   c.heads = static_cast<int32_t>(heads);
   c.head_bytes = static_cast<int32_t>(head_elems * e);
-  int64_t w = 16;
-  for (uint64_t x : {reinterpret_cast<uint64_t>(c.src), reinterpret_cast<uint64_t>(c.dst),
-                     static_cast<uint64_t>(c.src_row_stride), static_cast<uint64_t>(c.src_head_stride),
-                     static_cast<uint64_t>(c.dst_row_stride), static_cast<uint64_t>(c.dst_head_stride),
-                     static_cast<uint64_t>(c.head_bytes)})
-    while (w > 1 && x % w != 0) w /= 2;
-  c.width = static_cast<int32_t>(w);
+  c.width = access_width({reinterpret_cast<uint64_t>(c.src), reinterpret_cast<uint64_t>(c.dst),
+                          static_cast<uint64_t>(c.src_row_stride), static_cast<uint64_t>(c.src_head_stride),
+                          static_cast<uint64_t>(c.dst_row_stride), static_cast<uint64_t>(c.dst_head_stride),
+                          static_cast<uint64_t>(c.head_bytes)});
   return c;
 }
 
@@ -106,70 +112,71 @@ std::tuple<at::Tensor, at::Tensor> compact_rows_cuda(const at::Tensor& x_in, con
 }
 
 void cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
-                       const at::Tensor& tag_cache, const at::Tensor& k_in, const at::Tensor& v_in,
-                       const at::Tensor& pos_in, const at::Tensor& tag_in, const at::Tensor& cu_seqlens,
-                       const at::Tensor& cache_seqlens) {
-  check_cache_append(k_cache, v_cache, pos_cache, tag_cache, k_in, v_in, pos_in, tag_in, cu_seqlens, cache_seqlens);
+                       const at::Tensor& tag_cache, const at::Tensor& block_table, const at::Tensor& k_in,
+                       const at::Tensor& v_in, const at::Tensor& pos_in, const at::Tensor& tag_in,
+                       const at::Tensor& cu_seqlens, const at::Tensor& cache_seqlens) {
+  check_cache_append(k_cache, v_cache, pos_cache, tag_cache, block_table, k_in, v_in, pos_in, tag_in, cu_seqlens,
+                     cache_seqlens);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const at::Tensor k = dense_last_dim(k_in), v = dense_last_dim(v_in);
   const at::Tensor pos = pos_in.contiguous(), tag = tag_in.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous(), lens = cache_seqlens.contiguous();
   const int64_t rows = k.size(0);
   if (rows == 0) return;
-  TORCH_CHECK(k_cache.size(0) < (1ll << 31) && k_cache.size(1) < (1ll << 31), "skiplayers::cache_append (CUDA): ",
-              "at most 2^31 - 1 sequences and slots");
-  const CacheAppendMap map{cu.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), static_cast<int32_t>(k_cache.size(0)),
-                           static_cast<int32_t>(k_cache.size(1)), rows};
+  const int64_t batch = block_table.size(0), pool_slots = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(batch < (1ll << 31) && slots_per_sequence(block_table, k_cache) < (1ll << 31) &&
+                  pool_slots < (1ll << 31),
+              "skiplayers::cache_append (CUDA): at most 2^31 - 1 sequences, slots per sequence and slots in the pool");
+  const CacheAppendMap map{cu.data_ptr<int32_t>(),
+                           lens.data_ptr<int32_t>(),
+                           block_table.data_ptr<int32_t>(),
+                           static_cast<int32_t>(batch),
+                           static_cast<int32_t>(block_table.size(1)),
+                           static_cast<int32_t>(k_cache.size(1)),
+                           static_cast<int32_t>(pool_slots),
+                           rows};
+  // The pools are contiguous (check_cache_append): flat slot i is row i of [num_pages * page_size, ...].
   copy_rows({rows_into_slots(k, k_cache), rows_into_slots(v, v_cache), ints_into_slots(pos, pos_cache),
              ints_into_slots(tag, tag_cache)},
             rows, map, at::cuda::getCurrentCUDAStream());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_compact_cuda(
-    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache, const at::Tensor& tag_cache,
-    const at::Tensor& cache_seqlens, const at::Tensor& keep, int64_t capacity) {
+at::Tensor cache_compact_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos_cache,
+                              const at::Tensor& tag_cache, const at::Tensor& block_table,
+                              const at::Tensor& cache_seqlens, const at::Tensor& keep) {
   const char* op = "skiplayers::cache_compact";
-  check_cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity);
+  check_cache_compact(k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep);
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const int64_t batch = k_cache.size(0), old_capacity = k_cache.size(1);
-  TORCH_CHECK(batch < (1ll << 31) && old_capacity < (1ll << 31) && capacity < (1ll << 31), op,
-              " (CUDA): at most 2^31 - 1 sequences and slots");
+  const int64_t batch = block_table.size(0), pool_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t row_bytes = k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
+  TORCH_CHECK(batch < (1ll << 31) && slots_per_sequence(block_table, k_cache) < (1ll << 31) &&
+                  pool_slots < (1ll << 31),
+              op, " (CUDA): at most 2^31 - 1 sequences, slots per sequence and slots in the pool");
+  TORCH_CHECK(row_bytes <= (1 << 22), op, " (CUDA): at most 4 MiB per K/V slot, got ", row_bytes, " bytes");
   const at::Tensor lens = cache_seqlens.contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor new_lens = at::empty({batch}, lens.options());
+  if (batch == 0) return new_lens;
 
-  at::Tensor nk = at::empty({batch, capacity, k_cache.size(2), k_cache.size(3)}, k_cache.options());
-  at::Tensor nv = at::empty(nk.sizes(), nk.options());
-  at::Tensor npos = at::empty({batch, capacity}, pos_cache.options());
-  at::Tensor ntag = at::empty({batch, capacity}, tag_cache.options());
-  at::Tensor info = at::empty({2, batch}, lens.options());  // new lengths, error codes
-  at::Tensor new_lens = info[0];
-  if (batch == 0) return {nk, nv, npos, ntag, new_lens};
-
-  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  at::Tensor slot_map = at::empty({batch, old_capacity}, lens.options().dtype(at::kLong));
-  cache_compact_scan_kernel<<<batch, kCompactThreads, 0, stream>>>(
-      keep.data_ptr<bool>(), lens.data_ptr<int32_t>(), static_cast<int32_t>(old_capacity),
-      static_cast<int32_t>(capacity), slot_map.data_ptr<int64_t>(), info[0].data_ptr<int32_t>(),
-      info[1].data_ptr<int32_t>(), capturing);
+  // The pools are contiguous (check_cache_compact): flat slot i at i * row_bytes.
+  CacheCompactParams p;
+  p.k_cache = static_cast<char*>(k_cache.data_ptr());
+  p.v_cache = static_cast<char*>(v_cache.data_ptr());
+  p.pos_cache = pos_cache.data_ptr<int32_t>();
+  p.tag_cache = tag_cache.data_ptr<int32_t>();
+  p.row_bytes = static_cast<int32_t>(row_bytes);
+  p.width = row_bytes == 0 ? 16
+                           : access_width({reinterpret_cast<uint64_t>(p.k_cache), reinterpret_cast<uint64_t>(p.v_cache),
+                                           static_cast<uint64_t>(row_bytes)});
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.cache_seqlens = lens.data_ptr<int32_t>();
+  p.keep = keep.data_ptr<bool>();
+  p.max_pages = static_cast<int32_t>(block_table.size(1));
+  p.page_size = static_cast<int32_t>(k_cache.size(1));
+  p.pool_slots = static_cast<int32_t>(pool_slots);
+  p.new_lens = new_lens.data_ptr<int32_t>();
+  cache_compact_kernel<<<batch, kCompactThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!capturing) {
-    const at::Tensor host = info.cpu();  // the one synchronisation
-    const int32_t* kept = host.data_ptr<int32_t>();
-    const int32_t* error = kept + batch;
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK(error[b] != 1, op, ": cache_seqlens[", b, "] is outside [0, ", old_capacity, "]");
-      TORCH_CHECK(error[b] != 2, op, ": sequence ", b, " keeps ", kept[b], " slots, more than the new capacity ",
-                  capacity);
-    }
-  }
-  if (capacity > 0) {
-    const int64_t heads = k_cache.size(2), d = k_cache.size(3);
-    copy_rows({make_plane(k_cache, nk, heads, d, heads * d, d, heads * d, d),
-               make_plane(v_cache, nv, heads, d, heads * d, d, heads * d, d),
-               make_plane(pos_cache, npos, 1, 1, 1, 1, 1, 1), make_plane(tag_cache, ntag, 1, 1, 1, 1, 1, 1)},
-              batch * old_capacity, CacheCompactMap{slot_map.data_ptr<int64_t>()}, stream);
-  }
-  return {nk, nv, npos, ntag, new_lens};
+  return new_lens;
 }
 
 }  // namespace
