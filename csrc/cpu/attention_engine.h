@@ -115,23 +115,60 @@ inline void init_partial(PartialResult p, int64_t rows, int64_t head_dim) {
   std::fill(p.acc, p.acc + rows * head_dim, 0.f);
 }
 
-// Float rows of a key or value block, and their leading dimension: the rows themselves for float
-// inputs on consecutive rows, else converted (or gathered from their pages) into `buffer` ([n, D]).
-template <typename scalar_t>
-const float* as_float_rows(const scalar_t* base, int64_t stride, const KeyBlock& block, int64_t n, int64_t D,
-                           float* buffer, int64_t* ld) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (block.consecutive) {
-      *ld = stride;
-      return base + block.first * stride;
-    }
+// Calls fn(j0, j1, row) for each run [j0, j1) of a key block's keys that lie on consecutive flat
+// rows (`row`: the flat row of key j0): the whole block, or one run per page it touches.
+template <typename scalar_t, typename Fn>
+void for_each_run(const KeyRun<scalar_t>& kr, const KeyBlock& block, int64_t kb, int64_t n, Fn fn) {
+  if (block.consecutive) {
+    fn(int64_t{0}, n, block.first);
+    return;
   }
+  for (int64_t j0 = 0; j0 < n;) {
+    const int64_t page_end = ((kb + j0) / kr.page_size + 1) * kr.page_size;  // key index where the page ends
+    const int64_t j1 = std::min(n, page_end - kb);
+    fn(j0, j1, block.rows[j0]);
+    j0 = j1;
+  }
+}
+
+// A key or value block as float rows [n, D] in `buffer` (converted, and gathered from its pages).
+template <typename scalar_t>
+const float* block_as_float(const scalar_t* base, int64_t stride, const KeyBlock& block, int64_t n, int64_t D,
+                            float* buffer) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t row = block.rows ? block.rows[j] : block.first + j;
     load_scaled(base + row * stride, buffer + j * D, D, 1.f);
   }
-  *ld = D;
   return buffer;
+}
+
+// scores[rows, n] = qbuf[rows, D] . K_block^T. Float keys are read in place, one GEMM per run of
+// consecutive rows (a page of a paged cache: no copy); others are converted first.
+template <typename scalar_t>
+void block_scores(const KeyRun<scalar_t>& kr, const KeyBlock& block, int64_t kb, int64_t n, int64_t rows, int64_t D,
+                  const float* qbuf, float* scores, Scratch& ws) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for_each_run(kr, block, kb, n, [&](int64_t j0, int64_t j1, int64_t row) {
+      gemm_abt(rows, j1 - j0, D, qbuf, D, kr.k + row * kr.k_stride, kr.k_stride, scores + j0, n, ws.k_t.data());
+    });
+  } else {
+    const float* k = block_as_float(kr.k, kr.k_stride, block, n, D, ws.k.data());
+    gemm_abt(rows, n, D, qbuf, D, k, D, scores, n, ws.k_t.data());
+  }
+}
+
+// acc[rows, D] += P[rows, n] . V_block[n, D], with the values read as the keys are.
+template <typename scalar_t>
+void block_accumulate(const KeyRun<scalar_t>& kr, const KeyBlock& block, int64_t kb, int64_t n, int64_t rows,
+                      int64_t D, const float* probs, float* acc, Scratch& ws) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for_each_run(kr, block, kb, n, [&](int64_t j0, int64_t j1, int64_t row) {
+      gemm_ab_accumulate(rows, D, j1 - j0, probs + j0, n, kr.v + row * kr.v_stride, kr.v_stride, acc, D);
+    });
+  } else {
+    const float* v = block_as_float(kr.v, kr.v_stride, block, n, D, ws.v.data());
+    gemm_ab_accumulate(rows, D, n, probs, n, v, D, acc, D);
+  }
 }
 
 template <typename scalar_t>
@@ -160,10 +197,7 @@ void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t h
     for (int64_t j = 0; j < n; ++j) block_summary_add(ksum, block.pos[j], block.tag ? block.tag[j] : 0);
     if (!block_may_be_visible(rule, qsum, ksum)) continue;  // skipped: never loaded, never computed
 
-    // scores[rows, n] = qbuf[rows, D] . K_block^T
-    int64_t k_ld, v_ld;
-    const float* kblock = as_float_rows(kr.k, kr.k_stride, block, n, D, ws.k.data(), &k_ld);
-    gemm_abt(rows, n, D, qbuf, D, kblock, k_ld, scores, n, ws.k_t.data());
+    block_scores(kr, block, kb, n, rows, D, qbuf, scores, ws);
 
     if (!block_fully_visible(rule, qsum, ksum)) {
       uint8_t* vis = ws.visible.data();
@@ -195,9 +229,7 @@ void attend(const QueryTile<scalar_t>& qt, const KeyRun<scalar_t>& kr, int64_t h
       if (alpha != 1.f) scale_row(out.acc + r * D, D, alpha);
     }
 
-    // acc[rows, D] += P[rows, n] . V_block[n, D]
-    const float* vblock = as_float_rows(kr.v, kr.v_stride, block, n, D, ws.v.data(), &v_ld);
-    gemm_ab_accumulate(rows, D, n, scores, n, vblock, v_ld, out.acc, D);
+    block_accumulate(kr, block, kb, n, rows, D, scores, out.acc, ws);
   }
 }
 
