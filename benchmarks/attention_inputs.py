@@ -1,10 +1,14 @@
 """Inputs of the attention-kernel benchmarks (``cpu_attention``, ``bench_cuda_kernels``,
-``bench_triton_kernels``, ``test_bench_cpu_ops``): packed sequences in the layout of the skiplayers
-ops, the same data laid out or padded for SDPA, a context-stopped prefill in both its forms, and
-decode metadata.
+``bench_triton_kernels``, ``test_bench_cpu_ops``, ``registration_overhead``): packed sequences in the
+layout of the skiplayers ops, the same data laid out or padded for SDPA, a context-stopped prefill in
+both its forms, and paged decode caches with their metadata.
 
 Layouts: *packed* rows are ``[N, H, D]`` (N = total tokens of all sequences, sequence b in rows
-``cu_seqlens[b] .. cu_seqlens[b + 1]``); *SDPA* tensors are ``[B, H, T, D]``."""
+``cu_seqlens[b] .. cu_seqlens[b + 1]``); *SDPA* tensors are ``[B, H, T, D]``; *paged* caches are pools
+``[num_pages, page_size, H_kv, D]`` read through an int32 ``block_table [B, max_pages]`` (the layout of
+the cache ops, ``skiplayers/ops.py``). The benchmarks' pages are in order: sequence b owns pages
+``b * max_pages .. (b + 1) * max_pages - 1``, so ``dense_view`` sees the same memory as
+``[B, max_pages * page_size, H_kv, D]`` for the baselines that take rectangular caches."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from skiplayers.meta import TAG_CONTEXT
 # (query heads, KV heads, head dim) of the models whose shapes the kernel benchmarks use.
 SMOLLM2 = (9, 3, 64)
 LLAMA3_8B = (32, 8, 128)
+PAGE_SIZE = 16  # SkipCache's default page size
 
 
 def random_qkv(rows: int, heads: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu"):
@@ -104,12 +109,36 @@ def context_stopped_problem(context: int, query: int, heads: int, kv_heads: int,
                           sdpa=(*sdpa_layout(q, k, v), mask))
 
 
-def decode_metadata(lengths, capacity: int, device="cpu"):
-    """Metadata of a decode step, one new token per sequence over caches of ``lengths`` keys:
-    ``cu_seqlens_q`` int32 [B + 1] (0 .. B), ``cache_seqlens`` int32 [B] (= lengths), ``q_pos``
-    int32 [B] (lengths - 1: the new token's position, as the ops take it) and ``pos_cache`` int32
-    [B, capacity] (0 .. capacity - 1 in every row)."""
-    batch = len(lengths)
+def pages_per_sequence(capacity: int, page_size: int = PAGE_SIZE) -> int:
+    """The pages a sequence of ``capacity`` slots needs (the block table's width)."""
+    return -(-capacity // page_size)
+
+
+def paged_kv(batch: int, capacity: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu",
+             page_size: int = PAGE_SIZE, fill=torch.randn) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V page pools ``[batch * max_pages, page_size, kv_heads, dim]`` holding ``batch`` sequences
+    of ``capacity`` slots each, pages in order (``decode_metadata``'s block table), filled by ``fill``
+    (``torch.randn``, drawn K then V from torch's global generator; or ``torch.empty``)."""
+    shape = (batch * pages_per_sequence(capacity, page_size), page_size, kv_heads, dim)
+    return fill(shape, dtype=dtype, device=device), fill(shape, dtype=dtype, device=device)
+
+
+def dense_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
+    """An in-order page pool ``[batch * max_pages, page_size, H, D]`` as the rectangular cache
+    ``[batch, max_pages * page_size, H, D]`` it is in memory (a view, no copy)."""
+    return pool.view(batch, -1, *pool.shape[2:])
+
+
+def decode_metadata(lengths, capacity: int, device="cpu", page_size: int = PAGE_SIZE):
+    """Metadata of a decode step, one new token per sequence over paged caches of ``lengths`` keys and
+    room for ``capacity`` slots each (``paged_kv``): ``cu_seqlens_q`` int32 [B + 1] (0 .. B),
+    ``cache_seqlens`` int32 [B] (= lengths), ``q_pos`` int32 [B] (lengths - 1: the new token's position,
+    as the ops take it), ``block_table`` int32 [B, max_pages] (pages in order: sequence b owns pages
+    ``b * max_pages ..``) and ``pos_cache`` int32 [B * max_pages, page_size] (slot s of every sequence
+    at position s)."""
+    batch, max_pages = len(lengths), pages_per_sequence(capacity, page_size)
     lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    pos_cache = torch.arange(capacity, dtype=torch.int32, device=device).expand(batch, capacity).contiguous()
-    return cu_seqlens([1] * batch, device), lens, lens - 1, pos_cache
+    block_table = torch.arange(batch * max_pages, dtype=torch.int32, device=device).view(batch, max_pages)
+    slots = torch.arange(max_pages * page_size, dtype=torch.int32, device=device)
+    pos_cache = slots.view(max_pages, page_size).repeat(batch, 1)
+    return cu_seqlens([1] * batch, device), lens, lens - 1, block_table, pos_cache

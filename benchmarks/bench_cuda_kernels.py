@@ -10,7 +10,9 @@ Cases (SmolLM2's 9 query / 3 KV heads unless noted; --dtype, default bfloat16):
   the masked form (all rows, dense mask hiding the context keys); we run the compacted form (the q
   rows only) and, for reference, our masked form (Rule.HIDE_CONTEXT, which skips hidden key blocks);
 * decode: one new token per sequence over caches of 512 .. 16384 keys, B=1 and B=8, and a ragged
-  B=8 batch (SDPA pads it and masks).
+  B=8 batch (SDPA pads it and masks). Our op reads paged caches (pages of ``--page-size`` slots, in
+  order); SDPA and flash-attn read the same memory as rectangular caches
+  (``attention_inputs.dense_view``).
 
 Times are medians of ``triton.testing.do_bench`` (which clears the L2 cache between runs) or, when
 triton is missing, of CUDA-event timings. Throughput comes from counted work, the same for every
@@ -19,7 +21,7 @@ decode GB/s = (K and V bytes of the keys each sequence must read + q + out) / ti
 Writes results/cuda_kernels.{json,csv}. Without a GPU (or without the CUDA kernels) it prints why
 and exits 0.
 
-    python -m benchmarks.bench_cuda_kernels [--dtype bfloat16] [--quick]
+    python -m benchmarks.bench_cuda_kernels [--dtype bfloat16] [--quick] [--page-size 16]
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention_inputs import (
+    PAGE_SIZE,
     SMOLLM2,
     context_stopped_problem,
     decode_metadata,
+    dense_view,
     packed_problem,
     pad_packed,
+    paged_kv,
     ragged_causal_mask,
     sdpa_layout,
 )
@@ -113,22 +118,25 @@ def prefill_context_stopped(context, query, dim, dtype, extras):
 # --- decode ---------------------------------------------------------------------------------------
 
 
-def decode(lengths, dim, dtype, extras):
-    dev, scale = "cuda", dim**-0.5
-    batch, capacity = len(lengths), max(lengths)
+def decode(lengths, dim, dtype, extras, page_size: int = PAGE_SIZE, dev="cuda"):
+    """Paged caches of ``lengths`` keys (room for the longest), pages of ``page_size`` slots in order.
+    (``dev="cpu"`` builds the same variants on CPU tensors, the ops' CPU kernels included: a dry run.)"""
+    scale = dim**-0.5
+    batch = len(lengths)
     q = torch.randn(batch, HEADS, dim, dtype=dtype, device=dev)
-    k_cache = torch.randn(batch, capacity, KV_HEADS, dim, dtype=dtype, device=dev)
-    v_cache = torch.randn_like(k_cache)
-    cu, lens, q_pos, pos_cache = decode_metadata(lengths, capacity, dev)
+    k_pages, v_pages = paged_kv(batch, max(lengths), KV_HEADS, dim, dtype, dev, page_size)
+    cu, lens, q_pos, block_table, pos_cache = decode_metadata(lengths, max(lengths), dev, page_size)
+    k_cache, v_cache = dense_view(k_pages, batch), dense_view(v_pages, batch)  # [B, S, Hkv, D], S = pages' slots
+    capacity = k_cache.shape[1]
     qs = q[:, :, None]  # [B, H, 1, D]
     ks, vs = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # [B, Hkv, S, D] views (SDPA reads strided)
     ops = torch.ops.skiplayers
     variants = {
-        "skiplayers_cuda": lambda: ops.cache_attention(q, k_cache, v_cache, cu, lens, q_pos, pos_cache, None, None, 0,
-                                                       scale, 0),
+        "skiplayers_cuda": lambda: ops.cache_attention(q, k_pages, v_pages, block_table, cu, lens, q_pos, pos_cache,
+                                                       None, None, 0, scale, 0),
     }
-    if len(set(lengths)) == 1:
-        ksc, vsc = ks.contiguous(), vs.contiguous()
+    if len(set(lengths)) == 1:  # the keys themselves (the pages' last slots past them are not keys)
+        ksc, vsc = ks[:, :, : lengths[0]].contiguous(), vs[:, :, : lengths[0]].contiguous()
         variants["sdpa"] = lambda: F.scaled_dot_product_attention(qs, ksc, vsc, enable_gqa=True, scale=scale)
         baseline = "sdpa"
     else:
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="fewer cases")
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="slots per page of the decode caches")
     args = parser.parse_args(argv)
     if skip_without_cuda("bench_cuda_kernels", kernels=True):
         return 0
@@ -171,8 +180,10 @@ def main(argv=None) -> int:
     lengths = (512, 4096) if args.quick else (512, 1024, 4096, 16384)
     for batch in (1, 8):
         for n in lengths:
-            cases.append((f"decode B={batch} L={n} D=64", lambda b=batch, n=n: decode([n] * b, 64, dtype, extras)))
-    cases.append(("decode ragged B=8 D=64", lambda: decode([100, 4096, 700, 16384, 5, 2000, 9000, 300], 64, dtype, extras)))
+            cases.append((f"decode B={batch} L={n} D=64",
+                          lambda b=batch, n=n: decode([n] * b, 64, dtype, extras, args.page_size)))
+    cases.append(("decode ragged B=8 D=64", lambda: decode([100, 4096, 700, 16384, 5, 2000, 9000, 300], 64, dtype, extras,
+                                                           args.page_size)))
 
     rows = []
     with torch.no_grad():
@@ -189,7 +200,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 rate = f"{row['tflops']:8.2f} TFLOP/s" if "tflops" in row else f"{row['gbps']:8.1f} GB/s"
                 print(f"{name:44} {variant:28} {ms:9.4f} ms {rate}  x{row['speed_vs_baseline']:5.2f} vs {baseline}")
-    meta = {"dtype": args.dtype, "timer": gpu_timer_name(),
+    meta = {"dtype": args.dtype, "page_size": args.page_size, "timer": gpu_timer_name(),
             "flash_attn_skip_reason": extras["flash_attn"][1], "flex_attention_skip_reason": extras["flex"][1]}
     json_path, csv_path = write_results("cuda_kernels", rows, meta)
     print(f"wrote {json_path}, {csv_path}")

@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton attention kernels against SDPA, FlexAttention, flash-attn and (when
 built) the CUDA C++ ops, side by side.
 
-    python -m benchmarks.bench_triton_kernels [--dtype float16] [--quick] [--no-check]
+    python -m benchmarks.bench_triton_kernels [--dtype float16] [--quick] [--no-check] [--page-size 16]
 
 Needs a CUDA GPU; elsewhere it prints why it skips and exits 0. Times are ``triton.testing.do_bench``
 medians (it synchronises and flushes the L2 cache between runs). Work is *counted*, not nominal:
@@ -12,7 +12,9 @@ medians (it synchronises and flushes the L2 cache between runs). Work is *counte
 
 Cases: prefill dense causal (B=1), prefill ragged (8 packed sequences), prefill context-stopped at a
 layer >= ℓ (compacted: only the query rows; masked: every row, context keys hidden by the rule), and
-decode (one new token per sequence, B=1 and B=8, several cache lengths). Every implementation of a
+decode (one new token per sequence, B=1 and B=8, several cache lengths; our ops read paged caches,
+pages of ``--page-size`` slots in order, the others the same memory as rectangular caches, through
+``attention_inputs.dense_view``). Every implementation of a
 case is checked against the Triton result first (``max_abs_diff`` column) unless ``--no-check``.
 
 Implementations are a dict of named factories (``IMPLEMENTATIONS``): each returns a zero-argument
@@ -30,7 +32,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.attention_inputs import LLAMA3_8B, SMOLLM2, cu_seqlens, decode_metadata, pad_packed, random_qkv
+from benchmarks.attention_inputs import (
+    LLAMA3_8B,
+    PAGE_SIZE,
+    SMOLLM2,
+    cu_seqlens,
+    decode_metadata,
+    dense_view,
+    pad_packed,
+    paged_kv,
+    random_qkv,
+)
 from benchmarks.baselines import block_mask, compiled_flex_attention, flash_attn_or_reason, flash_varlen
 from benchmarks.common import arg_parser, error_summary, skip_without_cuda, write_results
 from benchmarks.timing import gpu_median_ms
@@ -93,20 +105,22 @@ def prefill_case(name, lengths, model, dtype, device, context_fraction=0.0, comp
     return Case("prefill", name, heads, kv_heads, dim, args, pairs, nbytes, kept, ctx)
 
 
-def decode_case(name, batch, cache_len, model, dtype, device) -> Case:
+def decode_case(name, batch, cache_len, model, dtype, device, page_size: int = PAGE_SIZE) -> Case:
+    """One new token per sequence over paged caches of ``cache_len`` keys (room for 64 more), pages of
+    ``page_size`` slots in order (``attention_inputs.paged_kv``)."""
     heads, kv_heads, dim = model
     cap = cache_len + 64
-    k_cache = torch.randn(batch, cap, kv_heads, dim, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache = paged_kv(batch, cap, kv_heads, dim, dtype, device, page_size)
     q = torch.randn(batch, heads, dim, dtype=dtype, device=device)
-    cu, cache_seqlens, q_pos, pos_cache = decode_metadata([cache_len] * batch, cap, device)
-    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu, cache_seqlens=cache_seqlens, q_pos=q_pos,
-                pos_cache=pos_cache, q_tag=None, tag_cache=None, rule=0, scale=dim**-0.5, num_splits=0)
+    cu, cache_seqlens, q_pos, block_table, pos_cache = decode_metadata([cache_len] * batch, cap, device, page_size)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu,
+                cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache, q_tag=None, tag_cache=None, rule=0,
+                scale=dim**-0.5, num_splits=0)
     nbytes = (2 * batch * cache_len * kv_heads * dim + 2 * q.numel()) * q.element_size()
     return Case("decode", name, heads, kv_heads, dim, args, batch * cache_len, nbytes, [cache_len] * batch)
 
 
-def all_cases(dtype, device, quick: bool) -> list[Case]:
+def all_cases(dtype, device, quick: bool, page_size: int = PAGE_SIZE) -> list[Case]:
     cases = []
     for model in ("smollm2", "llama3-8b"):
         dims = MODELS[model]
@@ -119,7 +133,8 @@ def all_cases(dtype, device, quick: bool) -> list[Case]:
                                       context_fraction=0.75, compacted=compacted))
         for batch in (1, 8):
             for n in ((512, 8192) if quick else (512, 2048, 8192, 32768)):
-                cases.append(decode_case(f"{model} decode B={batch} S={n}", batch, n, dims, dtype, device))
+                cases.append(decode_case(f"{model} decode B={batch} S={n}", batch, n, dims, dtype, device,
+                                         page_size))
     return cases
 
 
@@ -161,10 +176,10 @@ def sdpa(case: Case):
         if plain_causal:
             return lambda: _unpad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), case)
         return lambda: _unpad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), case)
-    a, n = case.args, case.lengths[0]
+    a, n, batch = case.args, case.lengths[0], len(case.lengths)
     q = a["q"][:, :, None]  # [B, H, 1, D]
-    k = a["k_cache"][:, :n].transpose(1, 2)
-    v = a["v_cache"][:, :n].transpose(1, 2)
+    k = dense_view(a["k_cache"], batch)[:, :n].transpose(1, 2)
+    v = dense_view(a["v_cache"], batch)[:, :n].transpose(1, 2)
     return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[:, :, 0]
 
 
@@ -186,9 +201,9 @@ def flex(case: Case):
         block = block_mask(mask_mod, n, a["q"].device)
         q, k, v = (a[x].transpose(0, 1)[None] for x in ("q", "k", "v"))
         return lambda: compiled(q, k, v, block_mask=block, enable_gqa=True)[0].transpose(0, 1)
-    n = case.lengths[0]
+    n, batch = case.lengths[0], len(case.lengths)
     q = a["q"][:, :, None]
-    k, v = a["k_cache"][:, :n].transpose(1, 2), a["v_cache"][:, :n].transpose(1, 2)
+    k, v = (dense_view(a[x], batch)[:, :n].transpose(1, 2) for x in ("k_cache", "v_cache"))
     return lambda: compiled(q, k, v, enable_gqa=True)[:, :, 0]
 
 
@@ -201,7 +216,8 @@ def flash_attn(case: Case):
         if case.context.any():
             raise Unsupported("flash-attn cannot hide context keys inside a sequence (masked form)")
         return flash_varlen(fa, a["q"], a["k"], a["v"], a["cu_seqlens_q"], max(case.lengths), a["scale"])
-    return lambda: fa.flash_attn_with_kvcache(a["q"][:, None], a["k_cache"], a["v_cache"],
+    k_cache, v_cache = (dense_view(a[x], len(case.lengths)) for x in ("k_cache", "v_cache"))
+    return lambda: fa.flash_attn_with_kvcache(a["q"][:, None], k_cache, v_cache,
                                               cache_seqlens=a["cache_seqlens"], softmax_scale=a["scale"])[:, 0]
 
 
@@ -254,13 +270,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the output comparison")
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="slots per page of the decode caches")
     args = parser.parse_args(argv)
     if skip_without_cuda("bench_triton_kernels"):
         return 0
     torch.manual_seed(0)
-    cases = all_cases(getattr(torch, args.dtype), torch.device("cuda"), args.quick)
+    cases = all_cases(getattr(torch, args.dtype), torch.device("cuda"), args.quick, args.page_size)
     rows = run(cases, args.check)
-    json_path, csv_path = write_results("triton_kernels", rows, {"dtype": args.dtype, "quick": args.quick})
+    json_path, csv_path = write_results("triton_kernels", rows, {"dtype": args.dtype, "quick": args.quick,
+                                                                 "page_size": args.page_size})
     print(f"wrote {json_path} and {csv_path}")
     return 0
 

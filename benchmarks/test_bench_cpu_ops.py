@@ -4,7 +4,8 @@
         --benchmark-json benchmarks/results/pytest_benchmark_cpu_ops.json
 
 Groups compare our op with SDPA on the same inputs; benchmarks/cpu_attention.py gives the
-interleaved side-by-side ratios.
+interleaved side-by-side ratios. The decode op reads a paged cache (pages of
+``attention_inputs.PAGE_SIZE`` slots, in order); SDPA reads a rectangular one of the same size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import skiplayers.ops as sk_ops
-from benchmarks.attention_inputs import SMOLLM2, decode_metadata, packed_problem, sdpa_layout
+from benchmarks.attention_inputs import SMOLLM2, decode_metadata, packed_problem, paged_kv, sdpa_layout
 
 H, HKV, D = SMOLLM2
 
@@ -42,11 +43,11 @@ def test_prefill_sdpa(benchmark, T):
 @pytest.mark.parametrize("S", [512, 4096])
 def test_decode_skiplayers(benchmark, S):
     torch.manual_seed(0)
-    kc, vc = torch.randn(1, S, HKV, D), torch.randn(1, S, HKV, D)
+    kc, vc = paged_kv(1, S, HKV, D)
     q = torch.randn(1, H, D)
-    cu, lens, q_pos, pos = decode_metadata([S], S)
+    cu, lens, q_pos, table, pos = decode_metadata([S], S)
     benchmark.group = f"decode B=1 S={S}"
-    benchmark(sk_ops.cache_attention, q, kc, vc, cu, lens, q_pos, pos)
+    benchmark(sk_ops.cache_attention, q, kc, vc, table, cu, lens, q_pos, pos)
 
 
 @pytest.mark.parametrize("S", [512, 4096])

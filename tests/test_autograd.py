@@ -61,13 +61,15 @@ def _reference_fn(reference_op, compute_dtype):
     return lambda *args: reference_op(*args, compute_dtype=compute_dtype)
 
 
-def _check_attention_grads(backend: str, op_name: str, case: dict, names, diff, reference_op) -> None:
+def _check_attention_grads(backend: str, op_name: str, case: dict, names, diff, reference_op) -> dict:
+    """Asserts the backend's gradients meet the tolerance above, and returns them."""
     ops = sk_ops.get_ops(backend)
     dtype = case["q"].dtype
     got = _grads(getattr(ops, op_name), case, names, diff)
     truth = _grads(_reference_fn(reference_op, torch.float64), case, names, diff, compute_dtype=torch.float64)
     naive = _grads(_reference_fn(reference_op, torch.float32), case, names, diff, compute_dtype=torch.float32)
     _assert_grads_close(got, truth, naive, dtype)
+    return got
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,10 +93,21 @@ def test_varlen_attention_gradients_with_queries_that_see_nothing(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule", [0, Rule.ANCHORS])
-def test_cache_attention_gradients(backend, rule):
-    case = cases.make_cache_attention([20, 0, 9], [3, 0, 1], heads=6, kv_heads=3, rule=rule, seed=4)
-    _check_attention_grads(backend, "cache_attention", case, op_contract._CACHE_ARGS, _CACHE_DIFF,
-                           reference.cache_attention)
+@pytest.mark.parametrize("page_size", [16, 3])
+def test_cache_attention_gradients(backend, rule, page_size):
+    """The gradients of the k_cache / v_cache pools land in the pages the block table names (shuffled
+    through the pool); pages no sequence reads, and slots past each length, get zero."""
+    case = cases.make_cache_attention([20, 0, 9], [3, 0, 1], page_size=page_size, heads=6, kv_heads=3, rule=rule,
+                                      seed=4)
+    got = _check_attention_grads(backend, "cache_attention", case, op_contract._CACHE_ARGS, _CACHE_DIFF,
+                                 reference.cache_attention)
+    read = torch.zeros(case["k_cache"].shape[:2], dtype=torch.bool)
+    for b, n in enumerate(case["cache_seqlens"].tolist()):
+        read[reference.page_slots(read, case["block_table"], b, 0, n)] = True
+    assert (~read).any() and read.any()
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(got[name][~read], torch.zeros_like(got[name][~read])), f"{name}: gradient in an unread slot"
+        assert got[name][read].abs().sum() > 0, f"{name}: no gradient in the slots read"
 
 
 def test_reference_attention_gradients_pass_gradcheck_in_float64():
@@ -108,7 +121,8 @@ def test_reference_attention_gradients_pass_gradcheck_in_float64():
     inputs = tuple(case[k].double().requires_grad_() for k in _VARLEN_DIFF)
     assert torch.autograd.gradcheck(varlen, inputs)
 
-    cache = cases.make_cache_attention([5, 3], [2, 1], heads=4, kv_heads=2, head_dim=8, rule=Rule.HIDE_CONTEXT, seed=3)
+    cache = cases.make_cache_attention([5, 3], [2, 1], page_size=2, heads=4, kv_heads=2, head_dim=8,
+                                       rule=Rule.HIDE_CONTEXT, seed=3)
     fixed_c = {k: cache[k] for k in op_contract._CACHE_ARGS if k not in _CACHE_DIFF}
 
     def cached(q, k_cache, v_cache):
@@ -130,39 +144,51 @@ def test_compact_rows_gradient(backend):
     assert torch.equal(x.grad, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cache_compact_gradient(backend):
-    case = cases.make_cache_compact([5, 0, 7], capacity=8, seed=6)
-    k_cache = case["k_cache"].clone().requires_grad_()
-    v_cache = case["v_cache"].clone().requires_grad_()
-    args = dict(case, k_cache=k_cache, v_cache=v_cache)
-    new_k, new_v, _, _, lengths = sk_ops.get_ops(backend).cache_compact(*[args[k] for k in op_contract._COMPACT_ARGS])
-    weight_k, weight_v = torch.randn(new_k.shape), torch.randn(new_v.shape)
-    for b, n in enumerate(lengths.tolist()):  # slots past the new length are unspecified: no weight
-        weight_k[b, n:] = 0
-        weight_v[b, n:] = 0
-    ((new_k * weight_k).sum() + (new_v * weight_v).sum()).backward()
-    for grad, weight in ((k_cache.grad, weight_k), (v_cache.grad, weight_v)):
-        expected = torch.zeros_like(grad)
-        for b, n in enumerate(case["cache_seqlens"].tolist()):
-            kept = case["keep"][b, :n].nonzero().flatten()
-            expected[b, kept] = weight[b, : kept.numel()]
-        assert torch.equal(grad, expected)
+_POOLS = ("k_cache", "v_cache", "pos_cache", "tag_cache")
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
-def test_cache_append_refuses_inputs_that_require_grad(backend):
+@pytest.mark.parametrize("grad_input", ["k_cache", "v_cache"])
+def test_cache_compact_refuses_caches_that_require_grad(backend, grad_input):
+    """cache_compact moves slots inside the pages in place: autograd cannot follow, so a K/V pool that
+    requires grad is refused under grad mode (nothing written), and compacted under torch.no_grad()."""
+    case = cases.make_cache_compact([5, 0, 7], page_size=2, seed=6)
+    case[grad_input] = case[grad_input].clone().requires_grad_()
+    before = {name: case[name].detach().clone() for name in _POOLS}
+    ops = sk_ops.get_ops(backend)
+    args = [case[k] for k in op_contract._COMPACT_ARGS]
+    with pytest.raises(RuntimeError, match="cannot carry their gradient"):
+        ops.cache_compact(*args)
+    for name in _POOLS:
+        assert torch.equal(case[name].detach(), before[name]), f"the refused call wrote into {name}"
+    ref = dict(case, **{name: before[name].clone() for name in _POOLS})
+    want = op_contract.call(reference, "cache_compact", ref)
+    with torch.no_grad():  # no graph to lose: allowed
+        lengths = ops.cache_compact(*args)
+    assert torch.equal(lengths, want) and lengths.tolist() != case["cache_seqlens"].tolist()
+    for name in _POOLS:
+        for b, n in enumerate(want.tolist()):
+            got = reference.gather_slots(case[name].detach(), case["block_table"], b, n)
+            assert torch.equal(got, reference.gather_slots(ref[name], case["block_table"], b, n)), f"{name}, {b}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("grad_input", ["k", "v", "k_cache", "v_cache"])
+def test_cache_append_refuses_inputs_that_require_grad(backend, grad_input):
     """The compiled and Triton kernels write in place where autograd cannot follow. (The ``torch``
     backend is plain indexing, which autograd does follow, so it needs no guard.)"""
-    case = cases.make_cache_append([2, 1], [3, 2], capacity=8)
-    case["k"] = case["k"].clone().requires_grad_()
+    case = cases.make_cache_append([2, 1], [3, 2], page_size=2)
+    case[grad_input] = case[grad_input].clone().requires_grad_()
+    before = case["k_cache"].detach().clone()
     ops = sk_ops.get_ops(backend)
     args = [case[k] for k in op_contract._APPEND_ARGS]
     with pytest.raises(RuntimeError, match="cannot carry their gradient"):
         ops.cache_append(*args)
+    assert torch.equal(case["k_cache"].detach(), before), "the refused call wrote into k_cache"
     with torch.no_grad():
         ops.cache_append(*args)  # no graph to lose: allowed
-    assert torch.equal(case["k_cache"][0, 2:5], case["k"][:3].detach())
+    written = reference.gather_slots(case["k_cache"].detach(), case["block_table"], 0, 5)[2:5]
+    assert torch.equal(written, case["k"][:3].detach())
 
 
 # --- model level -----------------------------------------------------------------------------------

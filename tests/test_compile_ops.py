@@ -1,12 +1,14 @@
 """The compiled C++ ops (``torch.ops.skiplayers.*``) under ``torch.compile(fullgraph=True)``.
 
 For each op of ``ops.OP_NAMES`` and each compile backend (``eager``: dynamo and the fakes of
-``ops.py``; ``aot_eager``: also functionalisation of the in-place ``cache_append`` and AOT autograd;
-``inductor``: also inductor's lowering, which needs a C++ compiler on the CPU), a function calling
-the op is compiled once with ``dynamic=True`` and run on two problems of different sizes (batch,
-rows, capacities; ``compact_rows``' output size is data-dependent, an unbacked size in its fake):
+``ops.py``; ``aot_eager``: also functionalisation of the in-place ``cache_append`` and ``cache_compact``
+and AOT autograd; ``inductor``: also inductor's lowering, which needs a C++ compiler on the CPU), a
+function calling the op is compiled once with ``dynamic=True`` and run on two problems of different
+sizes (batch, rows, page pools, block tables, page sizes; ``compact_rows``' output size is
+data-dependent, an unbacked size in its fake):
 
-* the compiled result equals the eager op's bit for bit (the same kernel runs);
+* the compiled result equals the eager op's bit for bit (the same kernel runs), outputs and the pages
+  the in-place ops write alike;
 * it meets the op contract against ``reference.py`` (``op_contract.py``: the tolerance policy of
   ``skiplayers/tolerance.py`` for attention, exact for the row-moving ops);
 * the second size does not recompile.
@@ -61,22 +63,22 @@ PROBLEMS = {
     ),
     "cache_attention": (
         lambda device: cases.make_cache_attention([5, 40], q_lengths=[1, 1], rule=Rule.ANCHORS, device=device),
-        lambda device: cases.make_cache_attention([3, 12, 70], q_lengths=[2, 3, 1], rule=Rule.ANCHORS, seed=1,
-                                                  device=device),
+        lambda device: cases.make_cache_attention([3, 12, 70], q_lengths=[2, 3, 1], page_size=8, rule=Rule.ANCHORS,
+                                                  seed=1, device=device),
     ),
     "compact_rows": (
         lambda device: cases.make_compact_rows([2, 5], device=device),
         lambda device: cases.make_compact_rows([4, 0, 9, 6], seed=1, device=device),
     ),
+    # Paged caches: pages shuffled through pools of different sizes, block tables of different widths,
+    # and another page size in the second problem (a size like any other: no recompilation).
     "cache_append": (
-        lambda device: cases.make_cache_append([1, 2], [2, 1], capacity=6, device=device),
-        lambda device: cases.make_cache_append([0, 3, 10], [5, 2, 7], capacity=20, seed=1, device=device),
+        lambda device: cases.make_cache_append([1, 2], [2, 1], page_size=4, device=device),
+        lambda device: cases.make_cache_append([0, 3, 10], [5, 2, 7], page_size=3, seed=1, device=device),
     ),
-    # The new capacity is an ``int`` in the schema, not a ``SymInt``: dynamo specialises it (another
-    # capacity would recompile), so both problems ask for the same one.
     "cache_compact": (
-        lambda device: cases.make_cache_compact([3, 6], capacity=8, new_capacity=12, device=device),
-        lambda device: cases.make_cache_compact([0, 12, 30], capacity=30, new_capacity=12, seed=1, device=device),
+        lambda device: cases.make_cache_compact([3, 6], page_size=4, device=device),
+        lambda device: cases.make_cache_compact([0, 12, 30], page_size=5, seed=1, device=device),
     ),
 }
 
@@ -112,12 +114,10 @@ def _arguments(name: str, case: dict) -> list:
 
 
 def _specified(name: str, result, args: list) -> list[torch.Tensor]:
-    """What a call determines: its outputs (for ``cache_compact`` the slots below each new length
-    only, the rest is unspecified) and its tensor arguments afterwards (``cache_append``'s writes)."""
+    """What a call determines: its outputs and its tensor arguments afterwards (the pages
+    ``cache_append`` and ``cache_compact`` write in place; the same kernel runs in both calls, so even
+    the slots ``cache_compact`` leaves unspecified must agree)."""
     outs = [] if result is None else list(result) if isinstance(result, (tuple, list)) else [result]
-    if name == "cache_compact":
-        lengths = outs[4].tolist()
-        outs = [buf[b, :n] for buf in outs[:4] for b, n in enumerate(lengths)] + [outs[4]]
     return outs + [a for a in args if isinstance(a, torch.Tensor)]
 
 

@@ -77,10 +77,12 @@ def test_zero_query_heads_do_not_crash_the_process():
         pos = torch.arange(4, dtype=torch.int32)
         q, kv = torch.randn(4, 0, 64), torch.randn(4, 1, 64)
         out = torch.ops.skiplayers.varlen_attention(q, kv, kv, cu, cu, pos, pos, None, None, 0, 0.125)
-        cache = torch.randn(1, 6, 1, 64)
+        cache = torch.randn(3, 2, 1, 64)  # one sequence of 6 slots in 3 pages of 2, shuffled
+        table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
         lens = torch.tensor([4], dtype=torch.int32)
-        slots = torch.arange(6, dtype=torch.int32)[None]
-        out2 = torch.ops.skiplayers.cache_attention(q, cache, cache, cu, lens, pos, slots, None, None, 0, 0.125, 0)
+        slots = torch.tensor([[2, 3], [4, 5], [0, 1]], dtype=torch.int32)
+        out2 = torch.ops.skiplayers.cache_attention(q, cache, cache, table, cu, lens, pos, slots, None, None, 0, 0.125,
+                                                    0)
         print(tuple(out.shape), tuple(out2.shape))
     """)
     _assert_child_ok(proc)
@@ -95,19 +97,21 @@ def test_zero_query_heads_give_an_empty_output(backend):
     q, kv = torch.randn(4, 0, 64), torch.randn(4, 1, 64)
     out = ops.varlen_attention(q, kv, kv, cu, cu, pos, pos, None, None, 0, 0.125)
     assert out.shape == (4, 0, 64)
-    cache = torch.randn(1, 6, 1, 64)
-    out = ops.cache_attention(q, cache, cache, cu, torch.tensor([4], dtype=torch.int32), pos,
-                              torch.arange(6, dtype=torch.int32)[None], None, None, 0, 0.125, 0)
+    cache = torch.randn(3, 2, 1, 64)  # one sequence of 6 slots in 3 pages of 2, shuffled
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
+    slots = torch.tensor([[2, 3], [4, 5], [0, 1]], dtype=torch.int32)
+    out = ops.cache_attention(q, cache, cache, table, cu, torch.tensor([4], dtype=torch.int32), pos, slots, None, None,
+                              0, 0.125, 0)
     assert out.shape == (4, 0, 64)
 
 
-# --- 3. one error contract: cache_seqlens outside [0, S_cap] -------------------------------------------
+# --- 3. one error contract: cache_seqlens outside [0, max_pages * page_size] ----------------------------
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("bad_length", [7, -1])
 def test_cache_compact_refuses_lengths_outside_capacity(backend, bad_length):
-    case = cases.make_cache_compact([2, 5], capacity=6, seed=2)
+    case = cases.make_cache_compact([2, 5], page_size=2, max_pages=3, seed=2)  # block tables of 6 slots
     case["cache_seqlens"] = torch.tensor([2, bad_length], dtype=torch.int32)
     args = [case[k] for k in op_contract._COMPACT_ARGS]
     with pytest.raises(RuntimeError, match=rf"cache_seqlens\[1\] = {bad_length} is outside \[0, 6\]"):
@@ -126,19 +130,20 @@ def _with_meta(args: list, index: int) -> list:
 def test_meta_tensor_among_cpu_inputs_is_refused_by_every_op():
     varlen = cases.make_varlen_attention([3, 4])
     cache = cases.make_cache_attention([5, 6], [1, 2])
-    append = cases.make_cache_append([2, 3], [1, 0], capacity=8)
-    compact = cases.make_cache_compact([2, 5], capacity=6)
+    append = cases.make_cache_append([2, 3], [1, 0], page_size=2)
+    compact = cases.make_cache_compact([2, 5], page_size=2)
     rows = cases.make_compact_rows([3, 4])
     calls = [
-        (torch.ops.skiplayers.varlen_attention, [varlen[k] for k in op_contract._VARLEN_ARGS], 5),  # q_pos
-        (torch.ops.skiplayers.cache_attention, [cache[k] for k in op_contract._CACHE_ARGS], 4),  # cache_seqlens
-        (torch.ops.skiplayers.cache_append, [append[k] for k in op_contract._APPEND_ARGS], 9),  # cache_seqlens
-        (torch.ops.skiplayers.cache_compact, [compact[k] for k in op_contract._COMPACT_ARGS], 4),  # cache_seqlens
-        (torch.ops.skiplayers.compact_rows, [rows["x"], rows["cu_seqlens"], rows["keep"]], 2),  # keep
+        (torch.ops.skiplayers.varlen_attention, varlen, op_contract._VARLEN_ARGS, ["q_pos"]),
+        (torch.ops.skiplayers.cache_attention, cache, op_contract._CACHE_ARGS, ["cache_seqlens", "block_table"]),
+        (torch.ops.skiplayers.cache_append, append, op_contract._APPEND_ARGS, ["cache_seqlens", "block_table"]),
+        (torch.ops.skiplayers.cache_compact, compact, op_contract._COMPACT_ARGS, ["cache_seqlens", "block_table"]),
+        (torch.ops.skiplayers.compact_rows, rows, ["x", "cu_seqlens", "keep"], ["keep"]),
     ]
-    for op, args, meta_index in calls:
-        with pytest.raises(RuntimeError, match="is on meta but"):
-            op(*_with_meta(args, meta_index))
+    for op, case, names, on_meta in calls:
+        for name in on_meta:
+            with pytest.raises(RuntimeError, match="is on meta but"):
+                op(*_with_meta([case[k] for k in names], names.index(name)))
 
 
 def test_all_meta_inputs_still_trace_shapes():

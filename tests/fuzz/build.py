@@ -4,7 +4,14 @@
 calls ``ops.<op>``, and returns the error/bound ratio of the attention ops (tolerance policy of
 ``tests/op_contract.py``, against a float64 reference) or 0.0 for the exact row ops. It raises
 ``AssertionError`` on a wrong answer, on a legal input the backend refuses, on bad input it accepts,
-and when an op writes into an input it must only read (including the unused parts of strided views).
+and when an op writes into an input it must only read (including the unused parts of strided views)
+or into pages it must leave alone (the writing cache ops: pages no sequence owns, and for
+``cache_append`` every slot but the new ones).
+
+Paged caches (``page_table``): sequence b's slots lie in the pages its block table row names, drawn
+from a shuffled (or in-order) pool with spare pages no sequence owns; spare pages hold NaN K/V (and,
+for ``cache_attention``, positions that would be visible), table entries past a sequence's pages are -1
+(or random words), and for ``cache_attention`` a sequence may share its first pages with an earlier one.
 """
 
 from __future__ import annotations
@@ -110,22 +117,110 @@ def rows(n: int, heads: int, dim: int, dtype, layout: str, gen) -> torch.Tensor:
     return randn(n, heads, dim)
 
 
-def cache(batch: int, cap: int, kv_heads: int, dim: int, dtype, layout: str, gen) -> torch.Tensor:
-    """``[batch, cap, kv_heads, dim]``: contiguous, a capacity or head slice of a wider buffer, or every
-    other sequence of one (the rest NaN)."""
-    if layout == "wide_cap":
-        full = torch.randn(batch, cap + 3, kv_heads, dim, generator=gen).to(dtype)
-        full[:, cap:] = float("nan")
-        return full[:, :cap]
+def pool(num_pages: int, page_size: int, kv_heads: int, dim: int, dtype, layout: str, gen) -> torch.Tensor:
+    """K or V pages ``[num_pages, page_size, kv_heads, dim]``: contiguous, a head slice of a wider
+    buffer, every other page of a pool, or the first ``page_size`` slots of longer pages (the rest of
+    a wider buffer NaN)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
     if layout == "wide_heads":
-        full = torch.randn(batch, cap, kv_heads + 1, dim, generator=gen).to(dtype)
+        full = randn(num_pages, page_size, kv_heads + 1, dim)
         full[:, :, kv_heads] = float("nan")
         return full[:, :, :kv_heads]
-    if layout == "batch_step":
-        full = torch.randn(2 * batch, cap, kv_heads, dim, generator=gen).to(dtype)
+    if layout == "page_step":
+        full = randn(2 * num_pages, page_size, kv_heads, dim)
         full[1::2] = float("nan")
         return full[::2]
-    return torch.randn(batch, cap, kv_heads, dim, generator=gen).to(dtype)
+    if layout == "wide_page":
+        full = randn(num_pages, page_size + 2, kv_heads, dim)
+        full[:, page_size:] = float("nan")
+        return full[:, :page_size]
+    return randn(num_pages, page_size, kv_heads, dim)
+
+
+# --- paged caches ------------------------------------------------------------------------------------
+
+
+def page_table(slots: list[int], paging: dict, gen) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """A block table for sequences of ``slots[b]`` slots (``specs.paging``), the pool's page count, and
+    ``(b, n)``: sequence b's first n slots are an earlier sequence's (``(-1, 0)``: no sharing).
+
+    Sequence b needs ``ceil(slots[b] / page_size)`` pages, taken from the pool in shuffled (or pool)
+    order; ``spare`` pages stay unassigned; the table is ``extra`` entries wider than the most pages a
+    sequence needs, and entries past a sequence's pages are -1 (``tail="garbage"``: random int32
+    words). With ``share``, sequence b's first j pages are an earlier sequence a's, where every slot b
+    reads from them is one of a's (``min(slots[b], j * page_size) <= slots[a]``)."""
+    ps, batch = paging["page_size"], len(slots)
+    needed = [-(-n // ps) for n in slots]
+    sharer, source, share_pages = -1, -1, 0
+    if paging.get("share") and batch >= 2:
+        b = int(torch.randint(1, batch, (1,), generator=gen))
+        a = int(torch.randint(0, b, (1,), generator=gen))
+        most = needed[b] if slots[b] <= slots[a] else slots[a] // ps
+        if most >= 1:
+            sharer, source, share_pages = b, a, int(torch.randint(1, most + 1, (1,), generator=gen))
+    own = [n - (share_pages if b == sharer else 0) for b, n in enumerate(needed)]
+    num_pages = sum(own) + paging["spare"]
+    order = torch.randperm(num_pages, generator=gen) if paging["shuffled"] else torch.arange(num_pages)
+    width = max([0, *needed]) + paging["extra"]
+    if paging["tail"] == "garbage":
+        small = torch.randint(-3, num_pages + 3, (batch, width), generator=gen)
+        words = torch.randint(-(2**31), INT32_MAX, (batch, width), generator=gen)
+        table = torch.where(torch.rand(batch, width, generator=gen) < 0.5, small, words).to(torch.int32)
+    else:
+        table = torch.full((batch, width), -1, dtype=torch.int32)
+    first = 0
+    for b in range(batch):
+        pages = order[first : first + own[b]].to(torch.int32)
+        first += own[b]
+        if b == sharer:
+            pages = torch.cat([table[source, :share_pages], pages])
+        table[b, : needed[b]] = pages
+    return table, num_pages, (sharer, min(slots[sharer], share_pages * ps) if sharer >= 0 else 0)
+
+
+def shares_pages(spec: dict) -> bool:
+    """Whether the case of ``spec`` has a sequence sharing pages with another (its paging asked for it
+    and ``page_table`` found a pair that can): for the coverage counts. ``cache_attention_case`` draws
+    its block table first, so the same generator state gives the same table here."""
+    if spec["op"] != "cache_attention" or not spec["paging"]["share"]:
+        return False
+    _, _, (sharer, _) = page_table(spec["cache_lengths"], spec["paging"], torch.Generator().manual_seed(spec["seed"]))
+    return sharer >= 0
+
+
+def owned_pages(table: torch.Tensor, slots: list[int], page_size: int) -> torch.Tensor:
+    """int64 indices of the pages that hold some sequence's slots ``0 .. slots[b] - 1``."""
+    used = [table[b, : -(-n // page_size)] for b, n in enumerate(slots)]
+    return torch.cat([u.long() for u in used]).unique() if used else torch.zeros(0, dtype=torch.long)
+
+
+def slot_mask(table: torch.Tensor, slots: list[int], num_pages: int, page_size: int) -> torch.Tensor:
+    """bool ``[num_pages, page_size]``: the slots some sequence holds."""
+    held = torch.zeros(num_pages, page_size, dtype=torch.bool)
+    for b, n in enumerate(slots):
+        held[reference.page_slots(held, table, b, 0, n)] = True
+    return held
+
+
+def break_table(table: torch.Tensor, slots: list[tuple[int, int]], num_pages: int, page_size: int, gen) -> bool:
+    """Makes one page among the slots ``[first, end)`` of some sequence (``slots[b] = (first, end)``) -1
+    or outside the pool; False if no sequence uses a slot there."""
+    candidates = [b for b, (first, end) in enumerate(slots) if end > first]
+    if not candidates:
+        return False
+    b = candidates[int(torch.randint(0, len(candidates), (1,), generator=gen))]
+    first, end = slots[b]
+    slot = int(torch.randint(first, end, (1,), generator=gen))
+    bad = [-1, num_pages, num_pages + int(torch.randint(1, 1000, (1,), generator=gen)), -(2**31)]
+    table[b, slot // page_size] = bad[int(torch.randint(0, len(bad), (1,), generator=gen))]
+    return True
+
+
+def bad_length(lengths: list[int], capacity: int, gen) -> None:
+    """One length outside ``[0, capacity]``: past it by 1..3, or -1."""
+    b = int(torch.randint(0, len(lengths), (1,), generator=gen))
+    lengths[b] = capacity + 1 + int(torch.randint(0, 3, (1,), generator=gen)) if b % 2 == 0 else -1
 
 
 # --- cases ------------------------------------------------------------------------------------------------
@@ -154,31 +249,39 @@ def varlen_attention_case(s: dict, gen) -> dict:
 
 
 def cache_attention_case(s: dict, gen) -> dict:
-    dtype, batch, cap = DTYPES[s["dtype"]], len(s["cache_lengths"]), s["capacity"]
-    k_cache = cache(batch, cap, s["kv_heads"], s["head_dim"], dtype, s["cache_layout"], gen)
-    v_cache = cache(batch, cap, s["kv_heads"], s["head_dim"], dtype, s["cache_layout"], gen)
-    width = cap + 2 if s["pos_layout"] == "wide" else cap
-    # slots past each length: positions that would be visible, any tag bits, NaN K/V if poisoned
-    pos_full = torch.randint(0, 50, (batch, width), generator=gen, dtype=torch.int32)
-    tag_full = torch.randint(0, 64, (batch, width), generator=gen, dtype=torch.int32)
-    pos_cache, tag_cache = pos_full[:, :cap], tag_full[:, :cap]
+    dtype, batch, paging = DTYPES[s["dtype"]], len(s["cache_lengths"]), s["paging"]
+    ps, lengths = paging["page_size"], list(s["cache_lengths"])
+    table, num_pages, (sharer, shared_slots) = page_table(lengths, paging, gen)
+    k_cache = pool(num_pages, ps, s["kv_heads"], s["head_dim"], dtype, s["cache_layout"], gen)
+    v_cache = pool(num_pages, ps, s["kv_heads"], s["head_dim"], dtype, s["cache_layout"], gen)
+    # slots no sequence holds: positions that would be visible, any tag bits; NaN K/V in spare pages
+    # always, in the other free slots if poisoned
+    pos_cache = torch.randint(0, 50, (num_pages, ps), generator=gen, dtype=torch.int32)
+    tag_cache = torch.randint(0, 64, (num_pages, ps), generator=gen, dtype=torch.int32)
+    held = slot_mask(table, lengths, num_pages, ps)
+    spare = torch.ones(num_pages, dtype=torch.bool).index_fill_(0, owned_pages(table, lengths, ps), False)
+    free = ~held if s["poison"] else spare[:, None].expand(num_pages, ps)
+    k_cache[free], v_cache[free] = float("nan"), float("nan")
     q_pos, q_tag = [], []
-    for b, (n, nq) in enumerate(zip(s["cache_lengths"], s["q_lengths"])):
-        kp, kt = positions(n, s["pos"], gen), tags(n, s["tags"]["kind"], gen)
-        pos_cache[b, :n], tag_cache[b, :n] = kp.to(torch.int32), kt
-        q_pos.append(query_positions(kp, nq, s["queries"], s["pos"], gen))
+    for b, (n, nq) in enumerate(zip(lengths, s["q_lengths"])):
+        kp, kt = positions(n, s["pos"], gen).to(torch.int32), tags(n, s["tags"]["kind"], gen)
+        first = shared_slots if b == sharer else 0  # a shared prefix holds the earlier sequence's tokens
+        pos_cache[reference.page_slots(pos_cache, table, b, first, n - first)] = kp[first:]
+        tag_cache[reference.page_slots(tag_cache, table, b, first, n - first)] = kt[first:]
+        kp, kt = reference.gather_slots(pos_cache, table, b, n), reference.gather_slots(tag_cache, table, b, n)
+        q_pos.append(query_positions(kp.long(), nq, s["queries"], s["pos"], gen))
         suffix = s["queries"] == "suffix" and nq <= n
         q_tag.append(kt[n - nq:] if suffix else tags(nq, s["tags"]["kind"], gen))
-        if s["poison"]:
-            k_cache[b, n:], v_cache[b, n:] = float("nan"), float("nan")
-    lengths = list(s["cache_lengths"])
-    if s.get("expect", "ok") == "bad_length" and batch:
-        b = int(torch.randint(0, batch, (1,), generator=gen))
-        lengths[b] = cap + 1 + int(torch.randint(0, 3, (1,), generator=gen)) if b % 2 == 0 else -1
+    error = None
+    if s.get("expect") == "bad_length" and batch:
+        bad_length(lengths, table.shape[1] * ps, gen)
+        error = "outside"
+    if s.get("expect") == "bad_page" and break_table(table, [(0, n) for n in lengths], num_pages, ps, gen):
+        error = "is not a page of the pool"
     return dict(
-        _error="outside" if s.get("expect", "ok") == "bad_length" and batch else None,
+        _error=error,
         q=rows(sum(s["q_lengths"]), s["heads"], s["head_dim"], dtype, s["q_layout"], gen),
-        k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens(s["q_lengths"]),
+        k_cache=k_cache, v_cache=v_cache, block_table=table, cu_seqlens_q=cu_seqlens(s["q_lengths"]),
         cache_seqlens=torch.tensor(lengths, dtype=torch.int32), q_pos=int32(q_pos), pos_cache=pos_cache,
         q_tag=int32(q_tag) if s["tags"]["q"] else None, tag_cache=tag_cache if s["tags"]["k"] else None,
         rule=s["rule"], scale=s["scale"], num_splits=s["num_splits"],
@@ -211,50 +314,59 @@ def compact_rows_case(s: dict, gen) -> dict:
     return dict(x=x, cu_seqlens=cu_seqlens(s["lengths"]), keep=_keep(n, s["keep"], gen))
 
 
-def _cache_buffers(batch: int, cap: int, kv_heads: int, dim: int, dtype, gen) -> dict:
-    return dict(
-        k_cache=torch.randn(batch, cap, kv_heads, dim, generator=gen).to(dtype),
-        v_cache=torch.randn(batch, cap, kv_heads, dim, generator=gen).to(dtype),
-        pos_cache=torch.randint(-(2**31), INT32_MAX, (batch, cap), generator=gen, dtype=torch.int32),
-        tag_cache=torch.randint(-(2**31), INT32_MAX, (batch, cap), generator=gen, dtype=torch.int32),
+def _cache_pools(slots: list[int], s: dict, dtype, gen) -> tuple[dict, int]:
+    """The paged cache of the writing ops (``specs.paging``, no shared pages): contiguous K/V pools of
+    random values, NaN in the spare pages, and pos/tag pools of random int32 words; and its page count."""
+    table, num_pages, _ = page_table(slots, s["paging"], gen)
+    ps, kv_heads, dim = s["paging"]["page_size"], s["kv_heads"], s["head_dim"]
+    spare = torch.ones(num_pages, dtype=torch.bool).index_fill_(0, owned_pages(table, slots, ps), False)
+    pools = dict(
+        k_cache=torch.randn(num_pages, ps, kv_heads, dim, generator=gen).to(dtype),
+        v_cache=torch.randn(num_pages, ps, kv_heads, dim, generator=gen).to(dtype),
+        pos_cache=torch.randint(-(2**31), INT32_MAX, (num_pages, ps), generator=gen, dtype=torch.int32),
+        tag_cache=torch.randint(-(2**31), INT32_MAX, (num_pages, ps), generator=gen, dtype=torch.int32),
+        block_table=table,
     )
+    pools["k_cache"][spare], pools["v_cache"][spare] = float("nan"), float("nan")
+    return pools, num_pages
 
 
 def cache_append_case(s: dict, gen) -> dict:
     dtype, batch, n = DTYPES[s["dtype"]], len(s["cache_lengths"]), sum(s["new_lengths"])
-    lengths, cap = list(s["cache_lengths"]), s["capacity"]
-    if batch and s.get("expect", "ok") != "ok":
+    lengths, new, ps = list(s["cache_lengths"]), s["new_lengths"], s["paging"]["page_size"]
+    pools, num_pages = _cache_pools([a + b for a, b in zip(lengths, new)], s, dtype, gen)
+    capacity, expect, error = pools["block_table"].shape[1] * ps, s.get("expect", "ok"), None
+    if batch and expect in ("overflow", "bad_length"):
         b = int(torch.randint(0, batch, (1,), generator=gen))
-        lengths[b] = -1 if s.get("expect", "ok") == "bad_length" else cap - s["new_lengths"][b] + 1
+        lengths[b] = -1 if expect == "bad_length" else capacity - new[b] + 1
+        error = "block table holds"
+    if expect == "bad_page" and break_table(pools["block_table"], [(a, a + b) for a, b in zip(lengths, new)],
+                                            num_pages, ps, gen):
+        error = "is not a page of the pool"
     lk, lv = s["layout"]
     return dict(
-        _error="capacity" if s.get("expect", "ok") != "ok" and batch else None,
-        **_cache_buffers(batch, cap, s["kv_heads"], s["head_dim"], dtype, gen),
+        _error=error, **pools,
         k=rows(n, s["kv_heads"], s["head_dim"], dtype, lk, gen), v=rows(n, s["kv_heads"], s["head_dim"], dtype, lv, gen),
         pos=torch.randint(-(2**31), INT32_MAX, (n,), generator=gen, dtype=torch.int32),
         tag=torch.randint(-(2**31), INT32_MAX, (n,), generator=gen, dtype=torch.int32),
-        cu_seqlens=cu_seqlens(s["new_lengths"]), cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+        cu_seqlens=cu_seqlens(new), cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
     )
 
 
 def cache_compact_case(s: dict, gen) -> dict:
-    dtype, batch = DTYPES[s["dtype"]], len(s["cache_lengths"])
-    old_cap = max([0, *s["cache_lengths"]]) + s["old_spare"]
-    keep = torch.stack([_keep(old_cap, s["keep"], gen) for _ in range(batch)]) if batch else torch.zeros(0, old_cap, dtype=torch.bool)
+    dtype, batch, ps = DTYPES[s["dtype"]], len(s["cache_lengths"]), s["paging"]["page_size"]
     lengths = list(s["cache_lengths"])
-    kept = [int(keep[b, :n].sum()) for b, n in enumerate(lengths)]
-    capacity = max([0, *kept]) + s["new_spare"]
-    if batch and s.get("expect", "ok") == "bad_length":
-        b = int(torch.randint(0, batch, (1,), generator=gen))
-        lengths[b] = old_cap + 1 + int(torch.randint(0, 3, (1,), generator=gen)) if b % 2 == 0 else -1
-    error = "outside|capacity" if s.get("expect", "ok") == "bad_length" and batch else None
-    if s.get("expect", "ok") == "too_small" and max([0, *kept]):
-        capacity, error = max(kept) - 1, "capacity"
-    return dict(
-        _error=error,
-        **_cache_buffers(batch, old_cap, s["kv_heads"], s["head_dim"], dtype, gen),
-        cache_seqlens=torch.tensor(lengths, dtype=torch.int32), keep=keep, capacity=capacity,
-    )
+    pools, num_pages = _cache_pools(lengths, s, dtype, gen)
+    capacity = pools["block_table"].shape[1] * ps
+    # keep is random past each length too: only the slots below it count
+    keep = torch.stack([_keep(capacity, s["keep"], gen) for _ in range(batch)]) if batch else torch.zeros(0, capacity, dtype=torch.bool)
+    error = None
+    if batch and s.get("expect") == "bad_length":
+        bad_length(lengths, capacity, gen)
+        error = "outside"
+    if s.get("expect") == "bad_page" and break_table(pools["block_table"], [(0, n) for n in lengths], num_pages, ps, gen):
+        error = "is not a page of the pool"
+    return dict(_error=error, **pools, cache_seqlens=torch.tensor(lengths, dtype=torch.int32), keep=keep)
 
 
 BUILDERS = dict(
@@ -317,6 +429,8 @@ def run_case(spec: dict, ops) -> float:
     before = {k: v.clone() for k, v in _buffers(case).items()}
     if op == "cache_append":
         return _judge_append(case, args, ops, before)
+    if op == "cache_compact":
+        return _judge_compact(case, args, ops, before)
     result = getattr(ops, op)(*args)
     _check_unchanged(before, case)
     if op == "compact_rows":
@@ -326,29 +440,43 @@ def run_case(spec: dict, ops) -> float:
         assert torch.equal(out, ref_x), "compacted rows differ"
         assert torch.equal(cu, ref_cu), f"new cu_seqlens {cu.tolist()} != {ref_cu.tolist()}"
         return 0.0
-    if op == "cache_compact":
-        _judge_compact(result, reference.cache_compact(*args))
-        return 0.0
     fn = reference.varlen_attention if op == "varlen_attention" else reference.cache_attention
     err, bound = op_contract.attention_error(result, case, fn)
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
     return err / bound
 
 
+POOLS = ("k_cache", "v_cache", "pos_cache", "tag_cache")
+
+
 def _judge_append(case: dict, args: list, ops, before: dict) -> float:
-    ref = {k: before[k].clone() for k in ("k_cache", "v_cache", "pos_cache", "tag_cache")}
+    """Every page of every pool equals the reference's afterwards: the new slots written, nothing else."""
+    ref = {k: before[k].clone() for k in POOLS}
     ops.cache_append(*args)
+    _check_unchanged(before, case, skip=POOLS)
     reference.cache_append(*[ref.get(k, case[k]) for k in ARGS["cache_append"]])
     for name in ref:
         assert _same(case[name], ref[name]), f"{name} differs from the reference"
-    _check_unchanged(before, case, skip=tuple(ref))
     return 0.0
 
 
-def _judge_compact(outs, refs) -> None:
-    lengths = refs[4]
-    assert torch.equal(outs[4], lengths), f"new cache_seqlens {outs[4].tolist()} != {lengths.tolist()}"
-    for name, o, r in zip(("k_cache", "v_cache", "pos_cache", "tag_cache"), outs[:4], refs[:4]):
-        assert o.dtype == r.dtype and o.shape == r.shape, f"{name}: {o.dtype} {tuple(o.shape)} != {r.dtype} {tuple(r.shape)}"
-        for b, n in enumerate(lengths.tolist()):
-            assert _same(o[b, :n], r[b, :n]), f"{name} of sequence {b} differs"
+def _judge_compact(case: dict, args: list, ops, before: dict) -> float:
+    """In place: the new lengths and each sequence's kept slots (through its block table row) equal the
+    reference's, and the pages no sequence owns are not written (op_contract.check_cache_compact; slots
+    past a new length are unspecified)."""
+    ref = {k: before[k].clone() for k in POOLS}
+    lengths = ops.cache_compact(*args)
+    _check_unchanged(before, case, skip=POOLS)
+    want = reference.cache_compact(*[ref.get(k, case[k]) for k in ARGS["cache_compact"]])
+    assert isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int32 and lengths.shape == want.shape, \
+        f"new cache_seqlens: {getattr(lengths, 'dtype', type(lengths))} {tuple(getattr(lengths, 'shape', ()))}"
+    assert torch.equal(lengths, want), f"new cache_seqlens {lengths.tolist()} != {want.tolist()}"
+    table, page_size = case["block_table"], case["k_cache"].shape[1]
+    spare = torch.ones(case["k_cache"].shape[0], dtype=torch.bool)
+    spare[owned_pages(table, case["cache_seqlens"].tolist(), page_size)] = False
+    for name in POOLS:
+        for b, n in enumerate(want.tolist()):
+            got, expected = (reference.gather_slots(t, table, b, n) for t in (case[name], ref[name]))
+            assert _same(got, expected), f"{name} of sequence {b} differs"
+        assert _same(case[name][spare], before[name][spare]), f"{name}: a page no sequence owns was written"
+    return 0.0

@@ -14,7 +14,8 @@ def fuzz_results(request) -> list:
 
 
 def _coverage(c: dict) -> str:
-    keys = ("B=0", "empty seq", "heads=0", "len>70", "int32-top pos", "strided", "bad input", "meta input")
+    keys = ("B=0", "empty seq", "heads=0", "len>70", "int32-top pos", "strided", "page=1", "page odd", "page=64",
+            "1 page/seq", "exact table", "shared pages", "garbage table", "bad input", "meta input")
     return " ".join(f"{k}:{c[k]}" for k in keys if c.get(k))
 
 

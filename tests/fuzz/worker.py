@@ -180,6 +180,13 @@ def coverage(spec: dict) -> list[str]:
     layouts = [spec.get("q_layout"), spec.get("cache_layout"), *([layout] if isinstance(layout, str) else layout)]
     labels += ["strided"] * any(x not in (None, "contig") for x in layouts)
     labels += ["bad input"] * (spec.get("expect", "ok") != "ok") + ["meta input"] * bool(spec.get("meta"))
+    paging = spec.get("paging")
+    if paging:
+        slots = [a + b for a, b in zip(spec["cache_lengths"], spec.get("new_lengths", [0] * len(flat)))]
+        ps, longest = paging["page_size"], max([0, *slots])
+        labels += [f"page={ps}" if ps in (1, 16, 64) else "page odd" if ps in (3, 5, 7) else "1 page/seq"]
+        labels += ["exact table"] * (paging["extra"] == 0 and longest % ps == 0)
+        labels += ["shared pages"] * build.shares_pages(spec) + ["garbage table"] * (paging["tail"] == "garbage")
     if "rule" in spec:
         tags = spec["tags"]
         labels += [f"rule {spec['rule']}", {(True, True): "tags both", (True, False): "tags q only",
