@@ -1,8 +1,10 @@
 """Gradients are real or refused, never silently missing (issue 14).
 
-The backward of every op (``skiplayers/autograd.py``) is checked, for every backend that runs here,
-against the float64 gradient of the op's pure-PyTorch semantics; that float64 gradient is itself
-checked by ``torch.autograd.gradcheck``. At the model level, a patched tiny LLaMA gives every
+The backward of every attention op and of ``compact_rows`` (``skiplayers/autograd.py``) is checked, for
+every backend that runs here, against the float64 gradient of the op's pure-PyTorch semantics; that
+float64 gradient is itself checked by ``torch.autograd.gradcheck``. The in-place cache ops
+(``cache_append``, ``cache_compact``) have no backward: they refuse inputs that require grad under grad
+mode, and run under ``torch.no_grad()``. At the model level, a patched tiny LLaMA gives every
 parameter the gradient of the same model patched with the pure-PyTorch backend.
 
 Tolerance for gradients (the op_contract rule applied to gradients): a backend's gradient may be
