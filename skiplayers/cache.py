@@ -195,6 +195,7 @@ class SkipCacheLayer(CacheLayerMixin):
         taking them from the pool; host work only, plus a copy of the block table to the device
         when it changed. ``like`` (K/V rows ``[N, H_kv, D]``) sizes the pool at a first write."""
         batch = counts.shape[0]
+        self._owner.written(self.index)
         if self._held is None:
             if like is None:
                 raise RuntimeError(f"SkipCache layer {self.index}: no pages yet, and no K/V to size them by")
@@ -210,11 +211,22 @@ class SkipCacheLayer(CacheLayerMixin):
         if not bool((needed > 0).any()):
             return
         rows = [self._host_table[b, : int(self._held[b])].tolist() for b in range(batch)]
+        wanted = int(needed.clamp(min=0).sum())
+        taken = self.pool.take(wanted, to_come=self._owner.pages_to_come(self.pool))
         for b, n in enumerate(needed.tolist()):
             if n > 0:
-                rows[b] += self.pool.take(n)
+                rows[b] += taken[:n]
+                taken = taken[n:]
         self._held = torch.maximum(self._held, self._held + needed)
         self._set_table(rows)
+
+    def pages_needed(self, counts: torch.Tensor) -> int:
+        """Pages this layer would take to store ``counts[b]`` more slots per sequence (int64 ``[B]``)."""
+        if self._held is None:
+            return int(_pages_for(counts, self.page_size).sum())
+        if self._held.shape[0] != counts.shape[0]:
+            return 0  # refused when the write comes
+        return int((_pages_for(self._host_lengths + counts, self.page_size) - self._held).clamp(min=0).sum())
 
     def append(self, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
         """Stores sequence b's ``counts[b]`` new rows after its stored slots (packed ``k, v [N, H_kv, D]``,
@@ -390,6 +402,9 @@ class SkipCache(Cache):
         self.page_size = page_size
         self.max_tokens, self.max_bytes = max_tokens, max_bytes
         self._pools: dict[tuple, PagePool] = {}
+        # Slots each layer may still write in the running call (host int64 [L, B], an upper bound,
+        # or None): what a pool that must grow makes room for at once (expect_writes).
+        self._writes_to_come: torch.Tensor | None = None
         self.logical_length = 0
         # Per sequence: context tokens and non-context tokens seen so far (host int64 [B]).
         self.context_counts: torch.Tensor | None = None
@@ -472,6 +487,25 @@ class SkipCache(Cache):
                 pages = 0
             self._pools[key] = PagePool(self.page_size, like, pages, reserved=self.reserved)
         return self._pools[key]
+
+    def expect_writes(self, per_layer: torch.Tensor | None) -> None:
+        """The slots each layer may write in the call that starts (host int64 ``[L, B]``, an upper
+        bound; None when the call ends): a pool that must grow grows once for all of them."""
+        self._writes_to_come = None if per_layer is None else per_layer.clone()
+
+    def written(self, layer_idx: int) -> None:
+        """Layer ``layer_idx`` has taken its pages for the running call (:meth:`expect_writes`)."""
+        if self._writes_to_come is not None:
+            self._writes_to_come[layer_idx] = 0
+
+    def pages_to_come(self, pool: PagePool) -> int:
+        """Pages the layers not yet written may still take from ``pool`` in the running call (a layer
+        with no pool yet is counted: it will draw from one of this device's pools)."""
+        writes = self._writes_to_come
+        if writes is None:
+            return 0
+        return sum(layer.pages_needed(writes[idx]) for idx, layer in enumerate(self.layers)
+                   if bool(writes[idx].any()) and layer.pool in (None, pool))
 
     def reserve(self, counts: torch.Tensor, layers=None) -> None:
         """Takes now, at each of ``layers`` (default: every layer that holds pages), the pages that

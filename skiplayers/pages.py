@@ -68,8 +68,10 @@ class PagePool:
         total = self.keys.nbytes + self.values.nbytes
         return total + (self.pos.nbytes + self.tag.nbytes if include_metadata else 0)
 
-    def take(self, count: int) -> list[int]:
-        """``count`` free pages (their numbers), growing the pool if it is not reserved."""
+    def take(self, count: int, to_come: int = 0) -> list[int]:
+        """``count`` free pages (their numbers), growing the pool if it is not reserved. ``to_come``:
+        pages the running call will take after these (a growth makes room for them too, so that a
+        call reallocates the pool once, not at every layer)."""
         if count > len(self._free):
             if self.reserved:
                 raise PoolExhausted(
@@ -77,7 +79,7 @@ class PagePool:
                     f"{len(self._free)} of {self.num_pages} are free (reserve more with SkipCache(max_tokens=...) or "
                     "max_bytes=..., or leave both unset to let the pool grow)"
                 )
-            self._grow(count - len(self._free))
+            self._grow(count + to_come - len(self._free))
         return [self._free.pop() for _ in range(count)]
 
     def give(self, pages: list[int]) -> None:

@@ -18,7 +18,7 @@ import skiplayers as sk
 from cases import cu_seqlens
 from model_helpers import checking_cache_lengths, decode_step_inputs
 from skiplayers.ops import get_ops
-from skiplayers.pages import PoolExhausted
+from skiplayers.pages import PagePool, PoolExhausted
 
 H_KV, D = 2, 4
 PAGE = 4  # small pages, so that a few rows span several
@@ -134,6 +134,30 @@ def test_drop_last_frees_emptied_pages_and_batch_selection_copies_only_repeats()
     assert layer.host_lengths.tolist() == [3, 4] and stored_positions(layer) == [[0, 1, 2], [0, 1, 2, 3]]
     assert pages_in_use(cache) == sum(len(layer.pages()) for layer in cache.layers)  # the rest went back
     cache.check_lengths()
+
+
+@torch.no_grad()
+def test_a_call_grows_the_pool_once_and_a_prefill_holds_what_it_stores(model, batch, monkeypatch):
+    """The patched forward tells the cache what each layer will store (plan.expected_writes), so a
+    pool that must grow grows once per call, not at every layer; a first prefill's pool is exactly
+    the pages its layers hold."""
+    grown = []
+    real_grow = PagePool._grow
+    monkeypatch.setattr(PagePool, "_grow", lambda self, n: (grown.append(n), real_grow(self, n)))
+    ids, attn, ctx, pos = batch
+    with sk.patched(model, sk.SkipPolicy(context_stop_layer=2), backend="cpu"):
+        cache = sk.SkipCache(model.config.num_hidden_layers, page_size=PAGE)
+        model(ids, attention_mask=attn, position_ids=pos, context_mask=ctx, past_key_values=cache)
+        assert len(grown) == 1
+        assert cache.pool_nbytes() == cache.nbytes()
+        step_ids, step_mask, step_pos = decode_step_inputs(batch)
+        for i in range(3 * PAGE):  # steps that take pages at several layers and sequences
+            before = len(grown)
+            model(step_ids, attention_mask=torch.cat([step_mask, step_mask.new_ones(3, i)], 1),
+                  position_ids=step_pos + i, context_mask=ctx, past_key_values=cache)
+            assert len(grown) - before <= 1
+        assert len(grown) > 1  # the pool did grow while decoding
+        cache.check_lengths()
 
 
 def test_a_reserved_pool_never_grows_and_names_its_budget_when_full():

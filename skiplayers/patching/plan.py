@@ -144,6 +144,7 @@ def plan_call(decoder, cache: SkipCache | None, input_ids, like: torch.Tensor, a
     if cache is not None:
         cache.policy = state.policy
         cache.settle()  # a reduction the previous call requested, with that call's sentence counts
+        cache.expect_writes(expected_writes(state.policy, layers, call, cache.layer_mask, bool(call.context.any())))
     tags, anchors = _tags(call, input_ids, cache, state.policy)
     facts = CallFacts(
         positions_ordered=positions_ordered(call.host_positions, call.valid,
@@ -153,11 +154,32 @@ def plan_call(decoder, cache: SkipCache | None, input_ids, like: torch.Tensor, a
     return CallPlan(pack(call.valid, call.positions, tags), call, anchors, facts)
 
 
+def expected_writes(policy, layers: int, call: CallInputs, layer_mask: torch.Tensor | None,
+                    context_dropped: bool) -> torch.Tensor:
+    """An upper bound of the slots each layer stores in this call, host int64 ``[L, B]``: every real
+    token below ℓ, the non-context ones from ℓ on (when the context is dropped), nothing at skipped
+    layers or dropped attention, nothing where ``layer_mask`` skips a sequence. (Rows that exit
+    early store no more than this.) What lets a growing page pool grow once per call."""
+    valid = call.valid.sum(dim=1)
+    plain = (call.valid & ~call.context).sum(dim=1)
+    writes = valid.expand(layers, -1).clone()
+    stop = policy.context_stop_layer
+    if context_dropped and stop is not None and stop < layers:
+        writes[stop:] = plain
+    none = [*policy.skip_layers, *policy.drop_attention_layers]
+    if none:
+        writes[none] = 0
+    if layer_mask is not None:
+        writes *= layer_mask.T.to(torch.int64)
+    return writes
+
+
 def finish_call(decoder, cache: SkipCache | None, plan: CallPlan) -> None:
     """The cache's bookkeeping after the layers: the columns are seen; a finished sentence asks
     for the anchor reduction (AnLLM: it keeps only its anchor's K/V)."""
     if cache is None:
         return
+    cache.expect_writes(None)
     cache.advance(plan.call.valid, plan.call.context, plan.call.host_positions, plan.anchors)
     if plan.anchors is not None and bool(plan.anchors.any()):
         cache.request_reduction(decoder._skiplayers.ops)

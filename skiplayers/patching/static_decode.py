@@ -112,8 +112,12 @@ class StaticDecoder:
             raise RuntimeError("StaticDecoder: max_new_tokens steps have run; make a new one to decode further")
         self._remaining -= 1
         cache = self.cache
+        writes = torch.zeros(len(cache.layers), self.batch, dtype=torch.int64)
+        writes[self.stores] = 1
+        cache.expect_writes(writes)  # a growing pool grows once for all the layers
         for idx in self.stores:
             cache.layers[idx].prepare_write(self._ones, max_pages=self._max_pages)
+        cache.expect_writes(None)
         positions = (cache.last_positions + 1)[:, None]
         valid = torch.ones(self.batch, 1, dtype=torch.bool)
         cache.advance(valid, torch.zeros_like(valid), positions)
