@@ -305,6 +305,16 @@ def test_cache_append_head_dims(ops, backend, dim):
     op_contract.check_cache_append(ops, case)
 
 
+@over_backends()
+def test_cache_append_reads_only_the_pages_it_writes(ops, backend):
+    """Block table entries of pages an append does not write are never read: not those of the stored
+    slots, nor any of a sequence that appends nothing (they may be anything, e.g. -1)."""
+    case = cases.make_cache_append([4, 6], [0, 3], page_size=2, device=backend.device)
+    case["block_table"][0, :2] = -1  # sequence 0 appends nothing
+    case["block_table"][1, :3] = -1  # sequence 1's stored slots 0..5; it writes slots 6..8 (pages 3, 4)
+    op_contract.check_cache_append(ops, case)
+
+
 @over_backends("dtype,page_size,lengths", grid(DTYPES, [*PAGE_SIZES, 5], [[0, 12, 30, 3], [0, 12, 130, 3]]))
 def test_cache_compact(ops, backend, dtype, page_size, lengths):
     case = cases.make_cache_compact(lengths, page_size=page_size, dtype=dtype, seed=page_size, device=backend.device)

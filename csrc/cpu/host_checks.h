@@ -17,7 +17,9 @@ inline void check_cu_seqlens(const at::Tensor& cu, int64_t rows, const char* op,
 }
 
 // Sequence b's slots [0, lens[b] + added[b]) (added: nullptr for none) must fit its block table row,
-// and every page they touch must be a page of the pool. `block_table` is contiguous int32 [B, max_pages].
+// and every page the op touches must be a page of the pool: the pages of slots [0, lens[b]) when
+// reading (added == nullptr), the pages of the new slots [lens[b], lens[b] + added[b]) when
+// appending. `block_table` is contiguous int32 [B, max_pages].
 inline void check_paged_slots(const at::Tensor& block_table, const int32_t* lens, const int32_t* added,
                               int64_t num_pages, int64_t page_size, const char* op) {
   const int64_t batch = block_table.size(0), max_pages = block_table.size(1), capacity = max_pages * page_size;
@@ -31,8 +33,9 @@ inline void check_paged_slots(const at::Tensor& block_table, const int32_t* lens
       TORCH_CHECK(lens[b] >= 0 && lens[b] <= capacity, op, ": cache_seqlens[", b, "] = ", lens[b],
                   " is outside [0, ", capacity, "]");
     }
-    const int64_t pages = (lens[b] + n + page_size - 1) / page_size;
-    for (int64_t i = 0; i < pages; ++i) {
+    const int64_t from = added ? lens[b] : 0, to = lens[b] + n;  // the slots the op touches
+    const int64_t end_page = from < to ? (to + page_size - 1) / page_size : 0;
+    for (int64_t i = from / page_size; i < end_page; ++i) {
       const int32_t page = table[b * max_pages + i];
       TORCH_CHECK(page >= 0 && page < num_pages, op, ": block_table[", b, ", ", i, "] = ", page,
                   " is not a page of the pool (num_pages ", num_pages, ")");
