@@ -1,7 +1,8 @@
 """The Triton kernels' own building blocks, below the ops (the ops themselves: tests/test_ops.py):
 the visibility predicate and the block test of ``triton_kernels/visibility.py`` against
-``reference.visibility_mask``, run inside a probe kernel; and the ahead-of-time compile check
-(``skiplayers.aot``) for sm_80 and sm_90.
+``reference.visibility_mask``, run inside a probe kernel; what the paged kernels do with bad
+metadata when the host value checks are off (as on CUDA tensors by default); and the ahead-of-time
+compile check (``skiplayers.aot``) for sm_80 and sm_90.
 
 Without a GPU the probe runs under the Triton interpreter (``TRITON_INTERPRET=1``, set by
 ``conftest.py`` before anything imports triton) on CPU tensors; with a GPU, compiled on CUDA tensors.
@@ -15,10 +16,13 @@ import triton
 import triton.language as tl
 
 import cases
+import op_contract
 from backends import triton_device
 from constants import RULES
 from skiplayers import aot, reference
+from skiplayers import ops as sk_ops
 from skiplayers.meta import Rule
+from skiplayers.triton_kernels import checks
 from skiplayers.triton_kernels.visibility import key_block_may_be_visible, key_visible, query_summary
 
 pytestmark = pytest.mark.triton
@@ -93,6 +97,93 @@ def test_block_test_rules_out(name, rule, k_pos, k_tag):
     num_keys = 0 if name == "padding only" else 16
     _, may = _probe(rule, q_pos, q_tag, k_pos.to(torch.int32), k_tag.to(torch.int32), num_keys=num_keys)
     assert not may, f"{name}: block should be ruled out"
+
+
+# --- paged kernels without the host value checks: bad metadata never leaves the pools ---------------
+# A slot whose block table entry is not a page of the pool is no slot (attention: no key; append and
+# compaction: neither read nor written); cache lengths are clamped to the block table's slots.
+
+TRITON = sk_ops.get_ops("triton")
+_FAR = 2**30  # a position no query reaches: a slot holding it is never visible
+
+
+@pytest.fixture
+def no_value_checks(monkeypatch):
+    monkeypatch.setattr(checks, "value_checks_enabled", lambda t: False)
+
+
+def _bad_pages(case: dict) -> tuple[dict, dict]:
+    """(case, expected_case): sequence 1's block table names page -1 and a page past the pool; in
+    ``expected_case`` both entries name a spare page whose slots are never visible."""
+    bad, good = {**case, "block_table": case["block_table"].clone()}, {**case}
+    num_pages = case["k_cache"].shape[0]
+    spare = sorted(set(range(num_pages)) - set(case["block_table"].flatten().tolist()))[0]
+    bad["block_table"][1, 1], bad["block_table"][1, 3] = -1, num_pages + 5
+    good["block_table"] = case["block_table"].clone()
+    good["block_table"][1, 1] = good["block_table"][1, 3] = spare
+    good["pos_cache"] = case["pos_cache"].clone()
+    good["pos_cache"][spare] = _FAR
+    return bad, good
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cache_attention_skips_slots_outside_the_pool(no_value_checks, num_splits):
+    case = cases.make_cache_attention([30, 70], q_lengths=[1, 2], page_size=8, rule=Rule.ANCHORS, seed=4,
+                                      num_splits=num_splits, device=DEVICE)
+    bad, good = _bad_pages(case)
+    out = op_contract.call(TRITON, "cache_attention", bad)
+    op_contract.assert_attention_close(out, good, reference.cache_attention)
+
+
+def test_cache_attention_clamps_lengths_to_the_block_table(no_value_checks):
+    case = cases.make_cache_attention([12, 11], page_size=4, max_pages=3, seed=2, device=DEVICE)
+    out = op_contract.call(TRITON, "cache_attention", {**case, "cache_seqlens": case["cache_seqlens"] + 9})
+    clamped = {**case, "cache_seqlens": torch.full((2,), 12, dtype=torch.int32, device=DEVICE)}
+    op_contract.assert_attention_close(out, clamped, reference.cache_attention)
+
+
+def test_cache_append_writes_nothing_outside_the_pool(no_value_checks):
+    case = cases.make_cache_append([3, 2], [6, 9], page_size=2, device=DEVICE)
+    case["block_table"][0, 2] = -1  # slots 4, 5 of sequence 0
+    case["block_table"][1, 4] = case["k_cache"].shape[0]  # slots 8, 9 of sequence 1
+    case["cache_seqlens"][1] = case["block_table"].shape[1] * 2 - 4  # its last rows fall past the table
+    mine = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    op_contract.call(TRITON, "cache_append", mine)
+    # The expected pools: the reference's writes of the rows whose slots have a page.
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    cu, table, capacity = case["cu_seqlens"].tolist(), case["block_table"], case["block_table"].shape[1] * 2
+    for b, start in enumerate(case["cache_seqlens"].tolist()):
+        for i in range(cu[b + 1] - cu[b]):
+            slot, row = start + i, cu[b] + i
+            page = int(table[b, slot // 2]) if slot < capacity else -1
+            if 0 <= page < case["k_cache"].shape[0]:
+                for pool, src in (("k_cache", "k"), ("v_cache", "v"), ("pos_cache", "pos"), ("tag_cache", "tag")):
+                    expected[pool][page, slot % 2] = case[src][row]
+    for pool in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
+        assert torch.equal(mine[pool], expected[pool]), f"{pool} differs"
+
+
+def test_cache_compact_moves_nothing_through_a_missing_page(no_value_checks):
+    """Sequence 1's page 1 is missing: its slots are neither read nor written; the other sequences'
+    compaction is exact, and no page outside the sequences' pages is touched."""
+    case = cases.make_cache_compact([9, 14, 5], page_size=4, keep_fraction=0.5, seed=3, device=DEVICE)
+    good = {k: v.clone() for k, v in case.items()}
+    mine = {k: v.clone() for k, v in case.items()}
+    mine["block_table"][1, 1] = -1
+    lengths = op_contract.call(TRITON, "cache_compact", mine)
+    ref_lengths = op_contract.call(reference, "cache_compact", good)
+    assert torch.equal(lengths, ref_lengths)  # the kept count does not depend on the pages
+    for b in (0, 2):
+        for pool in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
+            n = int(ref_lengths[b])
+            assert torch.equal(reference.gather_slots(mine[pool], case["block_table"], b, n),
+                               reference.gather_slots(good[pool], case["block_table"], b, n)), f"{pool} {b}"
+    owned = torch.zeros(case["k_cache"].shape[0], dtype=torch.bool)
+    owned[case["block_table"][case["block_table"] >= 0].long()] = True
+    page = int(case["block_table"][1, 1])
+    owned[page] = False  # the missing page: nothing may be written to it
+    for pool in ("k_cache", "v_cache", "pos_cache", "tag_cache"):
+        assert torch.equal(mine[pool][~owned], case[pool][~owned]), f"{pool}: a page outside the sequences was written"
 
 
 # --- ahead-of-time compilation for sm_80 and sm_90 -----------------------------------------------------

@@ -42,19 +42,21 @@ def test_varlen_attention_launcher_called_directly():
 
 
 def test_decode_step_under_torch_compile():
-    """append + attend, traced by torch.compile (fullgraph): fakes and the in-place op must trace."""
+    """append + attend on a paged cache, traced by torch.compile (fullgraph): fakes and the in-place op
+    must trace."""
     case = cases.make_cache_attention([5, 40], q_lengths=[1, 1], rule=Rule.ANCHORS, device=DEVICE)
     new_k = torch.randn(2, 2, 64, device=DEVICE)
     new_v = torch.randn(2, 2, 64, device=DEVICE)
     new_pos = case["q_pos"] + 1000
     new_tag = case["q_tag"]
-    lens = case["cache_seqlens"]
+    lens = case["cache_seqlens"]  # slots 5 and 40 lie in pages the block table already names
+    table = case["block_table"]
 
     def step(k_cache, v_cache, pos_cache, tag_cache):
-        torch.ops.skiplayers_triton.cache_append(k_cache, v_cache, pos_cache, tag_cache, new_k, new_v, new_pos, new_tag,
-                                                 case["cu_seqlens_q"], lens)
+        torch.ops.skiplayers_triton.cache_append(k_cache, v_cache, pos_cache, tag_cache, table, new_k, new_v, new_pos,
+                                                 new_tag, case["cu_seqlens_q"], lens)
         return torch.ops.skiplayers_triton.cache_attention(
-            case["q"], k_cache, v_cache, case["cu_seqlens_q"], lens + 1, new_pos, pos_cache, new_tag, tag_cache,
+            case["q"], k_cache, v_cache, table, case["cu_seqlens_q"], lens + 1, new_pos, pos_cache, new_tag, tag_cache,
             Rule.ANCHORS, 0.125, 0)
 
     buffers = [case[k].clone() for k in ("k_cache", "v_cache", "pos_cache", "tag_cache")]

@@ -74,12 +74,14 @@ def attention_specs() -> list[CompileSpec]:
                     tuple(n for n in sig if n.endswith("_ptr")) + strides,
                 ))
                 cfg = configs.decode_config(dtype, head_dim)
-                strides = ("stride_qm", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
-                           "stride_vh", "stride_om", "stride_oh", "stride_pb")
+                strides = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs",
+                           "stride_vh", "stride_om", "stride_oh")
                 sig = _sig(
-                    dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_ptr="fp32", cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32",
-                         pos_cache_ptr="i32", q_tag_ptr="i32", tag_cache_ptr="i32"),
-                    ints=strides + ("stride_ps", "num_queries", "heads", "capacity", "num_splits", "group", "gsub", "rule"),
+                    dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_ptr="fp32", block_table_ptr="i32",
+                         cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32", pos_cache_ptr="i32",
+                         q_tag_ptr="i32", tag_cache_ptr="i32"),
+                    ints=strides + ("max_pages", "num_queries", "heads", "num_pages", "page_size", "num_splits", "group",
+                                    "gsub", "rule"),
                     floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
                 )
                 specs.append(CompileSpec(
@@ -106,11 +108,8 @@ def row_specs() -> list[CompileSpec]:
         specs.append(CompileSpec(f"{_PKG}.rows", kernel, cfg.label, variant, sig, constexprs, cfg.num_warps,
                                  cfg.num_stages, aligned))
 
-    for has_lengths in (False, True):
-        add("count_kept_kernel", c, f"lengths={has_lengths}",
-            _sig(dict(keep_ptr="u8", lengths_ptr="i32", counts_ptr="i32"), ints=("stride_keep", "length_limit", "num_blocks"),
-                 constexprs=("HAS_LENGTHS", "BLOCK")),
-            dict(HAS_LENGTHS=has_lengths, BLOCK=c.block))
+    add("count_kept_kernel", c, "u8",
+        _sig(dict(keep_ptr="u8", counts_ptr="i32"), ints=("length",), constexprs=("BLOCK",)), dict(BLOCK=c.block))
     add("scan_counts_kernel", s, "i32",
         _sig(dict(counts_ptr="i32", offsets_ptr="i32", totals_ptr="i32"), ints=("num_blocks",), constexprs=("CHUNK",)),
         dict(CHUNK=s.block))
@@ -125,15 +124,16 @@ def row_specs() -> list[CompileSpec]:
             dict(BLOCK=c.block, BLOCK_C=c.block_c))
     for bits in sorted(set(_BITS.values())):  # caches hold the attention dtypes
         add("cache_compact_kernel", c, bits,
-            _sig(dict(k_ptr=bits, v_ptr=bits, pos_ptr="i32", tag_ptr="i32", keep_ptr="u8", lengths_ptr="i32",
-                      offsets_ptr="i32", new_k_ptr=bits, new_v_ptr=bits, new_pos_ptr="i32", new_tag_ptr="i32"),
-                 ints=("capacity", "new_capacity", "num_blocks", "row_width"), constexprs=("BLOCK", "BLOCK_C")),
+            _sig(dict(k_ptr=bits, v_ptr=bits, pos_ptr="i32", tag_ptr="i32", block_table_ptr="i32", lengths_ptr="i32",
+                      keep_ptr="u8", new_lengths_ptr="i32"),
+                 ints=("max_pages", "page_size", "num_pages", "row_width"), constexprs=("BLOCK", "BLOCK_C")),
             dict(BLOCK=c.block, BLOCK_C=c.block_c))
         add("cache_append_kernel", a, bits,
-            _sig(dict(k_cache_ptr=bits, v_cache_ptr=bits, pos_cache_ptr="i32", tag_cache_ptr="i32", k_ptr=bits,
-                      v_ptr=bits, pos_ptr="i32", tag_ptr="i32", cu_seqlens_ptr="i32", cache_seqlens_ptr="i32"),
-                 ints=("num_rows", "batch", "search_steps", "capacity", "kv_heads", "head_dim", "stride_kn", "stride_kh",
-                       "stride_vn", "stride_vh"),
+            _sig(dict(k_cache_ptr=bits, v_cache_ptr=bits, pos_cache_ptr="i32", tag_cache_ptr="i32",
+                      block_table_ptr="i32", k_ptr=bits, v_ptr=bits, pos_ptr="i32", tag_ptr="i32",
+                      cu_seqlens_ptr="i32", cache_seqlens_ptr="i32"),
+                 ints=("num_rows", "batch", "search_steps", "max_pages", "page_size", "num_pages", "kv_heads",
+                       "head_dim", "stride_kn", "stride_kh", "stride_vn", "stride_vh"),
                  constexprs=("BLOCK", "BLOCK_C")),
             dict(BLOCK=a.block, BLOCK_C=a.block_c))
     return specs

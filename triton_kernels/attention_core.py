@@ -58,6 +58,32 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def softmax_step(
+    m_i, l_i, q, k, q_pos, q_tag, k_pos, k_tag, k_valid, rule, qk_scale,
+    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The scores of one loaded key block (``k`` ``[BLOCK_N, HEAD_DIM]``, per-key ``k_pos``, ``k_tag``,
+    ``k_valid``) against the query tile, folded into the running softmax statistics: returns
+    ``(p, alpha, m_new, l_new)``; the caller finishes with ``acc * alpha[:, None] + p @ v``
+    (:func:`fold_values`). Invalid or invisible keys get probability 0. ``qk_scale`` is
+    ``scale * log2(e)``."""
+    s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    visible = key_visible(rule, q_pos[:, None], q_tag[:, None], k_pos[None, :], k_tag[None, :], USE_TAGS)
+    s = tl.where(visible & k_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def fold_values(acc, p, alpha, v, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc * alpha[:, None] + p @ v`` (the second half of an online-softmax step)."""
+    return acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
 def attend_key_range(
     acc, m_i, l_i, q, q_pos, q_tag, q_valid,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, stride_meta,
@@ -65,12 +91,13 @@ def attend_key_range(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """Folds keys ``[key_begin, key_end)`` into the running ``(acc, m_i, l_i)`` of the query tile.
+    """Folds keys ``[key_begin, key_end)`` of a packed (contiguous-row) key range into the running
+    ``(acc, m_i, l_i)`` of the query tile (the prefill kernel's loop; the decode kernel walks paged
+    caches with its own loop, ``decode_attention.attend_paged_keys``).
 
     Key ``j`` of the range lives at ``k_ptr + j * stride_k`` (this KV head, head dim dense; likewise V)
     and its metadata at ``k_pos_ptr + j * stride_meta``, ``k_tag_ptr + j * stride_meta``. A key block
     whose metadata summary rules out every (query, key) pair is skipped before its K/V are loaded.
-    ``qk_scale`` is ``scale * log2(e)``.
     """
     offs_d = tl.arange(0, HEAD_DIM)
     q_max_pos, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, q_valid, USE_TAGS)
@@ -85,17 +112,11 @@ def attend_key_range(
         if key_block_may_be_visible(rule, q_max_pos, q_min_sentence, q_max_sentence, k_pos, k_tag, k_valid, USE_TAGS):
             rows = offs_n.to(tl.int64)[:, None]
             k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-            visible = key_visible(rule, q_pos[:, None], q_tag[:, None], k_pos[None, :], k_tag[None, :], USE_TAGS)
-            s = tl.where(visible & k_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = softmax_step(
+                m_i, l_i, q, k, q_pos, q_tag, k_pos, k_tag, k_valid, rule, qk_scale, USE_TAGS, DOT_PRECISION, UPCAST_DOT
+            )
             v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-            m_i = m_new
+            acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_i, l_i
 
 

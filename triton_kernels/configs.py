@@ -5,14 +5,19 @@ each one for sm_80 and sm_90 and check its shared memory, registers and spills, 
 interpreter tests run the very tile shapes the GPU runs. Reasons for the numbers:
 
 * attention tiles: chosen with ``python -m skiplayers.aot`` as the largest tiles that compile without
-  register spills (at most a few bytes of stack) on sm_80 and sm_90 (ptxas -v), tag-evaluating
+  register spills (at most a few dozen bytes of stack) on sm_80 and sm_90 (ptxas -v), tag-evaluating
   variants included; ptxas' register allocation differs between the two architectures. 16-bit inputs use
   tensor-core tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time). fp32 inputs are
   computed with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton lowers to FMA
-  loops, so their tiles are small (32 rows). The K/V loads sit behind the block-skip test, so
-  Triton's software pipeliner does not multi-buffer them; ``num_stages`` changes little.
+  loops, so their tiles are small (32 rows). The prefill K/V loads sit behind the block-skip test,
+  so Triton's software pipeliner does not multi-buffer them; ``num_stages`` changes little.
 * decode: ``BLOCK_M = 16`` rows (the minimum ``tl.dot`` tile) hold the new queries times the GQA
-  group; ``BLOCK_N`` keys per step; the work is bound by reading the cache.
+  group; ``BLOCK_N`` keys (cache slots, whatever the page size) per step; the work is bound by
+  reading the cache. The kernel reads its paged metadata ahead by hand
+  (``decode_attention.attend_paged_keys``) and Triton's pipeliner leaves its loop alone, so
+  ``num_stages`` changes little. Paging costs registers (the per-slot page numbers and addresses):
+  128-200 per thread on sm_80/sm_90 where the rectangular cache took 96-162; ptxas then spills a few
+  dozen bytes in one variant (16-bit, head dim 128, tags, sm_90), as it did in another before.
 * row kernels: memory-bound copies; ``BLOCK`` mask entries per program, ``BLOCK_C`` columns per step.
 """
 

@@ -53,13 +53,7 @@ def choose_num_splits(programs: int, capacity: int, block_n: int, device: torch.
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule: int, scale: float):
     """Prefill attention; returns ``[Nq, H, D]`` in q's dtype (see ``skiplayers.ops.varlen_attention``)."""
     op = "skiplayers_triton::varlen_attention"
-    checks.check_attention_inputs(op, q, k, v, cu_seqlens_q, q_pos, q_tag, rule, kv_dims=3)
-    batch = cu_seqlens_q.shape[0] - 1
-    checks.check_int32_vector(cu_seqlens_k, batch + 1, op, "cu_seqlens_k")
-    checks.check_int32_vector(k_pos, k.shape[0], op, "k_pos")
-    if k_tag is not None:
-        checks.check_int32_vector(k_tag, k.shape[0], op, "k_tag")
-    checks.check_same_device(q, dict(cu_seqlens_k=cu_seqlens_k, k_pos=k_pos, k_tag=k_tag), op)
+    batch = checks.check_varlen_attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule)
     if checks.value_checks_enabled(q):
         checks.check_cu_seqlens_values(cu_seqlens_q, q.shape[0], op, "cu_seqlens_q")
         checks.check_cu_seqlens_values(cu_seqlens_k, k.shape[0], op, "cu_seqlens_k")
@@ -86,31 +80,24 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
 
 
 def cache_attention(
-    q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule: int, scale: float,
-    num_splits: int = 0,
+    q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, q_pos, pos_cache, q_tag, tag_cache, rule: int,
+    scale: float, num_splits: int = 0,
 ):
-    """Decode attention with split-K; returns ``[Nq, H, D]`` (see ``skiplayers.ops.cache_attention``)."""
+    """Decode attention over paged caches with split-K; returns ``[Nq, H, D]`` (see
+    ``skiplayers.ops.cache_attention``)."""
     op = "skiplayers_triton::cache_attention"
-    checks.check_attention_inputs(op, q, k_cache, v_cache, cu_seqlens_q, q_pos, q_tag, rule, kv_dims=4)
-    if num_splits < 0:
-        checks.fail(op, f"num_splits must be >= 0 (0 = automatic), got {num_splits}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        checks.fail(op, "cache head_dim must be contiguous")
-    batch, capacity = cu_seqlens_q.shape[0] - 1, k_cache.shape[1]
-    if k_cache.shape[0] != batch:
-        checks.fail(op, f"caches hold {k_cache.shape[0]} sequences, cu_seqlens_q {batch}")
-    checks.check_int32_vector(cache_seqlens, batch, op, "cache_seqlens")
-    checks.check_cache_metadata(op, pos_cache, tag_cache, batch, capacity, contiguous=False)
-    checks.check_same_device(q, dict(cache_seqlens=cache_seqlens, pos_cache=pos_cache, tag_cache=tag_cache), op)
+    batch = checks.check_cache_attention(op, q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, q_pos,
+                                         pos_cache, q_tag, tag_cache, rule, num_splits)
+    num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+    capacity = checks.slots_per_sequence(block_table, k_cache)
     if checks.value_checks_enabled(q):
         checks.check_cu_seqlens_values(cu_seqlens_q, q.shape[0], op, "cu_seqlens_q")
-        checks.check_cache_lengths_values(cache_seqlens, capacity, op)
+        checks.check_paged_slots_values(op, block_table, cache_seqlens, None, num_pages, page_size)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     q = dense_last_dim(q)
-    pos_cache = pos_cache.contiguous()  # pos and tag caches share the kernel's metadata strides
     use_tags, q_tag, tag_cache = resolve_tags(rule, q_tag, tag_cache, q_pos, pos_cache)
     heads, kv_heads, head_dim = q.shape[1], k_cache.shape[2], q.shape[2]
     cfg = decode_config(q.dtype, head_dim)
@@ -124,12 +111,12 @@ def cache_attention(
         part = fp32_placeholder(q.device)  # never touched with one split
     with device_guard(q):
         decode_attention_kernel[(batch, head_programs, splits)](
-            q, k_cache, v_cache, out, part,
+            q, k_cache, v_cache, out, part, block_table,
             cu_seqlens_q.contiguous(), cache_seqlens.contiguous(), q_pos.contiguous(), pos_cache, q_tag, tag_cache,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            pos_cache.stride(0), pos_cache.stride(1),
-            q.shape[0], heads, capacity, splits, group, gsub, rule, scale * LOG2_E,
+            block_table.shape[1],
+            q.shape[0], heads, num_pages, page_size, splits, group, gsub, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

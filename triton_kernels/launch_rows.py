@@ -24,21 +24,17 @@ from .rows import (
 )
 
 
-def _kept_offsets(keep_u8: torch.Tensor, lengths: torch.Tensor | None, length_limit: int):
-    """Launches count + scan over mask rows ``keep_u8`` ``[R, length_limit]`` (contiguous).
+def _kept_offsets(keep_u8: torch.Tensor, length: int):
+    """Launches count + scan over the mask ``keep_u8`` ``[length]`` (contiguous).
 
-    Returns (offsets int32 ``[R, blocks + 1]``, totals int32 ``[R]``, blocks); see ``rows.py``."""
-    rows = keep_u8.shape[0]
-    blocks = cdiv(length_limit, COMPACT.block)
-    counts = torch.empty((rows, blocks), dtype=torch.int32, device=keep_u8.device)
-    offsets = torch.empty((rows, blocks + 1), dtype=torch.int32, device=keep_u8.device)
-    totals = torch.empty((rows,), dtype=torch.int32, device=keep_u8.device)
+    Returns (offsets int32 ``[1, blocks + 1]``, totals int32 ``[1]``, blocks); see ``rows.py``."""
+    blocks = cdiv(length, COMPACT.block)
+    counts = torch.empty((1, blocks), dtype=torch.int32, device=keep_u8.device)
+    offsets = torch.empty((1, blocks + 1), dtype=torch.int32, device=keep_u8.device)
+    totals = torch.empty((1,), dtype=torch.int32, device=keep_u8.device)
     if blocks:
-        count_kept_kernel[(blocks, rows)](
-            keep_u8, keep_u8 if lengths is None else lengths, counts, keep_u8.stride(0), length_limit, blocks,
-            HAS_LENGTHS=lengths is not None, BLOCK=COMPACT.block, num_warps=COMPACT.num_warps,
-        )
-    scan_counts_kernel[(rows,)](counts, offsets, totals, blocks, CHUNK=SCAN.block, num_warps=SCAN.num_warps)
+        count_kept_kernel[(blocks,)](keep_u8, counts, length, BLOCK=COMPACT.block, num_warps=COMPACT.num_warps)
+    scan_counts_kernel[(1,)](counts, offsets, totals, blocks, CHUNK=SCAN.block, num_warps=SCAN.num_warps)
     return offsets, totals, blocks
 
 
@@ -59,7 +55,7 @@ def compact_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor):
     rows = x.shape[0]
     keep_u8 = keep.contiguous().view(torch.uint8)
     with device_guard(x):
-        offsets, totals, blocks = _kept_offsets(keep_u8.view(1, rows), None, rows)
+        offsets, totals, blocks = _kept_offsets(keep_u8, rows)
         new_cu = torch.empty_like(cu_seqlens)
         compact_cu_seqlens_kernel[(cu_seqlens.shape[0],)](
             keep_u8, offsets, cu_seqlens.contiguous(), new_cu, rows, cu_seqlens.shape[0], BLOCK=COMPACT.block,
@@ -77,80 +73,48 @@ def compact_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor):
     return out, new_cu
 
 
-def cache_append(k_cache, v_cache, pos_cache, tag_cache, k, v, pos, tag, cu_seqlens, cache_seqlens) -> None:
-    """Writes the new rows of sequence b at its slots ``cache_seqlens[b] ..``, in place."""
+def cache_append(k_cache, v_cache, pos_cache, tag_cache, block_table, k, v, pos, tag, cu_seqlens, cache_seqlens) -> None:
+    """Writes the new rows of sequence b at its slots ``cache_seqlens[b] ..`` through its block table
+    row, in place."""
     op = "skiplayers_triton::cache_append"
-    checks.check_contiguous_caches(op, k_cache, v_cache)
-    batch, capacity, kv_heads, head_dim = k_cache.shape
-    if k.dim() != 3 or v.shape != k.shape or k.shape[1] != kv_heads or k.shape[2] != head_dim:
-        checks.fail(op, f"k and v must be [total, kv_heads, head_dim] matching the cache, got {list(k.shape)} and {list(v.shape)}")
-    if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
-        checks.fail(op, "k, v and the caches must share a dtype")
-    checks.check_cache_metadata(op, pos_cache, tag_cache, batch, capacity, contiguous=True)
-    checks.check_int32_vector(pos, k.shape[0], op, "pos")
-    checks.check_int32_vector(tag, k.shape[0], op, "tag")
-    checks.check_int32_vector(cu_seqlens, batch + 1, op, "cu_seqlens")
-    checks.check_int32_vector(cache_seqlens, batch, op, "cache_seqlens")
-    checks.check_same_device(
-        k_cache, dict(v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, k=k, v=v, pos=pos, tag=tag,
-                      cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens), op,
-    )
+    batch = checks.check_cache_append(op, k_cache, v_cache, pos_cache, tag_cache, block_table, k, v, pos, tag,
+                                      cu_seqlens, cache_seqlens)
+    num_pages, page_size, kv_heads, head_dim = k_cache.shape
     if checks.value_checks_enabled(k_cache):
         checks.check_cu_seqlens_values(cu_seqlens, k.shape[0], op, "cu_seqlens")
-        cu, lens = cu_seqlens.tolist(), cache_seqlens.tolist()
-        for b, start in enumerate(lens):
-            n = cu[b + 1] - cu[b]
-            if start < 0 or start + n > capacity:
-                checks.fail(op, f"sequence {b} holds {start} slots and appends {n}, but the cache has capacity {capacity}")
+        added = cu_seqlens.diff().tolist()
+        checks.check_paged_slots_values(op, block_table, cache_seqlens, added, num_pages, page_size)
     rows = k.shape[0]
-    if rows == 0 or batch == 0:
+    if rows == 0 or batch == 0 or kv_heads * head_dim == 0:
         return
     k, v = dense_last_dim(k), dense_last_dim(v)
     with device_guard(k_cache):
         cache_append_kernel[(cdiv(rows, APPEND.block),)](
-            as_bits(k_cache, op), as_bits(v_cache, op), pos_cache, tag_cache, as_bits(k, op), as_bits(v, op),
-            pos.contiguous(), tag.contiguous(), cu_seqlens.contiguous(), cache_seqlens.contiguous(),
-            rows, batch, batch.bit_length(), capacity, kv_heads, head_dim,
+            as_bits(k_cache, op), as_bits(v_cache, op), pos_cache, tag_cache, block_table, as_bits(k, op),
+            as_bits(v, op), pos.contiguous(), tag.contiguous(), cu_seqlens.contiguous(), cache_seqlens.contiguous(),
+            rows, batch, batch.bit_length(), block_table.shape[1], page_size, num_pages, kv_heads, head_dim,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             BLOCK=APPEND.block, BLOCK_C=APPEND.block_c, num_warps=APPEND.num_warps,
         )
 
 
-def cache_compact(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens, keep, capacity: int):
-    """Per sequence, the kept slots moved to the front of new buffers of ``capacity`` slots; returns
-    ``(k_cache, v_cache, pos_cache, tag_cache, cache_seqlens)``. Slots past each new length are left
-    uninitialised (the op leaves them unspecified). No host sync unless value checks are on."""
+def cache_compact(k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep):
+    """In place, per sequence, the kept slots moved to the front of the sequence's own slots, order
+    kept; returns the new ``cache_seqlens`` (int32 ``[B]``, on the device). Slots past each new length
+    keep whatever they held (the op leaves them unspecified). No host sync unless value checks are on."""
     op = "skiplayers_triton::cache_compact"
-    checks.check_contiguous_caches(op, k_cache, v_cache)
-    batch, old_capacity, kv_heads, head_dim = k_cache.shape
-    checks.check_cache_metadata(op, pos_cache, tag_cache, batch, old_capacity, contiguous=True)
-    if keep.dtype != torch.bool or tuple(keep.shape) != (batch, old_capacity) or not keep.is_contiguous():
-        checks.fail(op, "keep must be contiguous bool [B, S_cap]")
-    checks.check_int32_vector(cache_seqlens, batch, op, "cache_seqlens")
-    if capacity < 0:
-        checks.fail(op, "capacity must be >= 0")
-    checks.check_same_device(
-        k_cache, dict(v_cache=v_cache, pos_cache=pos_cache, tag_cache=tag_cache, cache_seqlens=cache_seqlens, keep=keep), op
-    )
+    batch = checks.check_cache_compact(op, k_cache, v_cache, pos_cache, tag_cache, block_table, cache_seqlens, keep)
+    num_pages, page_size, kv_heads, head_dim = k_cache.shape
     if checks.value_checks_enabled(k_cache):
-        checks.check_cache_lengths_values(cache_seqlens, old_capacity, op)
-    shape = (batch, capacity, kv_heads, head_dim)
-    new_k, new_v = k_cache.new_empty(shape), v_cache.new_empty(shape)
-    new_pos, new_tag = pos_cache.new_empty((batch, capacity)), tag_cache.new_empty((batch, capacity))
+        checks.check_paged_slots_values(op, block_table, cache_seqlens, None, num_pages, page_size)
+    new_lengths = torch.empty((batch,), dtype=torch.int32, device=cache_seqlens.device)
     if batch == 0:
-        return new_k, new_v, new_pos, new_tag, cache_seqlens.new_empty((0,))
+        return new_lengths
+    width = kv_heads * head_dim
     with device_guard(k_cache):
-        offsets, new_lengths, blocks = _kept_offsets(keep.view(torch.uint8), cache_seqlens.contiguous(), old_capacity)
-        if checks.value_checks_enabled(k_cache):
-            for b, kept in enumerate(new_lengths.tolist()):
-                if kept > capacity:
-                    checks.fail(op, f"sequence {b} keeps {kept} slots, more than the new capacity {capacity}")
-        if blocks and capacity:
-            cache_compact_kernel[(batch, blocks)](
-                as_bits(k_cache, op), as_bits(v_cache, op), pos_cache, tag_cache, keep.view(torch.uint8),
-                cache_seqlens.contiguous(), offsets,
-                as_bits(new_k, op), as_bits(new_v, op), new_pos, new_tag,
-                old_capacity, capacity, blocks, kv_heads * head_dim,
-                BLOCK=COMPACT.block, BLOCK_C=COMPACT.block_c, num_warps=COMPACT.num_warps,
-            )
-    return new_k, new_v, new_pos, new_tag, new_lengths
+        cache_compact_kernel[(batch, max(1, cdiv(width, COMPACT.block_c)))](
+            as_bits(k_cache, op), as_bits(v_cache, op), pos_cache, tag_cache, block_table, cache_seqlens.contiguous(),
+            keep.view(torch.uint8), new_lengths, block_table.shape[1], page_size, num_pages, width,
+            BLOCK=COMPACT.block, BLOCK_C=COMPACT.block_c, num_warps=COMPACT.num_warps,
+        )
+    return new_lengths
