@@ -205,8 +205,10 @@ def check_cache_pages(op: str, k_cache, v_cache, pos_cache, tag_cache) -> None:
 def check_paged_slots_values(op: str, block_table, lengths: torch.Tensor, added, num_pages: int,
                              page_size: int) -> None:
     """Sequence b's slots ``[0, lengths[b] + added[b])`` (``added``: None for none) fit its block table
-    row, and every page they touch is a page of the pool (``csrc/cpu/host_checks.h``:
-    ``check_paged_slots``, same messages). Reads the metadata on the host."""
+    row, and every page the op touches is a page of the pool: the pages of slots ``[0, lengths[b])``
+    when reading (``added`` None), those of the new slots ``[lengths[b], lengths[b] + added[b])`` when
+    appending (``csrc/cpu/host_checks.h``: ``check_paged_slots``, same messages). Reads the metadata
+    on the host."""
     max_pages = block_table.shape[1]
     capacity = max_pages * page_size
     table = block_table.tolist()
@@ -219,7 +221,10 @@ def check_paged_slots_values(op: str, block_table, lengths: torch.Tensor, added,
                          f"{capacity} slots")
         elif not 0 <= length <= capacity:
             fail(op, f"cache_seqlens[{b}] = {length} is outside [0, {capacity}]")
-        for i in range(-(-(length + n) // page_size) if page_size else 0):
+        first, end = (length if added is not None else 0), length + n  # the slots the op touches
+        if first >= end:
+            continue
+        for i in range(first // page_size, -(-end // page_size)):
             page = table[b][i]
             if not 0 <= page < num_pages:
                 fail(op, f"block_table[{b}, {i}] = {page} is not a page of the pool (num_pages {num_pages})")
