@@ -34,7 +34,7 @@ def assert_no_finished_sentence_tokens(cache: sk.SkipCache, keep_first: int):
     cache.check_lengths()
     current = cache.sentence_counts
     for layer in cache.layers:
-        for b, n in enumerate(layer.host_lengths.tolist()):
+        for b in range(layer.host_lengths.shape[0]):
             tag = layer.read("tag", b)
             finished = (tag >> TAG_SENTENCE_SHIFT) < current[b]
             kept_kinds = (tag & (TAG_ANCHOR | TAG_SINK)) != 0

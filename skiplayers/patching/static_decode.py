@@ -44,7 +44,9 @@ class _StaticStep:
         return key_states, value_states
 
     def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
-        layer, pool = self.cache.layers[layer_idx], self.cache.layers[layer_idx].pool
+        layer = self.cache.layers[layer_idx]
+        pool = layer.pool
+        assert pool is not None  # StaticDecoder checked that every storing layer holds pages
         out = self.state.ops.cache_attention(
             q=packed(query), k_cache=pool.keys, v_cache=pool.values, block_table=layer.block_table,
             cu_seqlens_q=self.cu_seqlens, cache_seqlens=layer.lengths, q_pos=self.pos, pos_cache=pool.pos,
@@ -102,8 +104,9 @@ class StaticDecoder:
         self.tag = torch.zeros(batch, dtype=torch.int32, device=device)  # generated tokens: no context, no anchor
         self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self._tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # the graph's input
-        self._graph = None
-        self._logits = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._warmup = 0
 
     def prepare(self) -> None:
         """Host work for the next step: pages for one more token per sequence at every layer that
@@ -118,7 +121,9 @@ class StaticDecoder:
         for idx in self.stores:
             cache.layers[idx].prepare_write(self._ones, max_pages=self._max_pages)
         cache.expect_writes(None)
-        positions = (cache.last_positions + 1)[:, None]
+        last = cache.last_positions
+        assert last is not None  # a prefill's cache (checked when the decoder was made)
+        positions = (last + 1)[:, None]
         valid = torch.ones(self.batch, 1, dtype=torch.bool)
         cache.advance(valid, torch.zeros_like(valid), positions)
         if cache.noncontext_counts is not None:
@@ -138,7 +143,7 @@ class StaticDecoder:
                 hidden = _run_layer(decoder.layers[idx], hidden, positions, cache, (cos, sin), step)
         finally:
             cache.end_call()
-        logits = self.state.lm_head(decoder.norm(hidden))
+        logits = self.model.lm_head(decoder.norm(hidden))
         self.pos.add_(1)
         return logits.reshape(self.batch, 1, -1)
 
@@ -152,7 +157,7 @@ class StaticDecoder:
             raise ValueError("capture needs a reserved pool: SkipCache(..., max_tokens=...) or max_bytes=...")
         self._graph = torch.cuda.CUDAGraph()
         self._warmup = warmup
-        self._captured = False
+        self._logits = None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.prepare()
@@ -164,12 +169,12 @@ class StaticDecoder:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self.step(self._tokens)
+                eager = self.step(self._tokens)
             torch.cuda.current_stream().wait_stream(stream)
-            return logits
-        if not self._captured:
+            return eager
+        logits = self._logits
+        if logits is None:  # record the step; recording runs nothing, so replay it below
             with torch.cuda.graph(self._graph):
-                self._logits = self.step(self._tokens)
-            self._captured = True  # recording ran nothing: replay the step it recorded
+                logits = self._logits = self.step(self._tokens)
         self._graph.replay()
-        return self._logits
+        return logits
