@@ -123,7 +123,7 @@ def memory(sk) -> list[dict]:
     rows += _generate_memory(sk, model, ids, attn, ctx, sk.SkipPolicy(context_stop_layer=15), "ragged 40/320/1300, ℓ=15")
     tok = sk.load_default_tokenizer()
     ids, attn = _text_batch(tok)
-    policy = sk.SkipPolicy(anchor_token_ids=sk.anchor_ids(tok))
+    policy = sk.SkipPolicy(anchor_token_ids=sk.anchor_ids(tok, [".", "\n"]))
     rows += _generate_memory(sk, model, ids, attn, None, policy, "text 300/900, anchors")
     return rows
 

@@ -46,6 +46,7 @@ from .ops import OpSet
 from .pages import PagePool, page_bytes
 
 if TYPE_CHECKING:
+    from .packing import PackedRows
     from .policy import SkipPolicy
 
 DEFAULT_PAGE_SIZE = 16
@@ -95,6 +96,7 @@ class SkipCacheLayer(CacheLayerMixin):
         self._table: torch.Tensor | None = None  # device int32 [B, max_pages]
         self._host_table: torch.Tensor | None = None  # host int32 [B, max_pages]
         self._held: torch.Tensor | None = None  # host int64 [B]: pages held per sequence
+        self._slots_held: torch.Tensor | None = None  # host int64 [B]: _held * page_size (the fast check)
         self._lengths: torch.Tensor | None = None
         self._host_lengths: torch.Tensor | None = None
 
@@ -160,7 +162,7 @@ class SkipCacheLayer(CacheLayerMixin):
         dropped = [p for b in range(self._host_table.shape[0]) if b not in first_use
                    for p in self._host_table[b, : int(self._held[b])].tolist()]
         self.pool.give(dropped)
-        self._held = torch.tensor(held, dtype=torch.int64)
+        self._set_held(torch.tensor(held, dtype=torch.int64))
         self._set_table(rows)
         self._lengths = self._lengths[indices.to(self._lengths.device)]
         self._host_lengths = self._host_lengths[indices.cpu()]
@@ -200,13 +202,15 @@ class SkipCacheLayer(CacheLayerMixin):
             if like is None:
                 raise RuntimeError(f"SkipCache layer {self.index}: no pages yet, and no K/V to size them by")
             self.pool = self._owner.pool_for(like)
-            self._held = torch.zeros(batch, dtype=torch.int64)
+            self._set_held(torch.zeros(batch, dtype=torch.int64))
             self._host_lengths = torch.zeros(batch, dtype=torch.int64)
             self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.pool.keys.device)
             self._set_table([[] for _ in range(batch)])
             self.is_initialized = True
         elif self._held.shape[0] != batch:
             raise ValueError(f"SkipCache holds {self._held.shape[0]} sequences, the input has {batch}")
+        if bool((self._host_lengths + counts <= self._slots_held).all()):
+            return  # the pages held have room (most decode steps)
         needed = _pages_for(self._host_lengths + counts, self.page_size) - self._held
         if not bool((needed > 0).any()):
             return
@@ -217,7 +221,7 @@ class SkipCacheLayer(CacheLayerMixin):
             if n > 0:
                 rows[b] += taken[:n]
                 taken = taken[n:]
-        self._held = torch.maximum(self._held, self._held + needed)
+        self._set_held(self._held + needed.clamp(min=0))
         self._set_table(rows)
 
     def pages_needed(self, counts: torch.Tensor) -> int:
@@ -228,10 +232,12 @@ class SkipCacheLayer(CacheLayerMixin):
             return 0  # refused when the write comes
         return int((_pages_for(self._host_lengths + counts, self.page_size) - self._held).clamp(min=0).sum())
 
-    def append(self, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
+    def append(self, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet,
+               device_counts: torch.Tensor | None = None) -> None:
         """Stores sequence b's ``counts[b]`` new rows after its stored slots (packed ``k, v [N, H_kv, D]``,
         ``pos, tag [N]`` int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]``
-        on the host), taking pages first where they are needed."""
+        on the host; ``device_counts``: the same counts on the device, ``cu_seqlens.diff()`` when not
+        given), taking pages first where they are needed."""
         self.reserve(counts, like=k)
         ops.cache_append(
             k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
@@ -239,7 +245,7 @@ class SkipCacheLayer(CacheLayerMixin):
         )
         self._host_lengths += counts
         # The device lengths follow on the device (no host-to-device copy of the counts).
-        self._lengths += cu_seqlens[1:] - cu_seqlens[:-1]
+        self._lengths += cu_seqlens.diff() if device_counts is None else device_counts
 
     def prepare_write(self, counts: torch.Tensor, max_pages: int | None = None) -> None:
         """The host half of a write whose device half comes later (:meth:`write_prepared`): takes the
@@ -260,7 +266,7 @@ class SkipCacheLayer(CacheLayerMixin):
             k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
             block_table=self._table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
         )
-        self._lengths += cu_seqlens[1:] - cu_seqlens[:-1]
+        self._lengths += cu_seqlens.diff()
 
     def slot_tags(self) -> torch.Tensor:
         """int32 ``[B, max_pages * page_size]`` on the device: the tag word of each sequence's slots in
@@ -354,6 +360,16 @@ class SkipCacheLayer(CacheLayerMixin):
         else:
             self._table = table.to(device, copy=True)  # never the host mirror itself, even on the CPU
 
+    def renumber_pages(self, mapping: dict[int, int]) -> None:
+        """Follows a shrink of the pool (``PagePool.shrink_to``): page ``old`` is now ``mapping[old]``."""
+        if self._host_table is None:
+            return
+        self._set_table([[mapping[p] for p in self._host_table[b, : int(self._held[b])].tolist()]
+                         for b in range(self._held.shape[0])])
+
+    def _set_held(self, pages: torch.Tensor) -> None:
+        self._held, self._slots_held = pages, pages * self.page_size
+
     def _release_unused(self) -> None:
         """Returns the pages past each sequence's stored slots to the pool."""
         keep = _pages_for(self._host_lengths, self.page_size)
@@ -365,7 +381,7 @@ class SkipCacheLayer(CacheLayerMixin):
             rows.append(pages[: int(keep[b])])
             freed += pages[int(keep[b]):]
         self.pool.give(freed)
-        self._held = keep.clone()
+        self._set_held(keep.clone())
         self._set_table(rows)
 
     def _release_all(self) -> None:
@@ -516,9 +532,11 @@ class SkipCache(Cache):
             if self.layers[idx].held_pages is not None:
                 self.layers[idx].reserve(counts)
 
-    def append(self, layer_idx: int, k, v, pos, tag, cu_seqlens, counts: torch.Tensor, ops: OpSet) -> None:
-        """Stores new rows at layer ``layer_idx`` (:meth:`SkipCacheLayer.append`)."""
-        self.layers[layer_idx].append(k, v, pos, tag, cu_seqlens, counts, ops)
+    def append(self, layer_idx: int, k, v, rows: PackedRows, ops: OpSet) -> None:
+        """Stores the new ``rows`` (``packing.PackedRows``: their positions, tags and counts) with their
+        K/V ``k, v [N, H_kv, D]`` at layer ``layer_idx`` (:meth:`SkipCacheLayer.append`)."""
+        self.layers[layer_idx].append(k, v, rows.pos, rows.tag, rows.cu_seqlens, rows.counts, ops,
+                                      device_counts=rows.device_counts)
 
     def request_reduction(self, ops: OpSet) -> None:
         """A sentence finished: its tokens (but its anchor) leave the cache before it is next used
@@ -546,6 +564,19 @@ class SkipCache(Cache):
             kept_tokens = (tags & (TAG_ANCHOR | TAG_SINK)) != 0
             current_sentence = (tags >> TAG_SENTENCE_SHIFT) >= current[:, None]
             layer.compact(kept_tokens | current_sentence, ops)
+        self.shrink_pools()
+
+    def shrink_pools(self) -> None:
+        """Gives the memory of a pool that is mostly free back to the device allocator (after an
+        anchor reduction or a crop freed pages): a pool that is not reserved and has more free
+        pages than pages in use keeps only those, renumbered, and every layer's block table follows."""
+        for pool in self._pools.values():
+            if pool.reserved or pool.free_pages <= pool.pages_in_use:
+                continue
+            layers = [layer for layer in self.layers if layer.pool is pool]
+            mapping = pool.shrink_to(sorted(p for layer in layers for p in layer.pages()))
+            for layer in layers:
+                layer.renumber_pages(mapping)
 
     def stored(self, layer_idx: int) -> SkipCacheLayer:
         """The layer that holds ``layer_idx``'s cache: its pool's pages (``keys``, ``values``, ``pos``,
@@ -650,6 +681,7 @@ class SkipCache(Cache):
             if self.layer_mask is not None:  # a sequence stores nothing at a layer it skips
                 stored = stored * self.layer_mask[:, idx]
             layer.drop_last(stored)
+        self.shrink_pools()
         if self.context_counts is not None:
             self.context_counts = self.context_counts - contexts
             self.noncontext_counts = self.noncontext_counts - (tokens - contexts)

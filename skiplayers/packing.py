@@ -6,6 +6,7 @@ packed sequence by sequence, so sequence b owns rows ``cu_seqlens[b] .. cu_seqle
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class PackedRows:
     @property
     def num_rows(self) -> int:
         return self.index.shape[0]
+
+    @functools.cached_property
+    def device_counts(self) -> torch.Tensor:
+        """int32 ``[B]`` on the rows' device: rows per sequence (``cu_seqlens.diff()``), computed once
+        for all the layers that store these rows."""
+        return self.cu_seqlens.diff()
 
     def is_context(self) -> torch.Tensor:
         return (self.tag & TAG_CONTEXT) != 0

@@ -9,9 +9,10 @@ so a reserved budget covers the whole model instead of being split per layer in 
 
 Which page is free is decided on the host, from a free list: taking or returning pages never waits
 on the device. A pool either grows on demand (its tensors are reallocated and the pages copied; page
-numbers stay valid, so block tables do not change) or is *reserved*: sized once (``SkipCache(
-max_tokens=...)`` / ``max_bytes``), it never reallocates, so tensors captured by a CUDA graph stay
-valid, and running out of pages raises an error that names the budget.
+numbers stay valid, so block tables do not change) and shrinks when most of it has been freed (the
+pages in use are renumbered into smaller tensors and the block tables follow), or is *reserved*:
+sized once (``SkipCache(max_tokens=...)`` / ``max_bytes``), it never reallocates, so tensors
+captured by a CUDA graph stay valid, and running out of pages raises an error that names the budget.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ class PagePool:
         d = torch.tensor(dst, dtype=torch.int64, device=self.keys.device)
         for pool in (self.keys, self.values, self.pos, self.tag):
             pool.index_copy_(0, d, pool.index_select(0, s))
+
+    def shrink_to(self, used: list[int]) -> dict[int, int]:
+        """Keeps only the pages ``used`` (every page in use), renumbered ``0 ..`` in that order, in
+        tensors sized for them, so the freed memory goes back to the device allocator. Returns
+        ``{old: new}`` for the block tables to follow. A reserved pool is never shrunk."""
+        if self.reserved:
+            raise RuntimeError("a reserved pool keeps its size")
+        index = torch.tensor(used, dtype=torch.int64, device=self.keys.device)
+        for name in ("keys", "values", "pos", "tag"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self._free = []
+        return {old: new for new, old in enumerate(used)}
 
     def _grow(self, at_least: int) -> None:
         """Reallocates with ``at_least`` more pages, plus an eighth of the pool so that growth is

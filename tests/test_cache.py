@@ -113,6 +113,29 @@ def test_compact_keeps_the_marked_slots_in_order_and_frees_emptied_pages(backend
     cache.check_lengths()
 
 
+def test_a_mostly_free_pool_shrinks_and_the_block_tables_follow():
+    cache = filled([40, 3, 29], layers=2)
+    ops = get_ops("cpu")
+    for layer in cache.layers:  # keep every 8th slot: most pages empty
+        keep = torch.zeros(3, layer.block_table.shape[1] * PAGE, dtype=torch.bool)
+        keep[:, ::8] = True
+        layer.compact(keep, ops)
+    expected = [stored_positions(layer) for layer in cache.layers]
+    before = cache.pool_nbytes()
+    cache.shrink_pools()
+    assert cache.pool_nbytes() == cache.nbytes() < before  # only the pages in use are left
+    assert [stored_positions(layer) for layer in cache.layers] == expected
+    assert all(stored_keys_match_positions(layer) for layer in cache.layers)
+    cache.check_lengths()
+    cache.layers[0].append(*rows([5, 5, 5], start=100), ops=ops)  # and it grows again from there
+    assert stored_positions(cache.layers[0])[1] == [0, 100, 101, 102, 103, 104]
+    cache.check_lengths()
+    reserved = filled([40, 3], layers=1, max_tokens=20 * PAGE)
+    reserved.layers[0].drop_last(torch.tensor([40, 3]))
+    reserved.shrink_pools()  # a reserved pool keeps its size
+    assert reserved.pool_nbytes() == 20 * PAGE * 2 * H_KV * D * 4
+
+
 def test_drop_last_frees_emptied_pages_and_batch_selection_copies_only_repeats():
     cache = filled([4, 6, 2])
     layer = cache.layers[1]

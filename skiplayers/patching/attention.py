@@ -105,10 +105,7 @@ class PackedStep:
         if not cache.is_empty(layer_idx):
             self._reads_cache.add(layer_idx)
         # The cache stores values; gradients flow through this call's own K/V (attend's packed path).
-        cache.append(
-            layer_idx, packed(key_states).detach(), packed(value_states).detach(),
-            rows.pos, rows.tag, rows.cu_seqlens, rows.counts, self.state.ops,
-        )
+        cache.append(layer_idx, packed(key_states).detach(), packed(value_states).detach(), rows, self.state.ops)
         return key_states, value_states
 
     def attend(self, layer_idx: int, query, key, value, scaling) -> torch.Tensor:

@@ -196,7 +196,7 @@ class LayerRouter:
             return
         k, v = propagated_kv(layer, hidden[subset.index.to(hidden.device)][None], subset.cos, subset.sin)
         r = subset.step.rows_on(k.device)
-        cache.append(layer_idx, k.detach(), v.detach(), r.pos, r.tag, r.cu_seqlens, r.counts, step.state.ops)
+        cache.append(layer_idx, k.detach(), v.detach(), r, step.state.ops)
 
     def decide_exits(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """After an exit layer: rows still computing whose top probability reaches the threshold
