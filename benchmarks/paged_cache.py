@@ -224,15 +224,15 @@ def _run(tree: Path, what: str, *args) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def compare(old: Path | None, rounds: int, steps: int, growth_tokens: int, quick: bool) -> list[dict]:
+def compare(old: Path | None, rounds: int, steps: int, growth_tokens: int, batches, sizes,
+            sections=("memory", "decode", "growth")) -> list[dict]:
     trees = {"paged": HERE, **({"rectangular": old} if old is not None else {})}
     rows: list[dict] = []
-    for layout, tree in trees.items():  # memory is deterministic: one run each
+    for layout, tree in trees.items() if "memory" in sections else ():  # deterministic: one run each
         for r in _run(tree, "memory")["result"]:
             rows.append(dict(section="memory", layout=layout, **r))
             print(rows[-1], flush=True)
-    batches, sizes = ((1,), (1024,)) if quick else (DECODE_BATCHES, DECODE_TOKENS)
-    for batch in batches:
+    for batch in batches if "decode" in sections else ():
         for tokens in sizes:
             runs: dict[str, list[dict]] = {name: [] for name in trees}
             for _ in range(rounds):
@@ -245,7 +245,7 @@ def compare(old: Path | None, rounds: int, steps: int, growth_tokens: int, quick
                                  rounds=[round(r["patched_ms"], 2) for r in results]))
                 print(rows[-1], flush=True)
     variants = [("paged", HERE, "grow"), ("paged", HERE, "reserved")] + ([("rectangular", old, "grow")] if old else [])
-    for layout, tree, mode in variants:
+    for layout, tree, mode in variants if "growth" in sections else ():
         r = _run(tree, "growth", growth_tokens, mode)["result"]
         rows.append(dict(section="growth", layout=layout, mode=mode, tokens=growth_tokens, **r))
         print(rows[-1], flush=True)
@@ -290,12 +290,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="old/new process pairs per decode size")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per process")
     parser.add_argument("--growth-tokens", type=int, default=8192)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(DECODE_BATCHES))
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(DECODE_TOKENS), help="decode cache sizes")
+    parser.add_argument("--sections", nargs="+", default=["memory", "decode", "growth"],
+                        choices=["memory", "decode", "growth"])
     parser.add_argument("--quick", action="store_true", help="batch 1 at 1k tokens only, one round (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rows = compare(args.compare_with, 1 if args.quick else args.rounds, args.steps,
-                   1024 if args.quick else args.growth_tokens, args.quick)
-    meta = dict(compared_with=str(args.compare_with), rounds=args.rounds, steps=args.steps)
+    if args.quick:
+        args.rounds, args.growth_tokens, args.batches, args.tokens = 1, 1024, [1], [1024]
+    rows = compare(args.compare_with, args.rounds, args.steps, args.growth_tokens, args.batches, args.tokens,
+                   args.sections)
+    meta = dict(compared_with=str(args.compare_with), rounds=args.rounds, steps=args.steps, sections=args.sections)
     write_results("paged_cache", rows, meta, args.out)
     plot(rows, args.out / "paged_cache.png")
 

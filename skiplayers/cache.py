@@ -147,10 +147,10 @@ class SkipCacheLayer(CacheLayerMixin):
         to the pool."""
         if self._host_table is None:
             return
-        chosen = indices.cpu().tolist()
+        chosen, before = indices.cpu().tolist(), self._rows()
         rows, held, first_use = [], [], set()
         for old in chosen:
-            pages = self._host_table[old, : int(self._held[old])].tolist()
+            pages = before[old]
             if old not in first_use:
                 first_use.add(old)
                 rows.append(pages)
@@ -159,8 +159,7 @@ class SkipCacheLayer(CacheLayerMixin):
                 self.pool.copy_pages(pages, copies)
                 rows.append(copies)
             held.append(len(pages))
-        dropped = [p for b in range(self._host_table.shape[0]) if b not in first_use
-                   for p in self._host_table[b, : int(self._held[b])].tolist()]
+        dropped = [p for b, pages in enumerate(before) if b not in first_use for p in pages]
         self.pool.give(dropped)
         self._set_held(torch.tensor(held, dtype=torch.int64))
         self._set_table(rows)
@@ -171,6 +170,19 @@ class SkipCacheLayer(CacheLayerMixin):
         if self._host_table is None:
             return
         self.batch_select_indices(torch.arange(self._host_table.shape[0]).repeat_interleave(repeats))
+
+    def pages_to_copy(self, indices: torch.Tensor) -> int:
+        """Pages :meth:`batch_select_indices` would copy for ``indices``: those of every selection of
+        a sequence after its first."""
+        if self._held is None:
+            return 0
+        seen: set[int] = set()
+        total = 0
+        for old in indices.cpu().tolist():
+            if old in seen:
+                total += int(self._held[old])
+            seen.add(old)
+        return total
 
     def crop(self, tokens_to_remove: int) -> None:
         raise TypeError("crop a SkipCache as a whole (SkipCache.crop): a layer alone does not know which columns it holds")
@@ -211,18 +223,22 @@ class SkipCacheLayer(CacheLayerMixin):
             raise ValueError(f"SkipCache holds {self._held.shape[0]} sequences, the input has {batch}")
         if bool((self._host_lengths + counts <= self._slots_held).all()):
             return  # the pages held have room (most decode steps)
-        needed = _pages_for(self._host_lengths + counts, self.page_size) - self._held
-        if not bool((needed > 0).any()):
-            return
-        rows = [self._host_table[b, : int(self._held[b])].tolist() for b in range(batch)]
-        wanted = int(needed.clamp(min=0).sum())
-        taken = self.pool.take(wanted, to_come=self._owner.pages_to_come(self.pool))
-        for b, n in enumerate(needed.tolist()):
-            if n > 0:
-                rows[b] += taken[:n]
+        # A few sequences: host lists are cheaper than tensor ops here.
+        ps, held = self.page_size, self._held.tolist()
+        needed = [max(0, -(-n // ps) - h) for n, h in zip((self._host_lengths + counts).tolist(), held)]
+        wanted = sum(needed)
+        # What the rest of the call will take counts only when the pool must grow (one reallocation).
+        to_come = self._owner.pages_to_come(self.pool) if wanted > self.pool.free_pages else 0
+        taken = self.pool.take(wanted, to_come=to_come)
+        new_held = [h + n for h, n in zip(held, needed)]
+        if max(new_held) > self._host_table.shape[1]:
+            self._set_table(self._rows(), width=-(-max(new_held) // 8) * 8)  # wider, in steps of 8 pages
+        for b, n in enumerate(needed):  # the new pages go after each sequence's last
+            if n:
+                self._host_table[b, held[b] : held[b] + n] = torch.tensor(taken[:n], dtype=torch.int32)
                 taken = taken[n:]
-        self._set_held(self._held + needed.clamp(min=0))
-        self._set_table(rows)
+        self._set_held(torch.tensor(new_held, dtype=torch.int64))
+        self._table.copy_(self._host_table)  # in place: graphs that read it stay valid
 
     def pages_needed(self, counts: torch.Tensor) -> int:
         """Pages this layer would take to store ``counts[b]`` more slots per sequence (int64 ``[B]``)."""
@@ -254,8 +270,7 @@ class SkipCacheLayer(CacheLayerMixin):
         table once to that many pages per sequence, so that later writes never replace the device
         table (a captured graph holds its address)."""
         if max_pages is not None and max_pages > self._host_table.shape[1]:
-            rows = [self._host_table[b, : int(self._held[b])].tolist() for b in range(self._held.shape[0])]
-            self._set_table(rows, width=max_pages)  # a new device table, of the new width
+            self._set_table(self._rows(), width=max_pages)  # a new device table, of the new width
         self.reserve(counts)
         self._host_lengths += counts
 
@@ -337,7 +352,11 @@ class SkipCacheLayer(CacheLayerMixin):
         """The pages this layer holds, over all sequences (host)."""
         if self._host_table is None:
             return []
-        return [p for b in range(self._host_table.shape[0]) for p in self._host_table[b, : int(self._held[b])].tolist()]
+        return [p for row in self._rows() for p in row]
+
+    def _rows(self) -> list[list[int]]:
+        """Each sequence's pages (host lists)."""
+        return [self._host_table[b, : int(self._held[b])].tolist() for b in range(self._held.shape[0])]
 
     def _set_table(self, rows: list[list[int]], width: int | None = None) -> None:
         """Rebuilds the block table from per-sequence page lists (host), and its device copy (in
@@ -364,8 +383,7 @@ class SkipCacheLayer(CacheLayerMixin):
         """Follows a shrink of the pool (``PagePool.shrink_to``): page ``old`` is now ``mapping[old]``."""
         if self._host_table is None:
             return
-        self._set_table([[mapping[p] for p in self._host_table[b, : int(self._held[b])].tolist()]
-                         for b in range(self._held.shape[0])])
+        self._set_table([[mapping[p] for p in row] for row in self._rows()])
 
     def _set_held(self, pages: torch.Tensor) -> None:
         self._held, self._slots_held = pages, pages * self.page_size
@@ -376,10 +394,9 @@ class SkipCacheLayer(CacheLayerMixin):
         if not bool((keep < self._held).any()):
             return
         rows, freed = [], []
-        for b in range(self._held.shape[0]):
-            pages = self._host_table[b, : int(self._held[b])].tolist()
-            rows.append(pages[: int(keep[b])])
-            freed += pages[int(keep[b]):]
+        for pages, kept in zip(self._rows(), keep.tolist()):
+            rows.append(pages[:kept])
+            freed += pages[kept:]
         self.pool.give(freed)
         self._set_held(keep.clone())
         self._set_table(rows)
@@ -718,15 +735,25 @@ class SkipCache(Cache):
         for name in ("_fed_valid", "_fed_context", "_fed_anchor", "_fed_positions"):
             setattr(self, name, [fn(chunk) for chunk in getattr(self, name)])
 
+    def _make_room_for_copies(self, indices: torch.Tensor) -> None:
+        """Grows each pool once for the page copies a selection makes in all its layers."""
+        for pool in self._pools.values():
+            pool.make_room(sum(layer.pages_to_copy(indices) for layer in self.layers if layer.pool is pool))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._make_room_for_copies(beam_idx)
         super().reorder_cache(beam_idx)
         self._select(lambda t: t[beam_idx.cpu()])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._make_room_for_copies(indices)
         super().batch_select_indices(indices)
         self._select(lambda t: t[indices.cpu()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.batch_size
+        if batch > 0:
+            self._make_room_for_copies(torch.arange(batch).repeat_interleave(repeats))
         super().batch_repeat_interleave(repeats)
         self._select(lambda t: t.repeat_interleave(repeats, dim=0))
 

@@ -83,6 +83,12 @@ class PagePool:
             self._grow(count + to_come - len(self._free))
         return [self._free.pop() for _ in range(count)]
 
+    def make_room(self, count: int) -> None:
+        """At least ``count`` free pages, growing once now if the pool may grow (a reserved pool
+        raises when a ``take`` finds too few)."""
+        if count > len(self._free) and not self.reserved:
+            self._grow(count - len(self._free))
+
     def give(self, pages: list[int]) -> None:
         """Returns pages to the free list (their contents are left as they are)."""
         self._free.extend(sorted(pages, reverse=True))
@@ -109,10 +115,11 @@ class PagePool:
         return {old: new for new, old in enumerate(used)}
 
     def _grow(self, at_least: int) -> None:
-        """Reallocates with ``at_least`` more pages, plus an eighth of the pool so that growth is
-        amortised (a copy of the pool every ~8th of its size, not at every page)."""
+        """Reallocates with ``at_least`` more pages plus a sixteenth of the grown pool: growth is
+        amortised (a copy of the pool every sixteenth of its size, not at every page), and a first
+        allocation leaves room for the first decode steps after a prefill."""
         old = self.num_pages
-        new = old + max(at_least, old // 8)
+        new = old + at_least + (old + at_least) // 16
         for name in ("keys", "values", "pos", "tag"):
             t = getattr(self, name)
             grown = t.new_zeros((new, *t.shape[1:])) if name in ("pos", "tag") else t.new_empty((new, *t.shape[1:]))
