@@ -64,7 +64,9 @@ fi
 CUDA_OP_FILES="tests/test_ops.py tests/test_cuda_graphs_and_asserts.py"
 run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "not rejects and not device_side"
 run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "rejects or device_side"
-run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_skipping.py
+# test_static_decode: the paged decode step captured in a CUDA graph and replayed.
+run cuda_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_skipping.py \
+  tests/test_static_decode.py
 if [ "$MODE" != "quick" ]; then
   # With a GPU visible, the Triton tests run compiled on CUDA tensors instead of the interpreter.
   run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_ops.py tests/test_triton_kernels.py \
