@@ -66,12 +66,16 @@ def _slot_bytes(model) -> int:
 
 
 def _memory_row(sk, model, cache, case: str, when: str) -> dict:
+    """K/V bytes held against the stored slots' bytes; for the paged cache also the pool (free pages
+    included) and the issue's bound: 1.1 x the stored bytes plus one page per (layer, sequence)."""
     lengths = cache.layer_lengths()
     stored = int(lengths.sum()) * _slot_bytes(model)
     row = dict(case=case, when=when, held=cache.nbytes(), stored=stored, held_over_stored=cache.nbytes() / stored)
     if _paged(sk):
-        pages_slack = lengths.numel() * cache.page_size * _slot_bytes(model)  # one page per (layer, sequence)
-        row.update(pool=cache.pool_nbytes(), bound=stored + pages_slack, within_bound=cache.nbytes() <= stored + pages_slack)
+        bound = 1.1 * stored + lengths.numel() * cache.page_size * _slot_bytes(model)
+        pool = cache.pool_nbytes()
+        row.update(pool=pool, pool_over_stored=pool / stored, bound=int(bound), held_within_bound=row["held"] <= bound,
+                   pool_within_bound=pool <= bound)
     return row
 
 
@@ -257,15 +261,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax_mem, ax_dec) = plt.subplots(1, 2, figsize=(13, 4.5))
     mem = [r for r in rows if r["section"] == "memory"]
     labels = [f"{r['case']}\n{r['when']}" for r in mem if r["layout"] == "paged"]
-    for i, layout in enumerate(("rectangular", "paged")):
-        values = [r["held_over_stored"] for r in mem if r["layout"] == layout]
+    bars = (("rectangular", "held_over_stored", "rectangular"), ("paged", "held_over_stored", "paged: pages held"),
+            ("paged", "pool_over_stored", "paged: whole pool (free pages too)"))
+    for i, (layout, key, label) in enumerate(bars):
+        values = [r[key] for r in mem if r["layout"] == layout and key in r]
         if values:
-            ax_mem.bar([x + 0.4 * i for x in range(len(values))], values, width=0.4, label=layout)
+            ax_mem.bar([x + 0.27 * i for x in range(len(values))], values, width=0.27, label=label)
     ax_mem.axhline(1.0, color="black", lw=0.8)
-    ax_mem.set_xticks([x + 0.2 for x in range(len(labels))], labels, fontsize=6, rotation=30, ha="right")
+    ax_mem.set_xticks([x + 0.27 for x in range(len(labels))], labels, fontsize=6, rotation=30, ha="right")
     ax_mem.set_ylabel("K/V bytes held / bytes of the stored slots")
     ax_mem.set_title("memory held (lower is better; 1.0 = exactly what is stored)")
-    ax_mem.legend()
+    ax_mem.legend(fontsize=7)
     dec = [r for r in rows if r["section"] == "decode"]
     for layout, style in (("rectangular", "--"), ("paged", "-")):
         for batch in sorted({r["batch"] for r in dec}):
@@ -295,6 +301,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["memory", "decode", "growth"],
                         choices=["memory", "decode", "growth"])
     parser.add_argument("--quick", action="store_true", help="batch 1 at 1k tokens only, one round (a smoke run)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other sections' rows of the results file in --out (a rerun of some sections)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
@@ -302,6 +310,11 @@ def main() -> None:
     rows = compare(args.compare_with, args.rounds, args.steps, args.growth_tokens, args.batches, args.tokens,
                    args.sections)
     meta = dict(compared_with=str(args.compare_with), rounds=args.rounds, steps=args.steps, sections=args.sections)
+    previous = args.out / "paged_cache.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        rows = [r for r in old["rows"] if r["section"] not in args.sections] + rows
+        meta["merged"] = dict(kept_from=old.get("machine", {}).get("date"), sections=args.sections)
     write_results("paged_cache", rows, meta, args.out)
     plot(rows, args.out / "paged_cache.png")
 
