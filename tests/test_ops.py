@@ -199,6 +199,19 @@ def test_cache_attention_page_sizes(ops, backend, page_size, dtype, rule, q_leng
 
 
 @over_backends()
+def test_cache_attention_pages_of_one_slot_with_any_slot_stride(ops, backend):
+    """Torch gives a dimension of size 1 any stride: with pages of one slot, a slot is a page apart,
+    whatever ``k_cache.stride(1)`` says."""
+    case = cases.make_cache_attention([5, 9], page_size=1, seed=4, device=backend.device)
+    for name in ("k_cache", "v_cache"):
+        pool = case[name]
+        odd = pool.as_strided(pool.shape, (pool.stride(0), 7, pool.stride(2), 1))  # same memory, odd stride(1)
+        assert torch.equal(odd, pool) and odd.stride(1) != pool.stride(0)
+        case[name] = odd
+    op_contract.check_cache_attention(ops, case)
+
+
+@over_backends()
 def test_cache_attention_shares_pages_between_sequences(ops, backend):
     """Attention only reads pages: two sequences may name the same pages (a shared prompt)."""
     case = cases.make_cache_attention([40, 40, 7], q_lengths=[1, 1, 1], page_size=16, seed=3, device=backend.device)

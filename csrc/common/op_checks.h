@@ -46,6 +46,26 @@ inline void check_rule(int64_t rule, const char* op) {
 // The last dimension must be dense; rows and heads may be strided (views of a fused projection).
 inline at::Tensor dense_last_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// A paged K/V pool [num_pages, page_size, heads, D] (D dense) as the kernels address it: flat slot
+// page * page_size + offset (ragged.h paged_slot) at flat_slot * slot_stride, head at head *
+// head_stride. That needs pages page_size slot strides apart, which holds for contiguous pools and
+// for views that stride only the heads; any other view is made contiguous first. Torch gives dims
+// of size 1 any stride: with one slot a page, a slot is a page apart; with one page, the page
+// stride does not matter.
+struct PoolSlots {
+  at::Tensor pool;
+  int64_t slot_stride;  // elements
+  int64_t head_stride;  // elements
+};
+
+inline PoolSlots pool_slots(const at::Tensor& pool_in) {
+  const auto flat = [](const at::Tensor& t) {
+    return t.size(0) <= 1 || t.size(1) == 1 || t.stride(0) == t.size(1) * t.stride(1);
+  };
+  const at::Tensor pool = flat(pool_in) ? pool_in : pool_in.contiguous();
+  return PoolSlots{pool, pool.size(1) == 1 ? pool.stride(0) : pool.stride(1), pool.stride(2)};
+}
+
 inline AttentionShape check_query(const at::Tensor& q, const at::Tensor& cu_seqlens_q, const at::Tensor& q_pos,
                                   const std::optional<at::Tensor>& q_tag, int64_t kv_heads, int64_t head_dim,
                                   const char* op) {

@@ -166,13 +166,6 @@ int64_t choose_splits(int64_t base_tasks, int64_t max_keys) {
   return std::max<int64_t>(1, std::min(by_threads, by_length));
 }
 
-// A pool whose pages are page_size flat rows apart (true of contiguous pools and of views that
-// stride only the heads), so that flat row = page * page_size + offset.
-at::Tensor flat_rows_pool(const at::Tensor& pool) {
-  const at::Tensor p = dense_last_dim(pool);
-  return p.stride(0) == p.size(1) * p.stride(1) ? p : p.contiguous();
-}
-
 at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
                                const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
                                const at::Tensor& cache_seqlens_in, const at::Tensor& q_pos_in,
@@ -183,13 +176,13 @@ at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
       check_cache_attention(q_in, k_cache_in, v_cache_in, block_table, cu_seqlens_q, cache_seqlens_in, q_pos_in,
                             pos_cache, q_tag_in, tag_cache, rule, num_splits);
   const at::Tensor q = dense_last_dim(q_in);
-  const at::Tensor k_cache = flat_rows_pool(k_cache_in), v_cache = flat_rows_pool(v_cache_in);
+  const PoolSlots k_cache = pool_slots(k_cache_in), v_cache = pool_slots(v_cache_in);
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();
   const at::Tensor q_pos = q_pos_in.contiguous();
   const std::optional<at::Tensor> q_tag = q_tag_in ? std::optional(q_tag_in->contiguous()) : std::nullopt;
-  const int64_t page_size = k_cache.size(1);
+  const int64_t page_size = k_cache.pool.size(1);
   check_cu_seqlens(cu_q, q.size(0), "skiplayers::cache_attention", "cu_seqlens_q");
-  check_paged_slots(block_table, lens.data_ptr<int32_t>(), nullptr, k_cache.size(0), page_size,
+  check_paged_slots(block_table, lens.data_ptr<int32_t>(), nullptr, k_cache.pool.size(0), page_size,
                     "skiplayers::cache_attention");
 
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
@@ -219,10 +212,10 @@ at::Tensor cache_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
       const QueryTile<scalar_t> qt = query_tile<scalar_t>(q, q_pos.data_ptr<int32_t>(), optional_int_ptr(q_tag), t, group);
       int64_t k_begin, k_end;
       split_key_range(len[t.batch], splits, t.split, kKeyBlock, &k_begin, &k_end);
-      const KeyRun<scalar_t> kr{k_cache.data_ptr<scalar_t>() + t.kv_head * k_cache.stride(2),
-                                v_cache.data_ptr<scalar_t>() + t.kv_head * v_cache.stride(2),
-                                k_cache.stride(1),
-                                v_cache.stride(1),
+      const KeyRun<scalar_t> kr{k_cache.pool.data_ptr<scalar_t>() + t.kv_head * k_cache.head_stride,
+                                v_cache.pool.data_ptr<scalar_t>() + t.kv_head * v_cache.head_stride,
+                                k_cache.slot_stride,
+                                v_cache.slot_stride,
                                 pos_cache.data_ptr<int32_t>(),
                                 tag_cache ? tag_cache->data_ptr<int32_t>() : nullptr,
                                 k_begin,

@@ -66,7 +66,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
               kOp, " (CUDA): at most 2^31 - 1 sequences, rows, slots per sequence and slots in the pool");
   TORCH_CHECK(s.kv_heads <= 65535, kOp, " (CUDA): at most 65535 KV heads, got ", s.kv_heads);
   const at::Tensor q = aligned16(dense_last_dim(q_in));
-  const SlotPool k_cache = slot_pool(k_cache_in), v_cache = slot_pool(v_cache_in);
+  const PoolSlots k_cache = aligned_pool_slots(k_cache_in), v_cache = aligned_pool_slots(v_cache_in);
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), lens = cache_seqlens_in.contiguous();
   const at::Tensor q_pos = q_pos_in.contiguous();
   const std::optional<at::Tensor> q_tag = optional_contiguous(q_tag_in);

@@ -13,6 +13,8 @@
 #include <optional>
 #include <utility>
 
+#include "../common/op_checks.h"
+
 namespace skiplayers::cuda {
 
 template <typename T>
@@ -66,27 +68,11 @@ inline at::Tensor aligned16(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);  // a new allocation: aligned
 }
 
-// A paged K/V pool [num_pages, page_size, heads, D] (D dense) as the kernels address it: row
-// (flat slot page * page_size + offset, ragged.h paged_slot) at flat_slot * slot_stride, head at
-// head * head_stride. That needs pages page_size slot strides apart, which holds for contiguous pools
-// and for views that stride only the heads; any other view is made contiguous first (as the CPU
-// launcher's flat_rows_pool does). Rows are 16-byte aligned (aligned16).
-struct SlotPool {
-  at::Tensor pool;
-  int64_t slot_stride;  // elements
-  int64_t head_stride;  // elements
-};
-
-inline SlotPool slot_pool(const at::Tensor& pool_in) {
-  TORCH_INTERNAL_ASSERT(pool_in.dim() == 4 && pool_in.stride(-1) == 1);
-  // Torch gives dims of size 1 any stride: with one slot a page, a slot is a page apart; with one
-  // page, page stride does not matter.
-  const auto flat = [](const at::Tensor& t) {
-    return t.size(0) <= 1 || t.size(1) == 1 || t.stride(0) == t.size(1) * t.stride(1);
-  };
-  const at::Tensor pool = aligned16(flat(pool_in) ? pool_in : pool_in.contiguous());
-  TORCH_INTERNAL_ASSERT(flat(pool));
-  return SlotPool{pool, pool.size(1) == 1 ? pool.stride(0) : pool.stride(1), pool.stride(2)};
+// A paged K/V pool as the kernels address it (op_checks.h pool_slots), its rows 16-byte aligned.
+inline PoolSlots aligned_pool_slots(const at::Tensor& pool_in) {
+  const PoolSlots slots = pool_slots(pool_in);
+  const at::Tensor aligned = aligned16(slots.pool);
+  return aligned.is_same(slots.pool) ? slots : pool_slots(aligned);
 }
 
 inline const int32_t* optional_int_ptr(const std::optional<at::Tensor>& t) {
