@@ -23,8 +23,9 @@ Two lengths, both exposed:
 
 Memory: ``nbytes()`` counts the K/V pages the layers hold; ``pool_nbytes()`` the pools' tensors
 (free pages included). A pool grows on demand, or is reserved up front (``max_tokens`` /
-``max_bytes``): then it never reallocates, and with :meth:`SkipCache.reserve` before a decode step
-the step itself takes no page (``patching/static_decode.py``).
+``max_bytes``): then it never reallocates. A write has a host half (``prepare_write``: pages,
+host mirrors) and a device half (``write_prepared``); a decode step that runs the host half of all
+its writes first takes no page itself (``patching/static_decode.py``).
 
 Writes come through transformers' own path: each attention module of a patched model calls
 :meth:`SkipCache.update` with its new K/V, which stores them through the running forward's step
@@ -253,35 +254,31 @@ class SkipCacheLayer(CacheLayerMixin):
         """Stores sequence b's ``counts[b]`` new rows after its stored slots (packed ``k, v [N, H_kv, D]``,
         ``pos, tag [N]`` int32, ``cu_seqlens`` int32 ``[B + 1]`` on the device; ``counts`` int64 ``[B]``
         on the host; ``device_counts``: the same counts on the device, ``cu_seqlens.diff()`` when not
-        given), taking pages first where they are needed."""
-        self.reserve(counts, like=k)
-        ops.cache_append(
-            k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
-            block_table=self._table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
-        )
-        self._host_lengths += counts
-        # The device lengths follow on the device (no host-to-device copy of the counts).
-        self._lengths += cu_seqlens.diff() if device_counts is None else device_counts
+        given), taking pages first where they are needed: both halves of a write at once."""
+        self.prepare_write(counts, like=k)
+        self.write_prepared(k, v, pos, tag, cu_seqlens, ops, device_counts)
 
-    def prepare_write(self, counts: torch.Tensor, max_pages: int | None = None) -> None:
-        """The host half of a write whose device half comes later (:meth:`write_prepared`): takes the
-        pages ``counts[b]`` more slots need and counts them in the host mirror (int64 ``[B]``). From
-        here until the write the host mirror is ahead of the device. ``max_pages`` widens the block
+    def prepare_write(self, counts: torch.Tensor, max_pages: int | None = None,
+                      like: torch.Tensor | None = None) -> None:
+        """The host half of a write (:meth:`write_prepared` is the device half): takes the pages
+        ``counts[b]`` more slots need and counts them in the host mirror (int64 ``[B]``). Until the
+        device half runs, the host mirror is ahead of the device. ``max_pages`` widens the block
         table once to that many pages per sequence, so that later writes never replace the device
-        table (a captured graph holds its address)."""
-        if max_pages is not None and max_pages > self._host_table.shape[1]:
+        table (a captured graph holds its address); ``like`` sizes the pool at a first write."""
+        if max_pages is not None and self._host_table is not None and max_pages > self._host_table.shape[1]:
             self._set_table(self._rows(), width=max_pages)  # a new device table, of the new width
-        self.reserve(counts)
+        self.reserve(counts, like=like)
         self._host_lengths += counts
 
-    def write_prepared(self, k, v, pos, tag, cu_seqlens, ops: OpSet) -> None:
-        """The device half of a write prepared by :meth:`prepare_write`: stores the packed rows and
-        advances the device lengths, on the device only (no page taken, nothing read back)."""
+    def write_prepared(self, k, v, pos, tag, cu_seqlens, ops: OpSet, device_counts: torch.Tensor | None = None) -> None:
+        """The device half of a write whose host half :meth:`prepare_write` did: stores the packed rows
+        and advances the device lengths (by ``device_counts``, or ``cu_seqlens.diff()``), on the
+        device only (no page taken, nothing read back, no host-to-device copy)."""
         ops.cache_append(
             k_cache=self.pool.keys, v_cache=self.pool.values, pos_cache=self.pool.pos, tag_cache=self.pool.tag,
             block_table=self._table, k=k, v=v, pos=pos, tag=tag, cu_seqlens=cu_seqlens, cache_seqlens=self._lengths,
         )
-        self._lengths += cu_seqlens.diff()
+        self._lengths += cu_seqlens.diff() if device_counts is None else device_counts
 
     def slot_tags(self) -> torch.Tensor:
         """int32 ``[B, max_pages * page_size]`` on the device: the tag word of each sequence's slots in
@@ -329,7 +326,7 @@ class SkipCacheLayer(CacheLayerMixin):
         if host.shape != device.shape:
             raise RuntimeError(f"SkipCache layer {self.index}: host lengths hold {host.shape[0]} sequences, "
                                f"device lengths {device.shape[0]}")
-        capacity = self._held * self.page_size
+        capacity = self._slots_held
         wrong = ((host != device) | (host < 0) | (host > capacity)).nonzero().flatten().tolist()
         if wrong:
             raise RuntimeError(
@@ -338,6 +335,10 @@ class SkipCacheLayer(CacheLayerMixin):
             )
         if not torch.equal(self._table.cpu(), self._host_table):
             raise RuntimeError(f"SkipCache layer {self.index}: the device block table differs from its host mirror")
+        pages = self.pages()
+        if len(set(pages)) != len(pages):
+            raise RuntimeError(f"SkipCache layer {self.index}: a page is held twice (the writing ops need each page "
+                               "to belong to one sequence)")
 
     def read(self, field: str, b: int) -> torch.Tensor:
         """Sequence b's stored slots of the pool's ``field`` (``"keys"``, ``"values"``, ``"pos"`` or
@@ -540,15 +541,6 @@ class SkipCache(Cache):
         return sum(layer.pages_needed(writes[idx]) for idx, layer in enumerate(self.layers)
                    if bool(writes[idx].any()) and layer.pool in (None, pool))
 
-    def reserve(self, counts: torch.Tensor, layers=None) -> None:
-        """Takes now, at each of ``layers`` (default: every layer that holds pages), the pages that
-        ``counts[b]`` more slots of sequence b need (int64 ``[B]``, host), so that the writes of
-        the next step take none: what a decode step whose page assignment must happen before it
-        (a captured CUDA graph, ``patching/static_decode.py``) calls first."""
-        for idx in range(len(self.layers)) if layers is None else layers:
-            if self.layers[idx].held_pages is not None:
-                self.layers[idx].reserve(counts)
-
     def append(self, layer_idx: int, k, v, rows: PackedRows, ops: OpSet) -> None:
         """Stores the new ``rows`` (``packing.PackedRows``: their positions, tags and counts) with their
         K/V ``k, v [N, H_kv, D]`` at layer ``layer_idx`` (:meth:`SkipCacheLayer.append`)."""
@@ -596,7 +588,7 @@ class SkipCache(Cache):
                 layer.renumber_pages(mapping)
 
     def stored(self, layer_idx: int) -> SkipCacheLayer:
-        """The layer that holds ``layer_idx``'s cache: its pool's pages (``keys``, ``values``, ``pos``,
+        """The layer that holds ``layer_idx``'s cache: its ``pool`` (pages ``keys``, ``values``, ``pos``,
         ``tag``), ``block_table``, ``lengths`` and their host mirrors (read only)."""
         return self.layers[layer_idx]
 

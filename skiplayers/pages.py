@@ -37,6 +37,8 @@ class PagePool:
     out lowest number first, so a fresh cache's pages lie in order.
     """
 
+    FIELDS = ("keys", "values", "pos", "tag")  # the tensors of a page, all indexed by page first
+
     def __init__(self, page_size: int, like: torch.Tensor, num_pages: int, reserved: bool):
         """``like``: K/V rows ``[N, H_kv, D]`` whose dtype, device and head shape the pages take."""
         self.page_size = page_size
@@ -62,7 +64,7 @@ class PagePool:
     @property
     def page_nbytes(self) -> int:
         """Bytes of one page of K and V."""
-        return 2 * self.keys[0].nbytes if self.num_pages else 0
+        return page_bytes(self.page_size, self.keys.shape[2], self.keys.shape[3], self.keys.dtype)
 
     def nbytes(self, include_metadata: bool = False) -> int:
         """Bytes the pool's tensors occupy (every page, free or not)."""
@@ -80,7 +82,7 @@ class PagePool:
                     f"{len(self._free)} of {self.num_pages} are free (reserve more with SkipCache(max_tokens=...) or "
                     "max_bytes=..., or leave both unset to let the pool grow)"
                 )
-            self._grow(count + to_come - len(self._free))
+            self.make_room(count + to_come)
         return [self._free.pop() for _ in range(count)]
 
     def make_room(self, count: int) -> None:
@@ -99,7 +101,8 @@ class PagePool:
             return
         s = torch.tensor(src, dtype=torch.int64, device=self.keys.device)
         d = torch.tensor(dst, dtype=torch.int64, device=self.keys.device)
-        for pool in (self.keys, self.values, self.pos, self.tag):
+        for name in self.FIELDS:
+            pool = getattr(self, name)
             pool.index_copy_(0, d, pool.index_select(0, s))
 
     def shrink_to(self, used: list[int]) -> dict[int, int]:
@@ -109,7 +112,7 @@ class PagePool:
         if self.reserved:
             raise RuntimeError("a reserved pool keeps its size")
         index = torch.tensor(used, dtype=torch.int64, device=self.keys.device)
-        for name in ("keys", "values", "pos", "tag"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name).index_select(0, index))
         self._free = []
         return {old: new for new, old in enumerate(used)}
@@ -120,7 +123,7 @@ class PagePool:
         allocation leaves room for the first decode steps after a prefill."""
         old = self.num_pages
         new = old + at_least + (old + at_least) // 16
-        for name in ("keys", "values", "pos", "tag"):
+        for name in self.FIELDS:
             t = getattr(self, name)
             grown = t.new_zeros((new, *t.shape[1:])) if name in ("pos", "tag") else t.new_empty((new, *t.shape[1:]))
             grown[:old] = t

@@ -188,7 +188,7 @@ def test_a_reserved_pool_never_grows_and_names_its_budget_when_full():
     cache = filled([4, 4], layers=2, max_tokens=5 * PAGE)  # 5 pages: 2 layers x 2 sequences take 4
     pool = cache.layers[0].pool
     tensors = (pool.keys, pool.values, pool.pos, pool.tag)
-    cache.reserve(torch.tensor([1, 0]), layers=[0])  # one more page for sequence 0 at layer 0
+    cache.layers[0].reserve(torch.tensor([1, 0]))  # one more page for sequence 0 at layer 0
     assert cache.layers[0].held_pages.tolist() == [2, 1] and pool.free_pages == 0
     assert all(a is b for a, b in zip(tensors, (pool.keys, pool.values, pool.pos, pool.tag)))
     cache.layers[0].append(*rows([1, 0], start=4), ops=get_ops("cpu"))  # within the reserved page
@@ -244,6 +244,12 @@ def test_check_lengths_refuses_a_length_past_the_pages_held_and_a_drifted_block_
     cache = filled([4, 6])
     cache.layers[1].block_table[1, 0] += 1
     with pytest.raises(RuntimeError, match="layer 1: the device block table differs"):
+        cache.check_lengths()
+    cache = filled([4, 6])
+    layer = cache.layers[0]
+    layer.host_block_table[1, 0] = layer.host_block_table[0, 0]  # both mirrors: only the page check sees it
+    layer.block_table[1, 0] = layer.block_table[0, 0]
+    with pytest.raises(RuntimeError, match="layer 0: a page is held twice"):
         cache.check_lengths()
 
 

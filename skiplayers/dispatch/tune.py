@@ -78,10 +78,9 @@ def cache_case(lengths: list[int], new_rows: int, heads, kv_heads, dim, dtype, d
     for b, (n, pages) in enumerate(zip(lengths, held)):
         table[b, :pages] = order[first:first + pages].to(torch.int32)
         first += pages
-        slots = torch.arange(n)
-        page, offset = table[b, slots // page_size].long(), slots % page_size
+        page, offset = reference.page_slots(keys, table, b, 0, n)
         keys[page, offset], values[page, offset] = (torch.randn(n, kv_heads, dim, generator=gen) for _ in range(2))
-        pos_cache[page, offset] = slots.to(torch.int32)
+        pos_cache[page, offset] = torch.arange(n, dtype=torch.int32)
     q_pos = torch.cat([torch.arange(n - c, n, dtype=torch.int32) for n, c in zip(lengths, counts)])
     q = torch.randn(sum(counts), heads, dim, generator=gen).to(device, dtype)
     return CacheCall(
