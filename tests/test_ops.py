@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sanitized import sanitized
 
 import cases
 import op_contract
@@ -49,6 +50,7 @@ def _on(device, changes: dict) -> dict:
 # --- varlen_attention (prefill) ------------------------------------------------------------------
 
 
+@sanitized("memcheck", dtype=torch.float16)
 @over_backends("dtype,rule,lengths", grid(DTYPES, RULES, [*RAGGED, *sized(CPU, *RAGGED_LARGE)]))
 def test_varlen_attention_ragged(ops, backend, dtype, rule, lengths):
     case = cases.make_varlen_attention(lengths, dtype=dtype, rule=rule, gapped=True, seed=len(lengths) + rule,
@@ -64,6 +66,7 @@ _GQA_SHAPES = [
 ]
 
 
+@sanitized("racecheck", dtype=torch.bfloat16)
 @over_backends("heads,head_dim,dtype,rule,lengths", grid(HEADS, HEAD_DIMS, _GQA_SHAPES))
 def test_varlen_attention_gqa_and_head_dims(ops, backend, heads, head_dim, dtype, rule, lengths):
     case = cases.make_varlen_attention(lengths, heads=heads.q, kv_heads=heads.kv, head_dim=head_dim, dtype=dtype,
@@ -142,6 +145,8 @@ def test_varlen_attention_misaligned_rows(ops, backend, dtype):
 # --- cache_attention (decode, split-K) -----------------------------------------------------------
 
 
+@sanitized("memcheck", dtype=torch.bfloat16)
+@sanitized("racecheck", dtype=torch.float32)
 @over_backends("dtype,rule,num_splits,lengths",
                grid(DTYPES, RULES, [*NUM_SPLITS, *sized(GPU, *NUM_SPLITS_LARGE)], [DECODE, *sized(CPU, DECODE_LARGE)]))
 def test_cache_attention_decode(ops, backend, dtype, rule, num_splits, lengths):
@@ -190,6 +195,7 @@ def test_cache_attention_strided_cache_views(ops, backend, dtype):
 
 # Page sizes 1 / 16 / 64 with pages shuffled through the pool (tests/cases.page_table), one-token and
 # multi-token queries, caches ending inside a page and on a page boundary.
+@sanitized("memcheck", dtype=torch.bfloat16)
 @over_backends("page_size,dtype,rule,q_lengths", grid(PAGE_SIZES, F32_THEN_LOW, [Rule.CAUSAL, Rule.ANCHORS],
                                                       [[1, 0, 1, 1], [3, 0, 17, 1]]))
 def test_cache_attention_page_sizes(ops, backend, page_size, dtype, rule, q_lengths):
@@ -289,6 +295,7 @@ def test_ruled_out_key_blocks_are_skipped(ops, backend, kind, mode, dtype):
 # --- row ops -------------------------------------------------------------------------------------
 
 
+@sanitized("memcheck")
 @over_backends("dtype,lengths", grid(DTYPES, [*ROWS, *sized(GPU, *ROWS_LARGE)]))
 def test_compact_rows(ops, backend, dtype, lengths):
     op_contract.check_compact_rows(ops, cases.make_compact_rows(lengths, dtype=dtype, seed=len(lengths),
@@ -304,6 +311,7 @@ def test_compact_rows_other_dtypes_and_vectors(ops, backend, dtype):
     op_contract.check_compact_rows(ops, case)
 
 
+@sanitized("memcheck")
 @over_backends("dtype,noncontiguous,page_size", grid(DTYPES, [True, False], [*PAGE_SIZES, 5]))
 def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
     case = cases.make_cache_append([0, 3, 10, 0], [5, 0, 7, 1], page_size=page_size, dtype=dtype,
@@ -311,6 +319,7 @@ def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
     op_contract.check_cache_append(ops, case)
 
 
+@sanitized("memcheck")
 @over_backends("dim", [64, 128, 80, 5])  # 5: 10-byte rows, 2-byte copies
 def test_cache_append_head_dims(ops, backend, dim):
     case = cases.make_cache_append([2, 0], [1, 3], page_size=2, kv_heads=3, head_dim=dim, dtype=torch.bfloat16,
@@ -318,6 +327,7 @@ def test_cache_append_head_dims(ops, backend, dim):
     op_contract.check_cache_append(ops, case)
 
 
+@sanitized("memcheck")
 @over_backends()
 def test_cache_append_reads_only_the_pages_it_writes(ops, backend):
     """Block table entries of pages an append does not write are never read: not those of the stored
@@ -328,18 +338,21 @@ def test_cache_append_reads_only_the_pages_it_writes(ops, backend):
     op_contract.check_cache_append(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("dtype,page_size,lengths", grid(DTYPES, [*PAGE_SIZES, 5], [[0, 12, 30, 3], [0, 12, 130, 3]]))
 def test_cache_compact(ops, backend, dtype, page_size, lengths):
     case = cases.make_cache_compact(lengths, page_size=page_size, dtype=dtype, seed=page_size, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("keep_fraction", [0.0, 1.0])
 def test_cache_compact_keeps_nothing_or_everything(ops, backend, keep_fraction):
     case = cases.make_cache_compact([7, 0, 40], page_size=16, keep_fraction=keep_fraction, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("", sized(CPU, ()))
 def test_cache_compact_long_cache(ops, backend):
     case = cases.make_cache_compact([1000, 0, 777], page_size=16, keep_fraction=0.5, device=backend.device)
