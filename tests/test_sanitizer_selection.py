@@ -19,7 +19,7 @@ SCRIPT = (ROOT / "scripts" / "gpu_check.sh").read_text()
 def _selected(tool: str) -> list[str]:
     files = re.search(r'^SANITIZE_FILES="([^"]+)"', SCRIPT, re.M)
     assert files, "gpu_check.sh names the files its sanitizer runs collect from"
-    assert f'-m "cuda and $tool"' in SCRIPT, "gpu_check.sh selects sanitizer cases by marker"
+    assert '-m "cuda and $tool"' in SCRIPT, "gpu_check.sh selects sanitizer cases by marker"
     listing = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", f"cuda and {tool}",
          *files.group(1).split()],
