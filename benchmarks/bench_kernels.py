@@ -114,7 +114,7 @@ class Case:
     of which positions 1..c are context (hidden from every query by ``Rule.HIDE_CONTEXT``, or, with
     ``compacted``, dropped: the rows left keep their absolute positions). ``lengths``: rows per
     sequence as packed. Decode: one new query per sequence over paged caches of ``lengths[b]``
-    keys (every key visible: positions 0..n-1, the query at n-1)."""
+    keys (every key visible: positions 0..n-1, the query at n-1; the slots after them say 0)."""
 
     kind: str  # "prefill" or "decode"
     name: str
@@ -206,6 +206,10 @@ def decode_case(name: str, model: str, lengths: list[int], dtype, device, page_s
     k_cache, v_cache = paged_kv(len(lengths), capacity, kv_heads, dim, dtype, device, page_size)
     q = torch.randn(len(lengths), heads, dim, dtype=dtype, device=device)
     cu, cache_seqlens, q_pos, block_table, pos_cache = decode_metadata(lengths, capacity, device, page_size)
+    # Slots past a sequence's length hold stale metadata, as freed or compacted slots do: position 0,
+    # which the predicate alone would let through. Every implementation must stop at cache_seqlens.
+    slots = dense_view(pos_cache, len(lengths))
+    slots[torch.arange(slots.shape[1], device=device)[None, :] >= cache_seqlens[:, None]] = 0
     args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu,
                 cache_seqlens=cache_seqlens, q_pos=q_pos, pos_cache=pos_cache, q_tag=None, tag_cache=None, rule=0,
                 scale=dim**-0.5, num_splits=0)
