@@ -59,6 +59,7 @@ are listed in ``skipped_cases``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import statistics
 import sys
@@ -255,7 +256,11 @@ def smoke_cases(dtype=torch.float32, device="cpu", page_size: int = 8) -> CaseLi
         ("smoke decode B=2 S=33", lambda name: decode_case(name, m, [33, 33], dtype, device, page_size, room=5)),
         ("smoke decode ragged B=3", lambda name: decode_case(name, m, [30, 70, 5], dtype, device, page_size, room=5)),
     ]
-    return [(name, lambda name=name, make=make: make(name)) for name, make in specs]
+    return [(name, _named(make, name)) for name, make in specs]
+
+
+def _named(make: Callable[[str], Case], name: str) -> Callable[[], Case]:
+    return lambda: make(name)
 
 
 # --- implementations ---------------------------------------------------------------------------------
@@ -270,6 +275,7 @@ class Env:
     smoke: bool
     flex_block: int = 128
     flex_compile: bool = True
+    flex_backend: str = "inductor"  # torch.compile's backend ("eager" in the test of the compile bookkeeping)
 
 
 @dataclass
@@ -296,8 +302,7 @@ def _ours(backend: str) -> Callable[[Case, Env], Built]:
             raise Unsupported("CPU run only" if backend == "cpu" else
                               "the pure-PyTorch reference is what outputs are checked against; timed on the CPU run only")
         if backend == "triton" and case.device.type == "cpu":
-            from skiplayers import triton_kernels
-
+            triton_kernels = importlib.import_module("skiplayers.triton_kernels")  # imports triton: only here
             if not triton_kernels.interpreted():
                 raise Unsupported("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
         ops = sk_ops.get_ops(backend)
@@ -537,20 +542,25 @@ def flex(case: Case, env: Env) -> Built:
             return out[:, :, 0]
 
     kwargs = dict(block_mask=block, enable_gqa=True, scale=a["scale"])
+
+    def eager():
+        with warnings.catch_warnings():  # "called without torch.compile()": flex_note says so instead
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q, k, v, **kwargs)
+
     if not env.flex_compile:
         why = "eager (the CPU smoke run: compiling per case takes seconds)" if env.smoke else "eager (--flex-eager)"
-
-        def eager():
-            with warnings.catch_warnings():  # "called without torch.compile()": said in flex_note instead
-                warnings.simplefilter("ignore", UserWarning)
-                return flex_attention(q, k, v, **kwargs)
-
         return Built(eager, packed, {"flex_compiled": False, "flex_note": why}, block_mask=block)
     torch._dynamo.reset()
-    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    # fullgraph: a graph break or the recompile limit raises instead of running parts eagerly.
+    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=env.flex_backend)
     before = counters["stats"]["unique_graphs"]
     start = time.perf_counter()
-    compiled(q, k, v, **kwargs)
+    try:
+        compiled(q, k, v, **kwargs)
+    except Exception as err:  # noqa: BLE001 - what a user without fullgraph gets: eager; the row says why
+        note = f"compile failed ({error_summary(err, 120)}): ran eager"
+        return Built(eager, packed, {"flex_compiled": False, "flex_note": note}, block_mask=block)
     compile_s = time.perf_counter() - start
     graphs = counters["stats"]["unique_graphs"] - before
     notes = {"flex_compiled": graphs > 0,
@@ -683,22 +693,25 @@ def host_us(fn: Callable[[], object], calls: int, sync: Callable[[], None] | Non
     return statistics.median(times) * 1e6
 
 
-def device_ceilings(budget_note: str = "") -> dict:
+def device_ceilings() -> dict:
     """The device's measured ceilings: a bf16 matmul of 8192^3 (TFLOP/s = 2 n^3 / time) and a copy
     of 1 GiB between two device buffers (GB/s = 2 * bytes / time: read and write), timed as the
     kernels are (``gpu_median_ms``)."""
-    n = 8192
-    x, y = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    matmul_ms = gpu_median_ms(lambda: x @ y)
-    del x, y
-    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = gpu_median_ms(lambda: dst.copy_(src))
-    nbytes = src.numel() * src.element_size()
-    del src, dst
+    n, nbytes = 8192, 2**30
+
+    def matmul_ms() -> float:
+        x, y = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        return gpu_median_ms(lambda: x @ y)
+
+    def copy_ms() -> float:
+        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+        dst = torch.empty_like(src)
+        return gpu_median_ms(lambda: dst.copy_(src))
+
+    ceilings = {"matmul_tflops": 2 * n**3 / matmul_ms() / 1e9, "copy_gbps": 2 * nbytes / copy_ms() / 1e6,
+                "how": f"bf16 matmul {n}x{n}x{n}; device-to-device copy of 1 GiB (read + write); {gpu_timer_name()}"}
     torch.cuda.empty_cache()
-    return {"matmul_tflops": 2 * n**3 / matmul_ms / 1e9, "copy_gbps": 2 * nbytes / copy_ms / 1e6,
-            "how": f"bf16 matmul {n}x{n}x{n}; device-to-device copy of 1 GiB (read + write); {gpu_timer_name()}"}
+    return ceilings
 
 
 @dataclass
@@ -721,7 +734,7 @@ def run_impl(name: str, case: Case, env: Env, settings: Settings, truth, rows) -
     result.update(built.notes)
     on_gpu = case.device.type == "cuda"
     try:
-        fn, timing = built.fn, "host clock (CPU run)"
+        fn, timing = built.fn, "host clock (CPU run: ms and host_us are one measurement)"
         if on_gpu and case.kind == "decode":
             try:
                 result_fn, replay = graph_call(built.fn)
@@ -740,10 +753,10 @@ def run_impl(name: str, case: Case, env: Env, settings: Settings, truth, rows) -
         out = built.packed(fn())
         if settings.check:
             got = out[rows.to(out.device)]
-            err, bound = attention_error(got, *truth)
-            result.update(max_abs_diff=err, tolerance=bound)
-            if not (err <= bound):  # NaN fails too
-                result["status"] = f"wrong: max |diff| {err:.3g} > tolerance {bound:.3g}"
+            diff, bound = attention_error(got, *truth)
+            result.update(max_abs_diff=diff, tolerance=bound)
+            if not (diff <= bound):  # NaN fails too
+                result["status"] = f"wrong: max |diff| {diff:.3g} > tolerance {bound:.3g}"
                 if built.after:
                     built.after()
                 result.update(built.notes)
@@ -751,9 +764,10 @@ def run_impl(name: str, case: Case, env: Env, settings: Settings, truth, rows) -
         if on_gpu:
             ms = gpu_median_ms(fn)
             result["host_us"] = host_us(built.fn, settings.host_calls, torch.cuda.synchronize)
-        else:  # the CPU run: the checked call above was the warm-up
-            ms = statistics.median(timed(fn)[1] for _ in range(settings.repeats)) * 1e3
-            result["host_us"] = host_us(built.fn, settings.host_calls)
+        else:  # the CPU run: the checked call above was the warm-up. Nothing runs asynchronously
+            # there, so the host's time per call is the call's time: one measurement, both columns.
+            ms = host_us(built.fn, settings.repeats) / 1e3
+            result["host_us"] = ms * 1e3
         if built.after:
             built.after()
         result.update(built.notes)

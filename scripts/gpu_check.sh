@@ -79,8 +79,7 @@ if [ "$MODE" != "quick" ]; then
     tests/test_ops.py -k "(varlen_attention_ragged and float16 and not bfloat16 or cache_attention_decode and bfloat16 or cache_attention_page_sizes and bfloat16 or compact_rows or cache_append or cache_compact) and not rejects and not device_side"
   run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
     tests/test_ops.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32 or cache_compact"
-  run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
-  if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
-  cp benchmarks/results/*kernels*.json "$OUT/" 2>/dev/null
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --budget-s "${BENCH_BUDGET_S:-300}"
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
 fi
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
