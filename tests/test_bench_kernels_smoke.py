@@ -283,3 +283,10 @@ def test_flex_compiles_per_case_and_says_when_it_did_not(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # the old harness: one compiled flex for all shapes
     notes = run("smoke decode B=1 S=37")
     assert notes["flex_compiled"] is False and "compile failed" in notes["flex_note"], notes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_without_a_gpu_it_says_why_and_writes_nothing(tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert "bench_kernels: skipped: no CUDA GPU" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
