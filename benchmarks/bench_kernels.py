@@ -303,7 +303,10 @@ def _ours(backend: str) -> Callable[[Case, Env], Built]:
             raise Unsupported("CPU run only" if backend == "cpu" else
                               "the pure-PyTorch reference is what outputs are checked against; timed on the CPU run only")
         if backend == "triton" and case.device.type == "cpu":
-            triton_kernels = importlib.import_module("skiplayers.triton_kernels")  # imports triton: only here
+            try:
+                triton_kernels = importlib.import_module("skiplayers.triton_kernels")  # imports triton: only here
+            except ImportError as err:
+                raise Unsupported(f"the Triton backend does not import: {error_summary(err, 100)}") from err
             if not triton_kernels.interpreted():
                 raise Unsupported("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
         ops = sk_ops.get_ops(backend)
