@@ -254,7 +254,6 @@ def smoke_cases(dtype=torch.float32, device="cpu", page_size: int = 8) -> CaseLi
         ("smoke context-stopped compacted B=2",
          lambda name: prefill_case(name, m, [(64, 40), (23, 9)], dtype, device, True)),
         ("smoke decode B=1 S=37", lambda name: decode_case(name, m, [37], dtype, device, page_size, room=5)),
-        ("smoke decode B=2 S=33", lambda name: decode_case(name, m, [33, 33], dtype, device, page_size, room=5)),
         ("smoke decode ragged B=3", lambda name: decode_case(name, m, [30, 70, 5], dtype, device, page_size, room=5)),
     ]
     return [(name, _named(make, name)) for name, make in specs]
