@@ -93,9 +93,8 @@ if [ "$MODE" != "quick" ]; then
   for tool in memcheck racecheck; do
     sanitize "$tool"
   done
-  run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
-  if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
-  cp benchmarks/results/*kernels*.json "$OUT/" 2>/dev/null
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --budget-s "${BENCH_BUDGET_S:-300}"
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
 fi
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 exit "$failed"
