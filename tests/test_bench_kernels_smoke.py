@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # `pytest` run directly: benchmarks/ is a package
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_kernels as bench  # noqa: E402
+from benchmarks import kernel_cases, kernel_impls  # noqa: E402
 from skiplayers import reference  # noqa: E402
 from skiplayers.tolerance import attention_error  # noqa: E402
 
@@ -43,11 +44,11 @@ RUNS_ON_CPU = ("cpu", "ref", "sdpa", "flex", *(("triton",) if _triton_interprete
 GPU_ONLY = ("cuda", "varlen_attn", "flash_attn")
 METRICS = ("ms", "vs_sdpa", "tflops", "gbps", "flops_frac", "bw_frac", "host_us", "timing", "max_abs_diff",
            "tolerance", "status")
-CASES = bench.smoke_cases()
-ENV = bench.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=False)
+CASES = kernel_cases.smoke_cases()
+ENV = kernel_impls.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=False)
 
 
-def _case(name: str) -> bench.Case:
+def _case(name: str) -> kernel_cases.Case:
     torch.manual_seed(0)
     return dict(CASES)[name]()
 
@@ -56,7 +57,7 @@ def _tags(tag, like):
     return tag if tag is not None else torch.zeros_like(like)
 
 
-def reference_masks(case: bench.Case) -> list[torch.Tensor]:
+def reference_masks(case: kernel_cases.Case) -> list[torch.Tensor]:
     """Per sequence, bool [queries, keys] of the reference predicate on the case's own tensors."""
     a = case.args
     cu = a["cu_seqlens_q"].tolist()
@@ -74,7 +75,7 @@ def reference_masks(case: bench.Case) -> list[torch.Tensor]:
     return masks
 
 
-def counted(case: bench.Case) -> tuple[int, int]:
+def counted(case: kernel_cases.Case) -> tuple[int, int]:
     """(visible pairs, bytes moved) from the reference masks: q and out once, K and V of every key
     that some query sees once."""
     masks = reference_masks(case)
@@ -84,7 +85,7 @@ def counted(case: bench.Case) -> tuple[int, int]:
     return pairs, elt * (2 * case.q_rows * case.heads * case.dim + 2 * keys * case.kv_heads * case.dim)
 
 
-def flex_layout_mask(case: bench.Case) -> torch.Tensor:
+def flex_layout_mask(case: kernel_cases.Case) -> torch.Tensor:
     """bool [B, Q_LEN, KV_LEN] of the reference masks in FlexAttention's layout: prefill one batch of
     all packed rows (block-diagonal); decode a query per sequence over the first max(lengths) slots."""
     masks = reference_masks(case)
@@ -150,7 +151,7 @@ def test_counted_work_tells_the_forms_apart():
 @pytest.mark.parametrize("name", [name for name, _ in CASES])
 def test_flex_block_mask_is_our_predicate(name):
     case = _case(name)
-    built = bench.flex(case, ENV)  # the block mask the flex column runs with
+    built = kernel_impls.flex(case, ENV)  # the block mask the flex column runs with
     expected = flex_layout_mask(case)
     assert tuple(built.block_mask.seq_lengths) == tuple(expected.shape[1:])
     assert torch.equal(applied_mask(built.block_mask), expected)
@@ -167,7 +168,7 @@ def test_flex_block_mask_check_catches_wrong_masks():
     causal = create_block_mask(lambda b, h, q, k: k <= q, 1, None, n, n, device="cpu", BLOCK_SIZE=16)
     assert not torch.equal(applied_mask(causal), expected)
 
-    right = bench.flex_block_mask(case, 16)
+    right = kernel_impls.flex_block_mask(case, 16)
     blocks = -(-n // 16)
     all_full = torch.arange(blocks, dtype=torch.int32).expand(1, 1, blocks, blocks).contiguous()
     count = torch.full((1, 1, blocks), blocks, dtype=torch.int32)
@@ -181,7 +182,7 @@ def test_flex_block_mask_check_catches_wrong_masks():
 # --- outputs -------------------------------------------------------------------------------------------
 
 
-def _truth(case: bench.Case):
+def _truth(case: kernel_cases.Case):
     fn = reference.varlen_attention if case.kind == "prefill" else reference.cache_attention
     return fn(**case.args, compute_dtype=torch.float64), fn(**case.args, compute_dtype=case.dtype)
 
@@ -191,7 +192,7 @@ def test_every_cpu_implementation_agrees_with_the_reference(name):
     case = _case(name)
     truth, low = _truth(case)
     for impl in RUNS_ON_CPU:
-        built = bench.IMPLEMENTATIONS[impl](case, ENV)
+        built = kernel_impls.IMPLEMENTATIONS[impl](case, ENV)
         out = built.packed(built.fn())
         assert out.shape == case.args["q"].shape, impl
         err, bound = attention_error(out, truth, low)
@@ -203,13 +204,13 @@ def test_the_run_marks_a_wrong_output(monkeypatch):
     case = _case("smoke ragged B=3")
     rows = bench.check_rows(case, None)
     truth = bench.reference_rows(case, rows)
-    good = bench.IMPLEMENTATIONS["ref"]
+    good = kernel_impls.IMPLEMENTATIONS["ref"]
 
     def off_by_a_little(case, env):
         built = good(case, env)
-        return bench.Built(lambda: built.fn() + 1e-3)
+        return kernel_impls.Built(lambda: built.fn() + 1e-3)
 
-    monkeypatch.setitem(bench.IMPLEMENTATIONS, "ref", off_by_a_little)
+    monkeypatch.setitem(kernel_impls.IMPLEMENTATIONS, "ref", off_by_a_little)
     result = bench.run_impl("ref", case, ENV, bench.Settings(check_limit=None, repeats=1, host_calls=1), truth, rows)
     assert result["status"].startswith("wrong"), result
     assert "ms" not in result
@@ -267,7 +268,7 @@ def test_result_rows_hold_the_counted_work_and_consistent_rates(smoke_run):
         for impl in GPU_ONLY:
             assert row[f"{impl}_status"].startswith("skipped: ") and len(row[f"{impl}_status"]) > 12
             assert row[f"{impl}_ms"] is None
-        assert row["sdpa_backend"].split()[0] in bench.SDPA_BACKENDS
+        assert row["sdpa_backend"].split()[0] in kernel_impls.SDPA_BACKENDS
         assert row["flex_compiled"] is False and row["flex_note"].startswith("eager")
 
 
@@ -277,11 +278,11 @@ def test_flex_compiles_per_case_and_says_when_it_did_not(monkeypatch):
     shape cannot compile, and ``flex_compiled`` says so. (The "eager" backend of torch.compile keeps
     this fast: dynamo's bookkeeping is the same as under inductor, which compiles for seconds a case.)"""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    env = bench.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=True, flex_backend="eager")
+    env = kernel_impls.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=True, flex_backend="eager")
 
     def run(name):
         case = _case(name)
-        built = bench.flex(case, env)
+        built = kernel_impls.flex(case, env)
         out = built.packed(built.fn())
         if built.after:
             built.after()
