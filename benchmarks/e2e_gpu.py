@@ -41,11 +41,13 @@ can be downloaded): ``smollm2-135m`` (30 layers, 9/3 heads, D=64) and ``llama3-8
 
   ``host_ms_step``: host milliseconds to issue one step onto an idle device queue (synchronised
   before, not after; median of 2 steps per round after the warm ones): the CPU cost of a step. Where
-  it is close to ``ms_step`` (the timed steps' time per step) decode is host-bound: the eager rows
-  of small models and of batch 1; the graph rows remove that cost, so the two modes' ratio at equal
-  (case, variant) is the host overhead in numbers. (On a CPU both are the whole step.)
+  it is close to ``ms_step`` (the timed steps' time per step) decode is host-bound (expected for the
+  eager rows of small models, and of large ones at batch 1); a graph step's host work is the copy-in
+  and the replay launch (the patched side adds ``prepare()``), and it overlaps the previous replay,
+  so eager vs graphs tokens/s of one (case, variant) is the host overhead in numbers. (On a CPU
+  both are the whole step.)
 * ``greedy_agree``: fraction of greedy tokens equal to the unpatched model's under the same mode
-  (prefill: the first token; decode: every token of the last round). At ℓ = L it is a sanity check
+  (prefill: the first token; decode: every token of the last round, graphs: of the run). At ℓ = L it is a sanity check
   (1.0 expected in float32; bf16 may flip near-ties of a random model); at ℓ < L the tokens differ by
   design. ``agree_eager`` (graph rows): the same against the eager unpatched tokens of the same
   prompt, over the tokens both produced (the static-cache step must compute what the dynamic-cache
