@@ -121,3 +121,20 @@ def test_the_static_cache_step_equals_the_dynamic_cache_step(e2e):
         token = want.argmax(-1)
     with pytest.raises(RuntimeError, match="StaticCache is full"):
         decoder(token)
+
+
+@torch.no_grad()
+def test_the_static_cache_step_traces_whole(e2e):
+    """What a CPU can say about capturing ``StaticCacheDecoder.step`` in a CUDA graph: dynamo traces
+    it into one graph, no break, so it reads no tensor value on the host (a capture would fail on
+    such a read); ``test_static_decode`` checks the same of the patched step."""
+    model = e2e.build_model("tiny", torch.device("cpu"), torch.float32, seed=0)
+    ids, attn, _ = e2e.prompt_batch(2, 20, 6, model.config.vocab_size, "cpu", seed=0)
+    cache = e2e.StaticCache(config=model.config, max_cache_len=40)
+    model(ids, attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    decoder = e2e.StaticCacheDecoder(model, cache, 2, 26, 40)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(decoder.step)()
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
