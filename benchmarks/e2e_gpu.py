@@ -116,7 +116,8 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=32768),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    # head_dim 64: the smallest the CUDA kernels take, so that --smoke also runs on a GPU (captures included).
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  intermediate_size=128, vocab_size=256, max_position_embeddings=512),
 }
 # Stop layers per shape; "L" is the number of layers (no skipping: the patch's own cost).
