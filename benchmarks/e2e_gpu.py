@@ -482,7 +482,9 @@ def measure_decode_static(model, case: Case, args, device, guard: Guard) -> Meas
     measured = Measured({}, {}, {}, {}, {})
 
     def run(name):
-        free_memory(device, collect=False)  # the previous variant's cache and graph are gone
+        # The previous variant's cache and graph go first (collected: a cache and the step object it
+        # was last given may hold each other), so that two caches of 16 GiB never coexist.
+        free_memory(device)
         use_variant(model, name, policy, device)
         reset_peak(device)
         if name == "unpatched":
@@ -522,7 +524,7 @@ def measure_decode_static(model, case: Case, args, device, guard: Guard) -> Meas
 
     for name in STATIC_VARIANTS:
         guard.wrap(name, run)(name)
-    free_memory(device, collect=False)
+    free_memory(device)
     return measured
 
 
