@@ -138,3 +138,15 @@ def test_the_static_cache_step_traces_whole(e2e):
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("mode", ["eager", "graphs", "both"])
+def test_decode_modes_plan_graph_cases_first(e2e, mode):
+    """``--decode-mode``: which decode cases run, in which order (the budget cuts the last ones, so
+    the cheaper graph cases come first); the static steps are "graphs" on CUDA, "static-eager" elsewhere."""
+    args = e2e.parse_args(["--smoke", "--decode-mode", mode])
+    for device, static in ((torch.device("cpu"), "static-eager"), (torch.device("cuda"), "graphs")):
+        modes = [case.mode for case in e2e.plan_cases(args, device) if case.kind == "decode"]
+        want = {"eager": ["eager"], "graphs": [static], "both": [static, "eager"]}[mode]
+        assert list(dict.fromkeys(modes)) == want
+        assert all(modes.count(m) == len(modes) // len(want) for m in want)
