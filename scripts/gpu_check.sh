@@ -2,12 +2,16 @@
 # GPU checks for a machine with a CUDA GPU and a CUDA build of torch already installed (no .venv):
 # builds the extension in place against that torch, then runs the cuda-marked tests, the Triton
 # tests on the GPU, compute-sanitizer on a few kernels, and the kernel benchmarks.
-#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch]
+#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch|speed]
 # quick: only the cuda-marked tests. dispatch: after the build, only the dispatch checks, in about
 # 9 minutes on an H200 (build included): the cuda-marked tests of tests/test_dispatch_cuda.py,
 # `python -m skiplayers.dispatch.tune --out $OUT/dispatch_table.json` (each only if its file
 # exists), then benchmarks/e2e_gpu.py with --budget-s set to what is left of DISPATCH_TOTAL_S
 # (default 540 s) minus a margin for its last case; its results are copied to $OUT.
+# speed: after the build, the figures of issue 8 in about 9 minutes (SPEED_TOTAL_S, default 540,
+# build included): benchmarks/bench_kernels.py --quick --dtype bfloat16 (every output checked against the reference
+# before it is timed) with about half of what is left, then benchmarks/e2e_gpu.py (decode eager and
+# under CUDA graphs) with the rest; results copied to $OUT.
 # Logs go to $OUT; the last lines printed are a summary. Exits non-zero when any step failed, or when
 # a sanitizer's marker (tests/sanitized.py) selects no test.
 set -uo pipefail
@@ -71,6 +75,18 @@ if [ "$MODE" = "dispatch" ]; then
   [ "$budget" -lt 60 ] && budget=60
   run e2e_gpu "$PY" benchmarks/e2e_gpu.py --out "$OUT" --budget-s "$budget"
   summary+=("e2e_gpu: budget ${budget} s; $(grep -E '^elapsed' "$OUT/e2e_gpu.log" | tail -1)")
+  cp benchmarks/results/e2e_gpu.* "$OUT/" 2>/dev/null
+  printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+  exit "$failed"
+fi
+
+if [ "$MODE" = "speed" ]; then
+  left=$(( ${SPEED_TOTAL_S:-540} - ($(date +%s) - begin) ))
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --dtype bfloat16 --budget-s $(( left / 2 - 30 ))
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
+  budget=$(( ${SPEED_TOTAL_S:-540} - ($(date +%s) - begin) - 75 ))  # margin: the last case runs past it
+  [ "$budget" -lt 60 ] && budget=60
+  run e2e_gpu "$PY" benchmarks/e2e_gpu.py --out "$OUT" --budget-s "$budget"
   cp benchmarks/results/e2e_gpu.* "$OUT/" 2>/dev/null
   printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
   exit "$failed"
