@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-HEAD_DIMS = (64, 128)
+# The head dims of the LLaMA family the attention kernels take; the one list (the checks, the AOT specs
+# and the tests' refusal message derive from it). A dim that is not a power of two (96) is padded to
+# the next one inside the kernels (``head_pad``; ``attention_core.head_tile``).
+HEAD_DIMS = (32, 64, 96, 128, 256)
+# The one message for any other head dim (``str.format`` with it), derived from HEAD_DIMS: the checks
+# raise it and tests/backends.py expects it.
+HEAD_DIM_REFUSAL = (f"the Triton backend supports head_dim {', '.join(map(str, HEAD_DIMS[:-1]))} and {HEAD_DIMS[-1]}, "
+                    "got {}")
 ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -56,21 +63,38 @@ class RowConfig:
 
 
 _PREFILL = {
+    ("16bit", 32): AttentionConfig(128, 64, 8, 2),
     ("16bit", 64): AttentionConfig(128, 64, 8, 2),
+    ("16bit", 96): AttentionConfig(128, 32, 8, 2),
     ("16bit", 128): AttentionConfig(128, 32, 8, 2),
+    ("16bit", 256): AttentionConfig(64, 32, 8, 2),
+    ("fp32", 32): AttentionConfig(32, 32, 4, 1),
     ("fp32", 64): AttentionConfig(32, 32, 4, 1),
+    ("fp32", 96): AttentionConfig(32, 16, 8, 1),
     ("fp32", 128): AttentionConfig(32, 16, 8, 1),
+    ("fp32", 256): AttentionConfig(16, 16, 8, 1),
 }
 _DECODE = {
+    ("16bit", 32): AttentionConfig(16, 32, 4, 2),
     ("16bit", 64): AttentionConfig(16, 32, 4, 2),
+    ("16bit", 96): AttentionConfig(16, 32, 4, 2),
     ("16bit", 128): AttentionConfig(16, 32, 4, 2),
+    ("16bit", 256): AttentionConfig(16, 16, 4, 2),
+    ("fp32", 32): AttentionConfig(16, 32, 4, 1),
     ("fp32", 64): AttentionConfig(16, 32, 4, 1),
+    ("fp32", 96): AttentionConfig(16, 16, 4, 1),
     ("fp32", 128): AttentionConfig(16, 16, 4, 1),
+    ("fp32", 256): AttentionConfig(16, 16, 8, 1),
 }
 COMBINE_NUM_WARPS = 1  # one (query, head) row of HEAD_DIM floats per program
 SCAN = RowConfig(block=1024, block_c=0, num_warps=4)  # CHUNK blocks per step of the per-row scan
 COMPACT = RowConfig(block=64, block_c=64, num_warps=8)  # mask entries per program; columns per step (8 warps: ~150 regs, not ~250)
 APPEND = RowConfig(block=16, block_c=128, num_warps=4)
+
+
+def head_pad(head_dim: int) -> int:
+    """The kernels' head-dim axis: ``head_dim`` rounded up to a power of two (``tl.arange`` needs one)."""
+    return 1 << max(head_dim - 1, 0).bit_length()
 
 
 def _dtype_class(dtype: torch.dtype) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
+from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, head_pad, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
 from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
 from .prefill_attention import prefill_attention_kernel
@@ -72,7 +72,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), q_pos.contiguous(), k_pos.contiguous(), q_tag, k_tag,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, batch.bit_length(), group, gsub, rule, scale * LOG2_E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], USE_TAGS=use_tags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], HEAD_PAD=head_pad(q.shape[2]),
+            USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -117,13 +118,13 @@ def cache_attention(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             block_table.shape[1],
             q.shape[0], heads, num_pages, page_size, splits, group, gsub, rule, scale * LOG2_E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if splits > 1:
             combine_splits_kernel[(q.shape[0], heads)](
                 part, out, out.stride(0), out.stride(1), q.shape[0], heads, splits,
-                HEAD_DIM=head_dim, num_warps=COMBINE_NUM_WARPS,
+                HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), num_warps=COMBINE_NUM_WARPS,
             )
     return out
