@@ -33,6 +33,11 @@ known cost: Triton stores K to shared memory for its transpose right after K's l
 is issued, so a tile's K and V latencies add up instead of overlapping; loading K/V one tile ahead in
 registers avoids that but costs 30-60 registers per thread (measured with the AOT compile: fp32
 kernels then spill), so it is not done.
+
+Tile size: the per-slot page numbers and addresses of the tiles in flight cost registers per thread,
+which kept 16-bit key tiles at 32 slots with 4 warps; with 8 warps each thread holds half of them,
+and 16-bit tiles of 128-256 slots compile without spills (``configs.py`` has the numbers), so the
+lookup stays per slot (any page size, no page-size specialisation).
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_guard, fp32_
 from .prefill_attention import prefill_attention_kernel
 
 MAX_AUTO_SPLITS = 64
+# The fewest cache slots (of capacity) an automatic split gets. A split has a fixed cost whatever its
+# length (its query tile, its metadata read-ahead prologue, the partial (acc, m, l) it writes and the
+# combine pass reads back); with a few hundred keys each, the cache reads of a split outweigh that
+# cost, and fewer splits of a short cache leave the SMs to other (batch, head) programs.
+MIN_SPLIT_SLOTS = 256
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -41,13 +46,17 @@ def gqa_tiling(heads: int, kv_heads: int, block_m: int) -> tuple[int, int, int, 
 
 
 def choose_num_splits(programs: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Split-K factor for ``num_splits=0``: enough programs for about two waves over the SMs, never
-    more splits than key blocks in the capacity. Chosen from shapes only (no sync on the lengths);
-    each program splits its own sequence's actual length."""
+    """Split-K factor for ``num_splits=0``: enough programs (``programs`` = batch times head programs
+    before splitting) for about two waves over the SMs, with every split at least ``MIN_SPLIT_SLOTS``
+    slots and one key tile of the ``capacity`` (slots a sequence's block table holds) and at most
+    ``MAX_AUTO_SPLITS``. Chosen from shapes only (no sync on the lengths, so a decode step stays
+    CUDA-graph capturable); each program splits its own sequence's actual length. 1 means no
+    combine pass."""
     sms = sm_count(device)
     if programs >= sms:
         return 1
-    return max(1, min(cdiv(capacity, block_n), cdiv(2 * sms, programs), MAX_AUTO_SPLITS))
+    most = capacity // max(MIN_SPLIT_SLOTS, block_n)
+    return max(1, min(most, cdiv(2 * sms, programs), MAX_AUTO_SPLITS))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule: int, scale: float):
