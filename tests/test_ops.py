@@ -164,10 +164,12 @@ def test_cache_attention_gqa_multi_query(ops, backend, heads, head_dim, dtype, r
 
 
 # Every head dim, one query per sequence: one split (the decode kernel writes the output) and three
-# (partials, then the combine kernel), so the head-dim padding of each is exercised.
-@over_backends("head_dim,dtype,num_splits", grid(HEAD_DIMS, [torch.float32, torch.float16], [1, 3]))
-def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits):
-    case = cases.make_cache_attention([1, 0, 150, 300], heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
+# (partials, then the combine kernel), so the head-dim padding of each path is exercised; caches of
+# several key tiles of each configuration (fp32 tiles are small, and slow in the interpreter).
+@over_backends("head_dim,dtype,num_splits,lengths",
+               grid(HEAD_DIMS, [together(torch.float32, 1, [1, 0, 40, 150]), together(torch.float16, 3, [1, 0, 150, 300])]))
+def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits, lengths):
+    case = cases.make_cache_attention(lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
                                       rule=Rule.ANCHORS, num_splits=num_splits, seed=head_dim, device=backend.device)
     op_contract.check_cache_attention(ops, case)
 
