@@ -168,6 +168,17 @@ def test_cache_attention_gqa_multi_query(ops, backend, heads, head_dim, dtype, r
     op_contract.check_cache_attention(ops, case)
 
 
+# Every head dim, one query per sequence: one split (the decode kernel writes the output) and three
+# (partials, then the combine kernel), so the head-dim padding of each path is exercised; caches of
+# several key tiles of each configuration (fp32 tiles are small, and slow in the interpreter).
+@over_backends("head_dim,dtype,num_splits,lengths",
+               grid(HEAD_DIMS, [together(torch.float32, 1, [1, 0, 40, 150]), together(torch.float16, 3, [1, 0, 150, 300])]))
+def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits, lengths):
+    case = cases.make_cache_attention(lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
+                                      rule=Rule.ANCHORS, num_splits=num_splits, seed=head_dim, device=backend.device)
+    op_contract.check_cache_attention(ops, case)
+
+
 @over_backends("dtype,lengths", grid(F32_THEN_LOW, [[5, 130], *sized(CPU, [5, 260])]))
 def test_cache_attention_noncontiguous_and_untagged(ops, backend, dtype, lengths):
     case = cases.make_cache_attention(lengths, noncontiguous=True, with_tags=False, head_dim=128, dtype=dtype,
@@ -244,21 +255,24 @@ def test_cache_attention_does_not_depend_on_num_splits(ops, backend, dtype, leng
 # --- skipped key blocks are neither loaded nor computed ------------------------------------------
 # V rows of blocks that no query can see are set to NaN: had such a block been loaded and multiplied
 # by its zero probabilities, NaN would reach the output (0 * NaN = NaN). Block boundaries: every
-# Triton configuration's BLOCK_N divides 64 (configs.py), so 64-aligned key ranges are whole blocks.
+# Triton configuration's BLOCK_N divides SKIP_ALIGN (configs.py; test_triton_kernels checks it), so
+# SKIP_ALIGN-aligned key ranges are whole blocks.
+SKIP_ALIGN = 256
 
 
 def _skip_case(kind: str, dtype, decode: bool, device):
-    n_keys, n_new = 200, 8
+    a = SKIP_ALIGN
+    n_keys, n_new = 2 * a + 72, 8
     pos = torch.arange(n_keys, dtype=torch.int32)
     context = torch.zeros(n_keys, dtype=torch.bool)
     anchor = torch.zeros(n_keys, dtype=torch.bool)
     sentence = torch.zeros(n_keys, dtype=torch.int32)
-    if kind == "context":  # keys 0..127 are context, hidden by the rule
-        context[:128], rule, poisoned = True, Rule.HIDE_CONTEXT, slice(0, 128)
-    elif kind == "anchors":  # sentence 0 = keys 0..127 (anchor 127): queries of sentence 1 skip keys 0..63
-        anchor[127], sentence[128:], rule, poisoned = True, 1, Rule.ANCHORS, slice(0, 64)
-    else:  # causal: the queries are the first tokens, keys 64.. are all in their future
-        rule, poisoned = Rule.CAUSAL, slice(64, n_keys)
+    if kind == "context":  # keys 0..2a-1 are context, hidden by the rule
+        context[:2 * a], rule, poisoned = True, Rule.HIDE_CONTEXT, slice(0, 2 * a)
+    elif kind == "anchors":  # sentence 0 = keys 0..2a-1 (anchor 2a-1): queries of sentence 1 skip keys 0..a-1
+        anchor[2 * a - 1], sentence[2 * a:], rule, poisoned = True, 1, Rule.ANCHORS, slice(0, a)
+    else:  # causal: the queries are the first tokens, keys a.. are all in their future
+        rule, poisoned = Rule.CAUSAL, slice(a, n_keys)
     tag = make_tags(context=context, anchor=anchor, sentence=sentence)
     queries = slice(0, n_new) if kind == "causal" else slice(n_keys - n_new, n_keys)
     gen = torch.Generator().manual_seed(11)
@@ -320,7 +334,7 @@ def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
 
 
 @sanitized("memcheck")
-@over_backends("dim", [64, 128, 80, 5])  # 5: 10-byte rows, 2-byte copies
+@over_backends("dim", [64, 128, 32, 96, 256, 80, 5])  # 5: 10-byte rows, 2-byte copies
 def test_cache_append_head_dims(ops, backend, dim):
     case = cases.make_cache_append([2, 0], [1, 3], page_size=2, kv_heads=3, head_dim=dim, dtype=torch.bfloat16,
                                    device=backend.device)
@@ -406,7 +420,8 @@ def test_varlen_attention_rejects_bad_input(ops, backend, changes, message):
         op_contract.call(ops, "varlen_attention", case)
 
 
-@over_backends("op,refused_head_dim", [("varlen_attention", 80), ("cache_attention", 96)], needs=("validates",))
+@over_backends("op,refused_head_dim", [("varlen_attention", 80), ("cache_attention", 80), ("cache_attention", 96)],
+               needs=("validates",))
 def test_attention_rejects_unsupported_head_dim(ops, backend, op, refused_head_dim):
     make = cases.make_varlen_attention if op == "varlen_attention" else cases.make_cache_attention
     case = make([4, 6], head_dim=refused_head_dim, device=backend.device)

@@ -44,58 +44,80 @@ def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = (
 
 
 _PKG = "skiplayers.triton_kernels"
-_ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "USE_TAGS", "DOT_PRECISION", "UPCAST_DOT")
+_ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "HEAD_PAD", "USE_TAGS", "DOT_PRECISION", "UPCAST_DOT")
 
 
 def _attention_constexprs(cfg, dtype, head_dim, use_tags) -> dict:
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_PAD=configs.head_pad(head_dim),
+                USE_TAGS=use_tags,
                 DOT_PRECISION=configs.dot_precision(dtype), UPCAST_DOT=False)  # True only under the interpreter
+
+
+_PREFILL_STRIDES = ("stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
+_DECODE_STRIDES = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh",
+                   "stride_om", "stride_oh")
+
+
+def _variant(dtype, head_dim: int, use_tags: bool) -> str:
+    return f"{_TT[dtype]} D{head_dim}{' tags' if use_tags else ''}"
+
+
+def prefill_spec(dtype, head_dim: int, use_tags: bool, cfg=None) -> CompileSpec:
+    """The prefill kernel for one variant, with ``cfg`` (default: ``configs.prefill_config``; another
+    one to try a tile)."""
+    t = _TT[dtype]
+    cfg = cfg or configs.prefill_config(dtype, head_dim)
+    sig = _sig(
+        dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
+             q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32"),
+        ints=_PREFILL_STRIDES + ("batch", "search_steps", "group", "gsub", "rule"),
+        floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
+    )
+    return CompileSpec(
+        f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, _variant(dtype, head_dim, use_tags), sig,
+        _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
+        tuple(n for n in sig if n.endswith("_ptr")) + _PREFILL_STRIDES,
+    )
+
+
+def decode_spec(dtype, head_dim: int, use_tags: bool, cfg=None) -> CompileSpec:
+    """The decode kernel for one variant, with ``cfg`` (default: ``configs.decode_config``)."""
+    t = _TT[dtype]
+    cfg = cfg or configs.decode_config(dtype, head_dim)
+    sig = _sig(
+        dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_ptr="fp32", block_table_ptr="i32",
+             cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32", pos_cache_ptr="i32",
+             q_tag_ptr="i32", tag_cache_ptr="i32"),
+        ints=_DECODE_STRIDES + ("max_pages", "num_queries", "heads", "num_pages", "page_size", "num_splits", "group",
+                                "gsub", "rule"),
+        floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
+    )
+    return CompileSpec(
+        f"{_PKG}.decode_attention", "decode_attention_kernel", cfg.label, _variant(dtype, head_dim, use_tags), sig,
+        _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
+        tuple(n for n in sig if n.endswith("_ptr")) + _DECODE_STRIDES,
+    )
+
+
+def combine_spec(dtype, head_dim: int) -> CompileSpec:
+    t = _TT[dtype]
+    sig = _sig(dict(part_ptr="fp32", out_ptr=t),
+               ints=("stride_om", "stride_oh", "num_queries", "heads", "num_splits"), constexprs=("HEAD_DIM", "HEAD_PAD"))
+    return CompileSpec(
+        f"{_PKG}.decode_attention", "combine_splits_kernel", f"w{configs.COMBINE_NUM_WARPS}", f"{t} D{head_dim}",
+        sig, dict(HEAD_DIM=head_dim, HEAD_PAD=configs.head_pad(head_dim)), configs.COMBINE_NUM_WARPS, 1,
+        tuple(n for n in sig if n.endswith("_ptr")) + ("stride_om", "stride_oh"),
+    )
 
 
 def attention_specs() -> list[CompileSpec]:
     specs = []
     for dtype in configs.ATTENTION_DTYPES:
-        t = _TT[dtype]
         for head_dim in configs.HEAD_DIMS:
             for use_tags in (False, True):
-                variant = f"{t} D{head_dim}{' tags' if use_tags else ''}"
-                cfg = configs.prefill_config(dtype, head_dim)
-                strides: tuple[str, ...] = (
-                    "stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
-                sig = _sig(
-                    dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
-                         q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32"),
-                    ints=strides + ("batch", "search_steps", "group", "gsub", "rule"),
-                    floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
-                )
-                specs.append(CompileSpec(
-                    f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, variant, sig,
-                    _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
-                    tuple(n for n in sig if n.endswith("_ptr")) + strides,
-                ))
-                cfg = configs.decode_config(dtype, head_dim)
-                strides = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs",
-                           "stride_vh", "stride_om", "stride_oh")
-                sig = _sig(
-                    dict(q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, out_ptr=t, part_ptr="fp32", block_table_ptr="i32",
-                         cu_seqlens_q_ptr="i32", cache_seqlens_ptr="i32", q_pos_ptr="i32", pos_cache_ptr="i32",
-                         q_tag_ptr="i32", tag_cache_ptr="i32"),
-                    ints=strides + ("max_pages", "num_queries", "heads", "num_pages", "page_size", "num_splits", "group",
-                                    "gsub", "rule"),
-                    floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
-                )
-                specs.append(CompileSpec(
-                    f"{_PKG}.decode_attention", "decode_attention_kernel", cfg.label, variant, sig,
-                    _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
-                    tuple(n for n in sig if n.endswith("_ptr")) + strides,
-                ))
-            sig = _sig(dict(part_ptr="fp32", out_ptr=t),
-                       ints=("stride_om", "stride_oh", "num_queries", "heads", "num_splits"), constexprs=("HEAD_DIM",))
-            specs.append(CompileSpec(
-                f"{_PKG}.decode_attention", "combine_splits_kernel", f"w{configs.COMBINE_NUM_WARPS}", f"{t} D{head_dim}",
-                sig, dict(HEAD_DIM=head_dim), configs.COMBINE_NUM_WARPS, 1,
-                tuple(n for n in sig if n.endswith("_ptr")) + ("stride_om", "stride_oh"),
-            ))
+                specs.append(prefill_spec(dtype, head_dim, use_tags))
+                specs.append(decode_spec(dtype, head_dim, use_tags))
+            specs.append(combine_spec(dtype, head_dim))
     return specs
 
 

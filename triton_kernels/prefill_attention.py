@@ -24,11 +24,12 @@ def prefill_attention_kernel(
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, q_pos_ptr, k_pos_ptr, q_tag_ptr, k_tag_ptr,
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_om, stride_oh,
     batch, search_steps, group, gsub, rule, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """q ``[Nq, H, D]``, k/v ``[Nk, H_kv, D]``, out ``[Nq, H, D]`` (head dim dense, other strides free);
-    cu_seqlens int32 ``[batch + 1]``; positions and tags int32 per packed row."""
+    cu_seqlens int32 ``[batch + 1]``; positions and tags int32 per packed row. ``HEAD_PAD``: the tiles'
+    head axis, ``HEAD_DIM`` rounded up to a power of two (``attention_core.head_tile``)."""
     virtual_tile = tl.program_id(0)
     head_axis = tl.program_id(1)
     queries_per_tile = BLOCK_M // gsub
@@ -45,9 +46,9 @@ def prefill_attention_kernel(
         k_end = tl.load(cu_seqlens_k_ptr + seq + 1)
         query, head, valid = query_rows(first_query, q_end, kv_head, g0, group, gsub, BLOCK_M)
         q, q_pos, q_tag = load_query_tile(
-            q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, USE_TAGS
+            q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, HEAD_PAD, USE_TAGS
         )
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = attend_key_range(
@@ -55,6 +56,6 @@ def prefill_attention_kernel(
             k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kn, stride_vn,
             k_pos_ptr, k_tag_ptr, 1,
             k_begin, k_end, rule, qk_scale,
-            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+            BLOCK_N, HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
-        store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)
+        store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM, HEAD_PAD)
