@@ -277,25 +277,27 @@ def test_flex_compiles_per_case_and_says_when_it_did_not(monkeypatch):
     graphs or the recompile limit. Control: without the reset, with a recompile limit of 1, the second
     shape cannot compile, and ``flex_compiled`` says so. (The "eager" backend of torch.compile keeps
     this fast: dynamo's bookkeeping is the same as under inductor, which compiles for seconds a case.)"""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    env = kernel_impls.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=True, flex_backend="eager")
+    # config.patch, not monkeypatch.setattr: the latter's undo left the option hidden ("does not
+    # exist") for every later compile in the process.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        env = kernel_impls.Env(torch.device("cpu"), smoke=True, flex_block=16, flex_compile=True, flex_backend="eager")
 
-    def run(name):
-        case = _case(name)
-        built = kernel_impls.flex(case, env)
-        out = built.packed(built.fn())
-        if built.after:
-            built.after()
-        err, bound = attention_error(out, *_truth(case))
-        assert err <= bound, (name, err, bound)
-        return built.notes
+        def run(name):
+            case = _case(name)
+            built = kernel_impls.flex(case, env)
+            out = built.packed(built.fn())
+            if built.after:
+                built.after()
+            err, bound = attention_error(out, *_truth(case))
+            assert err <= bound, (name, err, bound)
+            return built.notes
 
-    for name in ("smoke causal T=50", "smoke ragged B=3", "smoke decode ragged B=3"):
-        notes = run(name)
-        assert notes["flex_compiled"] is True and notes["flex_note"].startswith("compiled"), (name, notes)
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # the old harness: one compiled flex for all shapes
-    notes = run("smoke decode B=1 S=37")
-    assert notes["flex_compiled"] is False and "compile failed" in notes["flex_note"], notes
+        for name in ("smoke causal T=50", "smoke ragged B=3", "smoke decode ragged B=3"):
+            notes = run(name)
+            assert notes["flex_compiled"] is True and notes["flex_note"].startswith("compiled"), (name, notes)
+        monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # the old harness: one compiled flex for all shapes
+        notes = run("smoke decode B=1 S=37")
+        assert notes["flex_compiled"] is False and "compile failed" in notes["flex_note"], notes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
