@@ -6,7 +6,8 @@ query head) pair of that KV head's group: row ``r`` is query ``first + r // gsub
 queries per tile). The group's heads therefore share every K/V tile that is loaded, and one query
 with a GQA group of 8 fills 8 rows of a 16-row decode tile instead of 8 programs.
 
-Online softmax in base 2: scores are scaled by ``scale * log2(e)``; ``m`` is the running row max and
+Online softmax in base 2: scores are scaled by ``scale * log2(e)`` (the prefill kernel folds the
+factor into its query tile once, :func:`prescale_query`; the decode kernel scales the scores); ``m`` is the running row max and
 ``l`` the running sum of ``exp2(s - m)``. A row that has seen no visible key keeps ``m = -inf`` and
 ``l = 0`` (its accumulator stays 0), and :func:`normalise` outputs zeros for it.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .visibility import INT32_MAX, key_block_may_be_visible, key_visible, query_summary
+from .visibility import INT32_MAX, key_visible
 
 
 @triton.jit
@@ -58,6 +59,18 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def online_softmax(m_i, l_i, s):
+    """Folds the base-2 scores ``s`` ``[BLOCK_M, BLOCK_N]`` (already scaled; ``-inf`` where a key is
+    not visible) into the running statistics: returns ``(p, alpha, m_new, l_new)``; the caller
+    finishes with :func:`fold_values`."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def softmax_step(
     m_i, l_i, q, k, q_pos, q_tag, k_pos, k_tag, k_valid, rule, qk_scale,
     USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -65,16 +78,17 @@ def softmax_step(
     """The scores of one loaded key block (``k`` ``[BLOCK_N, HEAD_DIM]``, per-key ``k_pos``, ``k_tag``,
     ``k_valid``) against the query tile, folded into the running softmax statistics: returns
     ``(p, alpha, m_new, l_new)``; the caller finishes with ``acc * alpha[:, None] + p @ v``
-    (:func:`fold_values`). Invalid or invisible keys get probability 0. ``qk_scale`` is
-    ``scale * log2(e)``."""
+    (:func:`fold_values`). Invalid or invisible keys get probability 0. ``qk_scale`` multiplies the
+    scores (``scale * log2(e)``; 1 where q was scaled beforehand, see :func:`prescale_query`)."""
     s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    return online_softmax(m_i, l_i, mask_scores(s, rule, q_pos, q_tag, k_pos, k_tag, k_valid, USE_TAGS))
+
+
+@triton.jit
+def mask_scores(s, rule, q_pos, q_tag, k_pos, k_tag, k_valid, USE_TAGS: tl.constexpr):
+    """``s`` where key j is valid and visible to query i (the predicate per pair), ``-inf`` elsewhere."""
     visible = key_visible(rule, q_pos[:, None], q_tag[:, None], k_pos[None, :], k_tag[None, :], USE_TAGS)
-    s = tl.where(visible & k_valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    return tl.where(visible & k_valid[None, :], s, float("-inf"))
 
 
 @triton.jit
@@ -84,39 +98,68 @@ def fold_values(acc, p, alpha, v, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.co
 
 
 @triton.jit
-def attend_key_range(
-    acc, m_i, l_i, q, q_pos, q_tag, q_valid,
-    k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, stride_meta,
-    key_begin, key_end, rule, qk_scale,
+def prescale_query(q, qk_scale):
+    """``q * qk_scale`` in q's dtype: the softmax scale (``scale * log2(e)``) folded into the query tile
+    once, instead of one multiply per score and key block. In 16-bit this rounds the scaled query to
+    16 bits (the operand the tensor cores take either way), as FlashAttention's Triton kernels do."""
+    return (q.to(tl.float32) * qk_scale).to(q.dtype)
+
+
+@triton.jit
+def attend_full_blocks(
+    acc, m_i, l_i, q, k_ptr, v_ptr, stride_k, stride_v, list_ptr, count,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Folds the ``count`` *full* key blocks listed at ``list_ptr`` (the first packed key row of each,
+    ``block_plan.py``) into ``(acc, m_i, l_i)``; ``q`` is pre-scaled (:func:`prescale_query`).
+
+    Every (query, key) pair of a full block is visible and all its ``BLOCK_N`` keys exist, so the loop
+    has no predicate, no masks and no branch around its loads: Triton's software pipeliner can issue the
+    next blocks' K/V loads while this block computes. The scores are finite, so a row's max is finite
+    after the first block (no ``-inf`` guard needed, but :func:`online_softmax` keeps its one select).
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    for i in range(0, count):
+        start = tl.load(list_ptr + i)
+        rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :])
+        s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
+        p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
+        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :])
+        acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_partial_blocks(
+    acc, m_i, l_i, q, q_pos, q_tag,
+    k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """Folds keys ``[key_begin, key_end)`` of a packed (contiguous-row) key range into the running
-    ``(acc, m_i, l_i)`` of the query tile (the prefill kernel's loop; the decode kernel walks paged
-    caches with its own loop, ``decode_attention.attend_paged_keys``).
-
-    Key ``j`` of the range lives at ``k_ptr + j * stride_k`` (this KV head, head dim dense; likewise V)
-    and its metadata at ``k_pos_ptr + j * stride_meta``, ``k_tag_ptr + j * stride_meta``. A key block
-    whose metadata summary rules out every (query, key) pair is skipped before its K/V are loaded.
+    """Folds the ``count`` *partial* key blocks listed at ``list_ptr`` into ``(acc, m_i, l_i)``,
+    evaluating the predicate per (query, key) pair; ``q`` is pre-scaled. The loads are unconditional,
+    masked only by the sequence's key range (``[start, key_end)``): the block may hold invisible
+    keys, which get probability 0. Key ``j`` lives at ``k_ptr + j * stride_k`` (this KV head, head dim
+    dense; likewise V) and its metadata at ``k_pos_ptr + j``, ``k_tag_ptr + j``.
     """
     offs_d = tl.arange(0, HEAD_DIM)
-    q_max_pos, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, q_valid, USE_TAGS)
-    for start in range(key_begin, key_end, BLOCK_N):
+    for i in range(0, count):
+        start = tl.load(list_ptr + i)
         offs_n = start + tl.arange(0, BLOCK_N)
         k_valid = offs_n < key_end
-        k_pos = tl.load(k_pos_ptr + offs_n * stride_meta, mask=k_valid, other=INT32_MAX)
+        k_pos = tl.load(k_pos_ptr + offs_n, mask=k_valid, other=INT32_MAX)
         if USE_TAGS:
-            k_tag = tl.load(k_tag_ptr + offs_n * stride_meta, mask=k_valid, other=0)
+            k_tag = tl.load(k_tag_ptr + offs_n, mask=k_valid, other=0)
         else:
             k_tag = k_pos * 0
-        if key_block_may_be_visible(rule, q_max_pos, q_min_sentence, q_max_sentence, k_pos, k_tag, k_valid, USE_TAGS):
-            rows = offs_n.to(tl.int64)[:, None]
-            k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            p, alpha, m_i, l_i = softmax_step(
-                m_i, l_i, q, k, q_pos, q_tag, k_pos, k_tag, k_valid, rule, qk_scale, USE_TAGS, DOT_PRECISION, UPCAST_DOT
-            )
-            v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-            acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
+        rows = offs_n.to(tl.int64)[:, None]
+        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
+                        USE_TAGS)
+        p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
+        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_i, l_i
 
 

@@ -71,6 +71,10 @@ COMBINE_NUM_WARPS = 1  # one (query, head) row of HEAD_DIM floats per program
 SCAN = RowConfig(block=1024, block_c=0, num_warps=4)  # CHUNK blocks per step of the per-row scan
 COMPACT = RowConfig(block=64, block_c=64, num_warps=8)  # mask entries per program; columns per step (8 warps: ~150 regs, not ~250)
 APPEND = RowConfig(block=16, block_c=128, num_warps=4)
+# The prefill block plan (block_plan.py): PLAN_CHUNK key blocks classified per step of its loop, so a
+# program reads PLAN_CHUNK * BLOCK_N keys' metadata per step (1024-2048 int32 pairs).
+PLAN_CHUNK = 16
+PLAN_NUM_WARPS = 4
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
