@@ -33,6 +33,7 @@ class CompileSpec:
     num_warps: int
     num_stages: int
     aligned: tuple = field(default_factory=tuple)  # parameters declared divisible by 16
+    archs: tuple | None = None  # compile only for these compute capabilities (None: every one asked for)
 
 
 def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = ()) -> dict:
@@ -44,6 +45,18 @@ def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = (
 
 
 _PKG = "skiplayers.triton_kernels"
+# The architectures of each family that configs.py may configure apart (by compute capability major).
+_FAMILIES = ((8, (80, 86, 89)), (9, (90,)))
+
+
+def _prefill_configs(dtype, head_dim) -> list[tuple[configs.AttentionConfig, tuple | None]]:
+    """(configuration, the architectures it is for; None: all) of the prefill kernel."""
+    by_config: dict = {}
+    for major, archs in _FAMILIES:
+        by_config.setdefault(configs.prefill_config(dtype, head_dim, 10 * major), []).extend(archs)
+    if len(by_config) == 1:
+        return [(next(iter(by_config)), None)]
+    return [(cfg, tuple(archs)) for cfg, archs in by_config.items()]
 _ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "USE_TAGS", "DOT_PRECISION", "UPCAST_DOT")
 
 
@@ -59,20 +72,21 @@ def attention_specs() -> list[CompileSpec]:
         for head_dim in configs.HEAD_DIMS:
             for use_tags in (False, True):
                 variant = f"{t} D{head_dim}{' tags' if use_tags else ''}"
-                cfg = configs.prefill_config(dtype, head_dim)
                 strides: tuple[str, ...] = (
                     "stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
                 sig = _sig(
                     dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
-                         q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32"),
-                    ints=strides + ("batch", "search_steps", "group", "gsub", "rule"),
+                         q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32", full_ptr="i32",
+                         partial_ptr="i32", counts_ptr="i32"),
+                    ints=strides + ("batch", "search_steps", "group", "gsub", "head_programs", "max_blocks", "rule"),
                     floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
                 )
-                specs.append(CompileSpec(
-                    f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, variant, sig,
-                    _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
-                    tuple(n for n in sig if n.endswith("_ptr")) + strides,
-                ))
+                for cfg, archs in _prefill_configs(dtype, head_dim):
+                    specs.append(CompileSpec(
+                        f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, variant, sig,
+                        _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
+                        tuple(n for n in sig if n.endswith("_ptr")) + strides, archs,
+                    ))
                 cfg = configs.decode_config(dtype, head_dim)
                 strides = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs",
                            "stride_vh", "stride_om", "stride_oh")
@@ -95,6 +109,26 @@ def attention_specs() -> list[CompileSpec]:
                 f"{_PKG}.decode_attention", "combine_splits_kernel", f"w{configs.COMBINE_NUM_WARPS}", f"{t} D{head_dim}",
                 sig, dict(HEAD_DIM=head_dim), configs.COMBINE_NUM_WARPS, 1,
                 tuple(n for n in sig if n.endswith("_ptr")) + ("stride_om", "stride_oh"),
+            ))
+    return specs
+
+
+def plan_specs() -> list[CompileSpec]:
+    """The prefill block plan, once per distinct prefill tile shape (it reads no K/V: no dtype)."""
+    specs = []
+    shapes = sorted({(c.block_m, c.block_n) for c in (configs.prefill_config(d, h) for d in configs.ATTENTION_DTYPES
+                                                       for h in configs.HEAD_DIMS)})
+    sig = _sig(dict(cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32", q_pos_ptr="i32", k_pos_ptr="i32",
+                    q_tag_ptr="i32", k_tag_ptr="i32", full_ptr="i32", partial_ptr="i32", counts_ptr="i32"),
+               ints=("batch", "search_steps", "queries_per_tile", "max_blocks", "rule"),
+               constexprs=("BLOCK_M", "BLOCK_N", "CHUNK", "USE_TAGS"))
+    for block_m, block_n in shapes:
+        for use_tags in (False, True):
+            specs.append(CompileSpec(
+                f"{_PKG}.block_plan", "block_plan_kernel", f"M{block_m}/N{block_n}/C{configs.PLAN_CHUNK}/w{configs.PLAN_NUM_WARPS}",
+                "tags" if use_tags else "causal", sig,
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=configs.PLAN_CHUNK, USE_TAGS=use_tags),
+                configs.PLAN_NUM_WARPS, 1, tuple(n for n in sig if n.endswith("_ptr")),
             ))
     return specs
 
@@ -140,4 +174,4 @@ def row_specs() -> list[CompileSpec]:
 
 
 def all_specs() -> list[CompileSpec]:
-    return attention_specs() + row_specs()
+    return attention_specs() + plan_specs() + row_specs()

@@ -5,12 +5,19 @@ each one for sm_80 and sm_90 and check its shared memory, registers and spills, 
 interpreter tests run the very tile shapes the GPU runs. Reasons for the numbers:
 
 * attention tiles: chosen with ``python -m skiplayers.aot`` as the largest tiles that compile without
-  register spills (at most a few dozen bytes of stack) on sm_80 and sm_90 (ptxas -v), tag-evaluating
-  variants included; ptxas' register allocation differs between the two architectures. 16-bit inputs use
-  tensor-core tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time). fp32 inputs are
-  computed with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton lowers to FMA
-  loops, so their tiles are small (32 rows). The prefill K/V loads sit behind the block-skip test,
-  so Triton's software pipeliner does not multi-buffer them; ``num_stages`` changes little.
+  register spills on sm_80 and sm_90 (ptxas -v), tag-evaluating variants included; ptxas' register
+  allocation differs between the two architectures, so a configuration may differ per architecture
+  family (``_PREFILL_BY_MAJOR``, keyed by the compute capability's major version; the interpreter, with
+  no device, uses the default table: the tile *shapes* are the same in every family, only warps or
+  stages differ, so the interpreter tests run the shapes the GPUs run). 16-bit inputs use tensor-core
+  tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time). fp32 inputs are computed
+  with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton lowers to FMA loops, so their
+  tiles are small (32 rows); the prefill kernel has two such loops (full and partial blocks), which
+  costs registers: fp32 head dim 64 needs 8 warps to stay unspilled, fp32 head dim 128 8 warps on
+  sm_90 but 4 on sm_80 (where 8 warps spill 16 bytes; 4 warps spill over a kilobyte on sm_90).
+  The prefill kernel's full-block loop has no branch and no masks (``prefill_attention.py``), so
+  Triton's software pipeliner multi-buffers its K/V loads with ``num_stages = 2``: ``cp.async`` on
+  sm_80 and sm_90 (with ``wgmma`` on sm_90). fp32 configurations keep one stage (two stages spill).
 * decode: ``BLOCK_M = 16`` rows (the minimum ``tl.dot`` tile) hold the new queries times the GQA
   group; ``BLOCK_N`` keys (cache slots, whatever the page size) per step; the work is bound by
   reading the cache. The kernel reads its paged metadata ahead by hand
@@ -58,8 +65,12 @@ class RowConfig:
 _PREFILL = {
     ("16bit", 64): AttentionConfig(128, 64, 8, 2),
     ("16bit", 128): AttentionConfig(128, 32, 8, 2),
-    ("fp32", 64): AttentionConfig(32, 32, 4, 1),
+    ("fp32", 64): AttentionConfig(32, 32, 8, 1),
     ("fp32", 128): AttentionConfig(32, 16, 8, 1),
+}
+# Where an architecture family (compute capability major) needs another configuration; same tile shape.
+_PREFILL_BY_MAJOR = {
+    8: {("fp32", 128): AttentionConfig(32, 16, 4, 1)},
 }
 _DECODE = {
     ("16bit", 64): AttentionConfig(16, 32, 4, 2),
@@ -81,8 +92,12 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def prefill_config(dtype: torch.dtype, head_dim: int) -> AttentionConfig:
-    return _PREFILL[(_dtype_class(dtype), head_dim)]
+def prefill_config(dtype: torch.dtype, head_dim: int, arch: int | None = None) -> AttentionConfig:
+    """The prefill configuration for a compute capability ``arch`` (e.g. 80, 90; None: the default
+    table, as under the interpreter)."""
+    key = (_dtype_class(dtype), head_dim)
+    family = _PREFILL_BY_MAJOR.get(arch // 10, {}) if arch is not None else {}
+    return family.get(key, _PREFILL[key])
 
 
 def decode_config(dtype: torch.dtype, head_dim: int) -> AttentionConfig:

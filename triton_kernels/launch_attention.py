@@ -8,7 +8,7 @@ import torch
 from . import checks
 from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
-from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
+from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_arch, device_guard, fp32_placeholder, sm_count
 from .launch_plan import block_plan
 from .prefill_attention import prefill_attention_kernel
 
@@ -64,7 +64,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
         return out
     q, k, v = dense_last_dim(q), dense_last_dim(k), dense_last_dim(v)
     use_tags, q_tag, k_tag = resolve_tags(rule, q_tag, k_tag, q_pos, k_pos)
-    cfg = prefill_config(q.dtype, q.shape[2])
+    cfg = prefill_config(q.dtype, q.shape[2], device_arch(q.device))
     group, gsub, chunks, per_tile = gqa_tiling(q.shape[1], k.shape[1], cfg.block_m)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
