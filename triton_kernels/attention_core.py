@@ -114,14 +114,20 @@ def attend_full_blocks(
     ``block_plan.py``) into ``(acc, m_i, l_i)``; ``q`` is pre-scaled (:func:`prescale_query`).
 
     Every (query, key) pair of a full block is visible and all its ``BLOCK_N`` keys exist, so the loop
-    has no predicate, no masks and no branch around its loads: Triton's software pipeliner can issue the
-    next blocks' K/V loads while this block computes. The scores are finite, so a row's max is finite
-    after the first block (no ``-inf`` guard needed, but :func:`online_softmax` keeps its one select).
+    has no predicate, no masks and no branch around its loads: Triton's software pipeliner
+    multi-buffers the K/V loads (``cp.async`` into shared memory, ``num_stages`` buffers). The list
+    entry of the *next* block is read one iteration ahead, so a block's K/V addresses are loop-carried
+    values rather than the result of a load in the same iteration: with that, Triton 3.8 keeps the
+    next block's copies in flight while this block computes (``async_wait {num = 2}`` in the sm_80 and
+    sm_90 TTGIR with ``num_stages = 3``; reading the entry in the iteration that uses it gave
+    ``num = 0``, a wait for the copy just issued). The scores are finite, so no row's max stays
+    ``-inf`` after the first block.
     """
     offs_d = tl.arange(0, HEAD_DIM)
+    start = tl.load(list_ptr, mask=count > 0, other=0)
     for i in range(0, count):
-        start = tl.load(list_ptr + i)
         rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+        start = tl.load(list_ptr + i + 1, mask=i + 1 < count, other=0)  # read ahead (docstring)
         k = tl.load(k_ptr + rows * stride_k + offs_d[None, :])
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
         p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
@@ -144,9 +150,10 @@ def attend_partial_blocks(
     dense; likewise V) and its metadata at ``k_pos_ptr + j``, ``k_tag_ptr + j``.
     """
     offs_d = tl.arange(0, HEAD_DIM)
+    start = tl.load(list_ptr, mask=count > 0, other=0)
     for i in range(0, count):
-        start = tl.load(list_ptr + i)
         offs_n = start + tl.arange(0, BLOCK_N)
+        start = tl.load(list_ptr + i + 1, mask=i + 1 < count, other=0)  # read ahead: see attend_full_blocks
         k_valid = offs_n < key_end
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_valid, other=INT32_MAX)
         if USE_TAGS:

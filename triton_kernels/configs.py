@@ -63,8 +63,8 @@ class RowConfig:
 
 
 _PREFILL = {
-    ("16bit", 64): AttentionConfig(128, 64, 8, 2),
-    ("16bit", 128): AttentionConfig(128, 32, 8, 2),
+    ("16bit", 64): AttentionConfig(128, 64, 8, 3),
+    ("16bit", 128): AttentionConfig(128, 32, 8, 3),
     ("fp32", 64): AttentionConfig(32, 32, 8, 1),
     ("fp32", 128): AttentionConfig(32, 16, 8, 1),
 }
