@@ -15,9 +15,12 @@ interpreter tests run the very tile shapes the GPU runs. Reasons for the numbers
   tiles are small (32 rows); the prefill kernel has two such loops (full and partial blocks), which
   costs registers: fp32 head dim 64 needs 8 warps to stay unspilled, fp32 head dim 128 8 warps on
   sm_90 but 4 on sm_80 (where 8 warps spill 16 bytes; 4 warps spill over a kilobyte on sm_90).
-  The prefill kernel's full-block loop has no branch and no masks (``prefill_attention.py``), so
-  Triton's software pipeliner multi-buffers its K/V loads with ``num_stages = 2``: ``cp.async`` on
-  sm_80 and sm_90 (with ``wgmma`` on sm_90). fp32 configurations keep one stage (two stages spill).
+  The prefill kernel's loops over the block lists have no branch around their loads
+  (``prefill_attention.py``), so Triton's software pipeliner multi-buffers the K/V loads: 16-bit
+  configurations use ``num_stages = 3`` (three K and three V buffers; the next block's ``cp.async``
+  copies stay in flight while a block computes, on sm_80 with ``mma.sync`` and on sm_90 with
+  ``wgmma``; 50-82 KB of shared memory), without spills. fp32 configurations keep one stage (two
+  stages spill).
 * decode: ``BLOCK_M = 16`` rows (the minimum ``tl.dot`` tile) hold the new queries times the GQA
   group; ``BLOCK_N`` keys (cache slots, whatever the page size) per step; the work is bound by
   reading the cache. The kernel reads its paged metadata ahead by hand
