@@ -331,6 +331,27 @@ def test_block_plan_is_not_cached_for_inference_tensors():
     assert not launch_plan._cache
 
 
+@pytest.mark.cuda
+def test_block_plan_in_a_cuda_graph_follows_the_metadata_on_replay():
+    """Captured with metadata whose plan is cached, then replayed after an in-place edit of that
+    metadata: the graph computes the plan itself (a cached plan would be a stale constant in it)."""
+    launch_plan.clear_plan_cache()
+    case = _plan_case()
+    _attend(case)  # eager: compiles the kernels and caches the plan of these very tensors
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _attend(case)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _attend(case)
+    case["q_pos"][40:75] += 30  # the same edit as test_block_plan_is_recomputed_when_the_metadata_changes
+    graph.replay()
+    torch.cuda.synchronize()
+    op_contract.assert_attention_close(out, case, reference.varlen_attention)
+
+
 # --- paged kernels without the host value checks: bad metadata never leaves the pools ---------------
 # A slot whose block table entry is not a page of the pool is no slot (attention: no key; append and
 # compaction: neither read nor written); cache lengths are clamped to the block table's slots.
