@@ -154,46 +154,59 @@ def _plan_metadata(lengths: list[int], gen: torch.Generator, order: str, sentenc
 
 
 def _expected_plan(cu_q, cu_k, q_pos, q_tag, k_pos, k_tag, rule, per_tile, block_n):
-    """{virtual tile: (exactly visible-pair block starts, fully visible whole block starts, every
-    block start)} of every tile that has queries, from ``reference.visibility_mask``."""
+    """{virtual tile: facts} for every tile that has queries, from ``reference.visibility_mask``:
+    its key rows, the key rows visible to some query of the tile, the starts of its sequence's key
+    blocks, those whose pairs are all visible (whole blocks only), and the anchor-handled key rows
+    (``visibility.anchor_handled``: under ANCHORS, anchors and sinks of sentences outside the tile's)."""
     tiles = {}
     for b in range(len(cu_q) - 1):
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
         for i, first in enumerate(range(q0, q1, per_tile)):
             qs = slice(first, min(first + per_tile, q1))
-            any_visible, all_visible, starts = set(), set(), set()
-            for start in range(k0, k1, block_n):
-                ks = slice(start, min(start + block_n, k1))
-                vis = reference.visibility_mask(rule, q_pos[qs], q_tag[qs], k_pos[ks], k_tag[ks])
-                starts.add(start)
-                if vis.any():
-                    any_visible.add(start)
-                if vis.all() and start + block_n <= k1:
-                    all_visible.add(start)
-            tiles[q0 // per_tile + b + i] = (any_visible, all_visible, starts)
+            vis = reference.visibility_mask(rule, q_pos[qs], q_tag[qs], k_pos[k0:k1], k_tag[k0:k1])
+            all_visible = {start for start in range(k0, k1 - block_n + 1, block_n)
+                           if vis[:, start - k0 : start - k0 + block_n].all()}
+            sentence = q_tag[qs] >> 3
+            k_sentence = k_tag[k0:k1] >> 3
+            outside = (k_sentence < sentence.min()) | (k_sentence > sentence.max())
+            handled = outside & ((k_tag[k0:k1] & 6) != 0) & bool(rule & Rule.ANCHORS)
+            tiles[q0 // per_tile + b + i] = dict(
+                keys=set(range(k0, k1)), visible={k0 + j for j in vis.any(0).nonzero().flatten().tolist()},
+                starts=set(range(k0, k1, block_n)), all_visible=all_visible,
+                handled={k0 + j for j in handled.nonzero().flatten().tolist()})
     return tiles
 
 
-def _check_plan(plan, expected, exact_full: bool, label: str) -> tuple[int, int]:
-    """Asserts the plan's lists against ``expected``; returns (full, partial) blocks listed."""
+def _check_plan(plan, expected, block_n, exact_full: bool, label: str) -> tuple[int, int]:
+    """Asserts the plan against ``expected``: listed blocks are blocks of the sequence, each listed
+    once; full blocks are fully visible and hold no anchor-handled key; every visible key is read
+    exactly once, from a listed block (if not anchor-handled) or from the tile's range of the anchor
+    list (if anchor-handled). Returns (full, partial) blocks listed."""
     counts = plan.counts.cpu()
-    full_lists, partial_lists = plan.full.cpu(), plan.partial.cpu()
+    full_lists, partial_lists, anchor_rows = plan.full.cpu(), plan.partial.cpu(), plan.anchor_rows.cpu()
     n_full = n_partial = 0
     for tile in range(counts.shape[0]):
-        nf, np_ = int(counts[tile, 0]), int(counts[tile, 1])
+        nf, np_, a0, a1 = counts[tile].tolist()
         if tile not in expected:  # a virtual tile past its sequence's last tile
-            assert nf == np_ == 0, f"{label}: tile {tile} has no queries but lists blocks"
+            assert nf == np_ == 0 and a0 == a1, f"{label}: tile {tile} has no queries but lists keys"
             continue
-        any_visible, all_visible, starts = expected[tile]
+        facts = expected[tile]
         full, partial = full_lists[tile, :nf].tolist(), partial_lists[tile, :np_].tolist()
         where = f"{label}, tile {tile}"
         assert full == sorted(set(full)) and partial == sorted(set(partial)), f"{where}: repeated or unordered blocks"
         assert not set(full) & set(partial), f"{where}: a block listed as full and as partial"
-        assert set(full) | set(partial) <= starts, f"{where}: a listed block is no key block of the sequence"
-        assert set(full) <= all_visible, f"{where}: a block with an invisible pair or a missing key listed as full"
-        assert any_visible <= set(full) | set(partial), f"{where}: a block with a visible pair is not listed"
+        assert set(full) | set(partial) <= facts["starts"], f"{where}: a listed block is no key block of the sequence"
+        assert set(full) <= facts["all_visible"], f"{where}: a block with an invisible pair or a missing key listed as full"
+        block_keys = {k for start in full + partial for k in range(start, start + block_n)} & facts["keys"]
+        assert not block_keys & facts["handled"] & {k for s in full for k in range(s, s + block_n)}, \
+            f"{where}: a full block holds an anchor-handled key"
+        from_blocks = block_keys - facts["handled"]
+        listed = anchor_rows[a0:a1].tolist() if a1 > a0 else []
+        assert len(listed) == len(set(listed)) and set(listed) <= facts["keys"], f"{where}: bad anchor list range"
+        from_anchors = set(listed) & facts["handled"]
+        assert facts["visible"] <= from_blocks | from_anchors, f"{where}: a visible key is read by no loop"
         if exact_full:  # plain causality: the summary test is exact (max key pos <= min query pos)
-            assert set(full) == all_visible, f"{where}: a fully visible block not listed as full (causal)"
+            assert set(full) == facts["all_visible"], f"{where}: a fully visible block not listed as full (causal)"
         n_full, n_partial = n_full + nf, n_partial + np_
     return n_full, n_partial
 
@@ -238,7 +251,8 @@ def test_block_plan_matches_reference_classification(batch, order):
         expected = _expected_plan(cu_q, cu_k, q_pos, q_tag, k_pos, k_tag, int(rule) if use_tags else 0, per_tile,
                                   block_n)
         label = f"M{block_m} N{block_n} per_tile {per_tile} {rule!r} tags {use_tags}"
-        n_full, n_partial = _check_plan(plan, expected, exact_full=rule == Rule.CAUSAL or not use_tags, label=label)
+        n_full, n_partial = _check_plan(plan, expected, block_n, exact_full=rule == Rule.CAUSAL or not use_tags,
+                                        label=label)
         totals[0] += n_full
         totals[1] += n_partial
     assert totals[0] > 0 and totals[1] > 0, "the plan never listed a full (or a partial) block: a useless test case"
@@ -255,7 +269,7 @@ def test_block_plan_finds_full_blocks_under_every_rule():
         plan = launch_plan.compute_block_plan(cu, cu, pos.to(DEVICE), pos.to(DEVICE), tag.to(DEVICE), tag.to(DEVICE),
                                               True, int(rule), 1, 32, 16, 32)
         expected = _expected_plan(cu.cpu(), cu.cpu(), pos, tag, pos, tag, int(rule), 32, 16)
-        n_full, _ = _check_plan(plan, expected, exact_full=False, label=repr(rule))
+        n_full, _ = _check_plan(plan, expected, 16, exact_full=False, label=repr(rule))
         assert n_full > 0, f"{rule!r}: no full block found"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .visibility import INT32_MAX, key_visible
+from .visibility import INT32_MAX, anchor_handled, key_visible
 
 
 @triton.jit
@@ -140,6 +140,7 @@ def attend_full_blocks(
 def attend_partial_blocks(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
+    q_min_sentence, q_max_sentence,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -158,9 +159,41 @@ def attend_partial_blocks(
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_valid, other=INT32_MAX)
         if USE_TAGS:
             k_tag = tl.load(k_tag_ptr + offs_n, mask=k_valid, other=0)
+            k_valid = k_valid & (anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS) == 0)
         else:
             k_tag = k_pos * 0
         rows = offs_n.to(tl.int64)[:, None]
+        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
+                        USE_TAGS)
+        p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
+        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_anchor_keys(
+    acc, m_i, l_i, q, q_pos, q_tag,
+    k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, rows_ptr, begin, end, rule,
+    q_min_sentence, q_max_sentence,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Folds the anchor-handled keys among ``rows_ptr[begin:end]`` (packed key rows of anchor and sink
+    keys, ``block_plan.py``) into ``(acc, m_i, l_i)``, ``BLOCK_N`` gathered keys per step, with the
+    predicate per pair; ``q`` is pre-scaled. Keys that are not anchor-handled (those of the tile's own
+    sentences, read with their blocks) are masked off before their K/V are loaded. The range is empty
+    unless the rule has ANCHORS."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for first in range(begin, end, BLOCK_N):
+        offs = first + tl.arange(0, BLOCK_N)
+        in_range = offs < end
+        row = tl.load(rows_ptr + offs, mask=in_range, other=0)
+        k_pos = tl.load(k_pos_ptr + row, mask=in_range, other=INT32_MAX)
+        k_tag = tl.load(k_tag_ptr + row, mask=in_range, other=0)
+        k_valid = in_range & anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS)
+        rows = row.to(tl.int64)[:, None]
         k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
         s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
                         USE_TAGS)

@@ -76,6 +76,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
         prefill_attention_kernel[(tiles * head_programs,)](
             q, k, v, out,
             cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, plan.full, plan.partial, plan.counts,
+            plan.anchor_rows,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, batch.bit_length(), group, gsub, head_programs, plan.max_blocks, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], USE_TAGS=use_tags,

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from skiplayers.meta import TAG_ANCHOR, TAG_SINK, Rule
+
 from .block_plan import block_plan_kernel
 from .configs import PLAN_CHUNK, PLAN_NUM_WARPS
 from .host import cdiv, device_guard
@@ -39,11 +41,13 @@ PLAN_CACHE_SIZE = 8  # plans kept (LRU): a forward's row subsets each have their
 @dataclass(frozen=True)
 class BlockPlan:
     """``full``/``partial`` int32 ``[num_tiles, max_blocks]`` (first key row of each listed block),
-    ``counts`` int32 ``[num_tiles, 2]`` (full, partial); see ``block_plan.py``."""
+    ``counts`` int32 ``[num_tiles, 4]`` (full, partial, anchor list range), ``anchor_rows`` int32 (the
+    compact anchor list; a placeholder without ANCHORS); see ``block_plan.py``."""
 
     full: torch.Tensor
     partial: torch.Tensor
     counts: torch.Tensor
+    anchor_rows: torch.Tensor
 
     @property
     def max_blocks(self) -> int:
@@ -55,6 +59,23 @@ def plan_shape(total_q: int, total_k: int, batch: int, queries_per_tile: int, bl
     return total_q // queries_per_tile + batch, max(1, cdiv(total_k, block_n))
 
 
+def anchor_list(k_tag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor_rows, anchor_start), int32 on k_tag's device, from device ops only (no host sync):
+    ``anchor_rows[:n]`` the packed key rows tagged ANCHOR or SINK, in order (``n`` of them; a spare
+    slot at the end takes the scatter of the other rows), ``anchor_start[r]`` ``[total_k + 1]`` the
+    number of them in rows ``< r``, so sequence b's are ``anchor_rows[anchor_start[cu[b]] :
+    anchor_start[cu[b + 1]]]``."""
+    total = k_tag.shape[0]
+    flag = (k_tag & (TAG_ANCHOR | TAG_SINK)) != 0
+    inclusive = torch.cumsum(flag, 0, dtype=torch.int32)
+    anchor_start = torch.zeros(total + 1, dtype=torch.int32, device=k_tag.device)
+    anchor_start[1:] = inclusive
+    slot = torch.where(flag, inclusive - 1, total).long()
+    rows = torch.arange(total, dtype=torch.int32, device=k_tag.device)
+    anchor_rows = torch.zeros(total + 1, dtype=torch.int32, device=k_tag.device).scatter_(0, slot, rows)
+    return anchor_rows, anchor_start
+
+
 def compute_block_plan(
     cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, use_tags: bool, rule: int, batch: int,
     block_m: int, block_n: int, queries_per_tile: int,
@@ -64,14 +85,18 @@ def compute_block_plan(
     device = q_pos.device
     full = torch.empty(tiles, max_blocks, dtype=torch.int32, device=device)
     partial = torch.empty(tiles, max_blocks, dtype=torch.int32, device=device)
-    counts = torch.empty(tiles, 2, dtype=torch.int32, device=device)
+    counts = torch.empty(tiles, 4, dtype=torch.int32, device=device)
+    if use_tags and rule & int(Rule.ANCHORS):
+        anchor_rows, anchor_start = anchor_list(k_tag)
+    else:  # never read: the anchor ranges are empty
+        anchor_rows = anchor_start = k_pos
     with device_guard(q_pos):
         block_plan_kernel[(tiles,)](
-            cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, full, partial, counts,
+            cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, anchor_start, full, partial, counts,
             batch, batch.bit_length(), queries_per_tile, max_blocks, rule,
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=PLAN_CHUNK, USE_TAGS=use_tags, num_warps=PLAN_NUM_WARPS,
         )
-    return BlockPlan(full, partial, counts)
+    return BlockPlan(full, partial, counts, anchor_rows)
 
 
 @dataclass

@@ -14,8 +14,10 @@ Per program: the query tile is loaded and pre-scaled by ``scale * log2(e)`` once
 (``attention_core.prescale_query``); then the tile's *full* key blocks are folded in by a loop with
 no predicate, no masks and no loads behind a branch (``attend_full_blocks``, which Triton's
 pipeliner multi-buffers), then its *partial* blocks with the predicate per pair
-(``attend_partial_blocks``). The loop bounds are the plan's counts, so a causal tile stops at its
-causal limit, and blocks that the plan left out (no visible pair) are never read.
+(``attend_partial_blocks``), then, under ANCHORS, the anchor and sink keys of other sentences from
+the compact anchor list (``attend_anchor_keys``; see ``block_plan.py``). The loop bounds are the
+plan's counts, so a causal tile stops at its causal limit, and blocks that the plan left out (no
+visible pair, or under ANCHORS no key of the tile's sentences) are never read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .attention_core import (
+    attend_anchor_keys,
     attend_full_blocks,
     attend_partial_blocks,
     load_query_tile,
@@ -33,13 +36,14 @@ from .attention_core import (
     store_rows,
 )
 from .ragged import ragged_search
+from .visibility import query_summary
 
 
 @triton.jit
 def prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, q_pos_ptr, k_pos_ptr, q_tag_ptr, k_tag_ptr,
-    full_ptr, partial_ptr, counts_ptr,
+    full_ptr, partial_ptr, counts_ptr, anchor_rows_ptr,
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_om, stride_oh,
     batch, search_steps, group, gsub, head_programs, max_blocks, rule, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -47,8 +51,8 @@ def prefill_attention_kernel(
 ):
     """q ``[Nq, H, D]``, k/v ``[Nk, H_kv, D]``, out ``[Nq, H, D]`` (head dim dense, other strides free);
     cu_seqlens int32 ``[batch + 1]``; positions and tags int32 per packed row; the block plan
-    (``full``/``partial`` ``[num_virtual_tiles, max_blocks]``, ``counts`` ``[num_virtual_tiles, 2]``)
-    computed by ``block_plan_kernel`` for this tile shape."""
+    (``full``/``partial`` ``[num_virtual_tiles, max_blocks]``, ``counts`` ``[num_virtual_tiles, 4]``,
+    ``anchor_rows``) computed by ``block_plan_kernel`` for this tile shape."""
     program = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first (module docstring)
     virtual_tile = program // head_programs
     head_axis = program % head_programs
@@ -68,8 +72,11 @@ def prefill_attention_kernel(
             q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, USE_TAGS
         )
         q = prescale_query(q, qk_scale)
-        n_full = tl.load(counts_ptr + 2 * virtual_tile)
-        n_partial = tl.load(counts_ptr + 2 * virtual_tile + 1)
+        n_full = tl.load(counts_ptr + 4 * virtual_tile)
+        n_partial = tl.load(counts_ptr + 4 * virtual_tile + 1)
+        anchor_begin = tl.load(counts_ptr + 4 * virtual_tile + 2)
+        anchor_end = tl.load(counts_ptr + 4 * virtual_tile + 3)
+        _, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, valid, USE_TAGS)
         lists = virtual_tile.to(tl.int64) * max_blocks
         k_head = k_ptr + kv_head * stride_kh
         v_head = v_ptr + kv_head * stride_vh
@@ -82,7 +89,13 @@ def prefill_attention_kernel(
         )
         acc, m_i, l_i = attend_partial_blocks(
             acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
-            partial_ptr + lists, n_partial, k_end, rule,
+            partial_ptr + lists, n_partial, k_end, rule, q_min_sentence, q_max_sentence,
             BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
+        if USE_TAGS:
+            acc, m_i, l_i = attend_anchor_keys(
+                acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
+                anchor_rows_ptr, anchor_begin, anchor_end, rule, q_min_sentence, q_max_sentence,
+                BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+            )
         store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)

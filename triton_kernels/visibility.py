@@ -154,3 +154,20 @@ def key_block_fully_visible(
         anchor_ok = (anchor_min > anchor_max) | earlier | same
         full = full & ((plain_ok & anchor_ok) | ((rule & RULE_ANCHORS) == 0))
     return full
+
+
+@triton.jit
+def anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS: tl.constexpr):
+    """Under ANCHORS: is the key an anchor or sink of a sentence outside the tile's query sentences
+    ``[q_min_sentence, q_max_sentence]``? Such keys are the only visible ones of blocks whose
+    sentences the tile does not share (a non-anchor key is seen only from its own sentence), so the
+    prefill kernel reads them from each sequence's compact list of anchor and sink keys instead of
+    from their blocks (``block_plan.py``); the block loops leave them out, so no key counts twice."""
+    if USE_TAGS:
+        k_sentence = k_tag >> TAG_SENTENCE_SHIFT
+        outside = (k_sentence < q_min_sentence) | (k_sentence > q_max_sentence)
+        summary = (k_tag & (TAG_ANCHOR | TAG_SINK)) != 0
+        handled = outside & summary & ((rule & RULE_ANCHORS) != 0)
+    else:
+        handled = k_tag != k_tag  # false: untagged keys are plain causal
+    return handled
