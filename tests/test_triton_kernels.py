@@ -236,8 +236,8 @@ def test_block_plan_matches_reference_classification(batch, order):
     else:  # the queries are the last keys of each sequence
         rows = torch.cat([torch.arange(int(cu_k[b + 1]) - n, int(cu_k[b + 1])) for b, n in enumerate(q_lengths)])
         q_pos, q_tag = k_pos[rows], k_tag[rows]
-    shapes = sorted({(c.block_m, c.block_n) for c in (configs.prefill_config(d, h) for d in (torch.float32, torch.float16)
-                                                       for h in configs.HEAD_DIMS)})
+    shapes = sorted({(c.block_m, c.block_n) for arch in (None, 80, 90) for d in (torch.float32, torch.float16)
+                     for h in configs.HEAD_DIMS for c in (configs.prefill_config(d, h, arch),)})
     runs = [(shape, (1, 3, 8)[(i + j) % 3], rule, use_tags)
             for i, shape in enumerate(shapes) for j, rule in enumerate(RULES)
             for use_tags in ((True, False) if rule == Rule.CAUSAL else (True,))]
@@ -271,6 +271,19 @@ def test_block_plan_finds_full_blocks_under_every_rule():
         expected = _expected_plan(cu.cpu(), cu.cpu(), pos, tag, pos, tag, int(rule), 32, 16)
         n_full, _ = _check_plan(plan, expected, 16, exact_full=False, label=repr(rule))
         assert n_full > 0, f"{rule!r}: no full block found"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_prefill_runs_each_architectures_tiles(monkeypatch, arch):
+    """The interpreter has no architecture and runs the default tile table; here the launcher is told
+    it runs on sm_80 / sm_90, so the tiles of every family (configs._PREFILL_BY_MAJOR) run too."""
+    from skiplayers.triton_kernels import launch_attention
+
+    monkeypatch.setattr(launch_attention, "device_arch", lambda device: arch)
+    for dtype, head_dim in ((torch.float16, 128), (torch.float32, 128)):
+        case = cases.make_varlen_attention([70, 0, 45], rule=int(Rule.ALL), dtype=dtype, head_dim=head_dim,
+                                           gapped=True, device=DEVICE)
+        op_contract.assert_attention_close(_attend(case), case, reference.varlen_attention)
 
 
 # --- plan reuse across calls (layers), and never a stale plan --------------------------------------

@@ -70,23 +70,25 @@ def attention_specs() -> list[CompileSpec]:
     for dtype in configs.ATTENTION_DTYPES:
         t = _TT[dtype]
         for head_dim in configs.HEAD_DIMS:
-            for use_tags in (False, True):
-                variant = f"{t} D{head_dim}{' tags' if use_tags else ''}"
+            for use_tags, anchor_list in ((False, False), (True, False), (True, True)):
+                variant = f"{t} D{head_dim}{' tags' if use_tags else ''}{' anchors' if anchor_list else ''}"
                 strides: tuple[str, ...] = (
                     "stride_qm", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_om", "stride_oh")
                 sig = _sig(
                     dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
                          q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32", full_ptr="i32",
-                         partial_ptr="i32", counts_ptr="i32"),
+                         partial_ptr="i32", counts_ptr="i32", anchor_rows_ptr="i32"),
                     ints=strides + ("batch", "search_steps", "group", "gsub", "head_programs", "max_blocks", "rule"),
-                    floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
+                    floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS + ("ANCHOR_LIST",),
                 )
                 for cfg, archs in _prefill_configs(dtype, head_dim):
                     specs.append(CompileSpec(
                         f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, variant, sig,
-                        _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
-                        tuple(n for n in sig if n.endswith("_ptr")) + strides, archs,
+                        dict(_attention_constexprs(cfg, dtype, head_dim, use_tags), ANCHOR_LIST=anchor_list),
+                        cfg.num_warps, cfg.num_stages, tuple(n for n in sig if n.endswith("_ptr")) + strides, archs,
                     ))
+                if anchor_list:
+                    continue  # the decode kernel has no such variant
                 cfg = configs.decode_config(dtype, head_dim)
                 strides = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs",
                            "stride_vh", "stride_om", "stride_oh")
@@ -116,10 +118,11 @@ def attention_specs() -> list[CompileSpec]:
 def plan_specs() -> list[CompileSpec]:
     """The prefill block plan, once per distinct prefill tile shape (it reads no K/V: no dtype)."""
     specs = []
-    shapes = sorted({(c.block_m, c.block_n) for c in (configs.prefill_config(d, h) for d in configs.ATTENTION_DTYPES
-                                                       for h in configs.HEAD_DIMS)})
+    shapes = sorted({(c.block_m, c.block_n) for d in configs.ATTENTION_DTYPES for h in configs.HEAD_DIMS
+                     for c, _ in _prefill_configs(d, h)})
     sig = _sig(dict(cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32", q_pos_ptr="i32", k_pos_ptr="i32",
-                    q_tag_ptr="i32", k_tag_ptr="i32", full_ptr="i32", partial_ptr="i32", counts_ptr="i32"),
+                    q_tag_ptr="i32", k_tag_ptr="i32", anchor_start_ptr="i32", full_ptr="i32", partial_ptr="i32",
+                    counts_ptr="i32"),
                ints=("batch", "search_steps", "queries_per_tile", "max_blocks", "rule"),
                constexprs=("BLOCK_M", "BLOCK_N", "CHUNK", "USE_TAGS"))
     for block_m, block_n in shapes:

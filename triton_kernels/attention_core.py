@@ -142,7 +142,7 @@ def attend_partial_blocks(
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
     q_min_sentence, q_max_sentence,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ANCHOR_LIST: tl.constexpr,
 ):
     """Folds the ``count`` *partial* key blocks listed at ``list_ptr`` into ``(acc, m_i, l_i)``,
     evaluating the predicate per (query, key) pair; ``q`` is pre-scaled. The loads are unconditional,
@@ -159,7 +159,8 @@ def attend_partial_blocks(
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_valid, other=INT32_MAX)
         if USE_TAGS:
             k_tag = tl.load(k_tag_ptr + offs_n, mask=k_valid, other=0)
-            k_valid = k_valid & (anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS) == 0)
+            if ANCHOR_LIST:
+                k_valid = k_valid & (anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS) == 0)
         else:
             k_tag = k_pos * 0
         rows = offs_n.to(tl.int64)[:, None]
@@ -183,8 +184,8 @@ def attend_anchor_keys(
     """Folds the anchor-handled keys among ``rows_ptr[begin:end]`` (packed key rows of anchor and sink
     keys, ``block_plan.py``) into ``(acc, m_i, l_i)``, ``BLOCK_N`` gathered keys per step, with the
     predicate per pair; ``q`` is pre-scaled. Keys that are not anchor-handled (those of the tile's own
-    sentences, read with their blocks) are masked off before their K/V are loaded. The range is empty
-    unless the rule has ANCHORS."""
+    sentences, read with their blocks) are masked off before their K/V are loaded. Called only for the
+    ANCHORS rule (``ANCHOR_LIST``)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for first in range(begin, end, BLOCK_N):
         offs = first + tl.arange(0, BLOCK_N)

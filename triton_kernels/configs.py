@@ -5,16 +5,18 @@ each one for sm_80 and sm_90 and check its shared memory, registers and spills, 
 interpreter tests run the very tile shapes the GPU runs. Reasons for the numbers:
 
 * attention tiles: chosen with ``python -m skiplayers.aot`` as the largest tiles that compile without
-  register spills on sm_80 and sm_90 (ptxas -v), tag-evaluating variants included; ptxas' register
+  register spills on sm_80 and sm_90 (ptxas -v), every compile-time variant included (tags; the
+  ANCHORS variant of the prefill kernel, which has a third loop over the anchor list). ptxas' register
   allocation differs between the two architectures, so a configuration may differ per architecture
-  family (``_PREFILL_BY_MAJOR``, keyed by the compute capability's major version; the interpreter, with
-  no device, uses the default table: the tile *shapes* are the same in every family, only warps or
-  stages differ, so the interpreter tests run the shapes the GPUs run). 16-bit inputs use tensor-core
-  tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time). fp32 inputs are computed
-  with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton lowers to FMA loops, so their
-  tiles are small (32 rows); the prefill kernel has two such loops (full and partial blocks), which
-  costs registers: fp32 head dim 64 needs 8 warps to stay unspilled, fp32 head dim 128 8 warps on
-  sm_90 but 4 on sm_80 (where 8 warps spill 16 bytes; 4 warps spill over a kilobyte on sm_90).
+  family (``_PREFILL_BY_MAJOR``, keyed by the compute capability's major version). The interpreter,
+  with no device, runs the default table; a family's other tile shape (sm_80, 16-bit head dim 128:
+  64 query rows) is the same kernel with another ``BLOCK_M``, compiled by the AOT check. 16-bit
+  inputs use tensor-core tiles of 128 query rows (8 warps; head dim 128 steps 32 keys at a time; on
+  sm_80 the ANCHORS variant of that tile spilled 40-64 bytes, so sm_80 takes 64 rows on 4 warps).
+  fp32 inputs are computed with full fp32 dots (``input_precision="ieee"``, no TF32), which Triton
+  lowers to FMA loops, so their tiles are small (32 rows, 16 keys per step: with 32 keys the
+  untagged head-dim-64 kernel spilled); fp32 head dim 128 takes 8 warps on sm_90 but 4 on sm_80 (where
+  8 warps spill 16 bytes; 4 warps spill over a kilobyte on sm_90).
   The prefill kernel's loops over the block lists have no branch around their loads
   (``prefill_attention.py``), so Triton's software pipeliner multi-buffers the K/V loads: 16-bit
   configurations use ``num_stages = 3`` (three K and three V buffers; the next block's ``cp.async``
@@ -68,12 +70,15 @@ class RowConfig:
 _PREFILL = {
     ("16bit", 64): AttentionConfig(128, 64, 8, 3),
     ("16bit", 128): AttentionConfig(128, 32, 8, 3),
-    ("fp32", 64): AttentionConfig(32, 32, 8, 1),
+    ("fp32", 64): AttentionConfig(32, 16, 8, 1),
     ("fp32", 128): AttentionConfig(32, 16, 8, 1),
 }
-# Where an architecture family (compute capability major) needs another configuration; same tile shape.
+# Where an architecture family (compute capability major) needs another configuration.
 _PREFILL_BY_MAJOR = {
-    8: {("fp32", 128): AttentionConfig(32, 16, 4, 1)},
+    8: {
+        ("fp32", 128): AttentionConfig(32, 16, 4, 1),
+        ("16bit", 128): AttentionConfig(64, 32, 4, 3),
+    },
 }
 _DECODE = {
     ("16bit", 64): AttentionConfig(16, 32, 4, 2),
@@ -88,7 +93,7 @@ APPEND = RowConfig(block=16, block_c=128, num_warps=4)
 # The prefill block plan (block_plan.py): PLAN_CHUNK key blocks classified per step of its loop, so a
 # program reads PLAN_CHUNK * BLOCK_N keys' metadata per step (1024-2048 int32 pairs).
 PLAN_CHUNK = 16
-PLAN_NUM_WARPS = 4
+PLAN_NUM_WARPS = 8  # 4 warps spilled 36 bytes (M128/N64, sm_80)
 
 
 def _dtype_class(dtype: torch.dtype) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from skiplayers.meta import Rule
+
 from . import checks
 from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
@@ -81,6 +83,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
             batch, batch.bit_length(), group, gsub, head_programs, plan.max_blocks, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+            ANCHOR_LIST=use_tags and bool(rule & int(Rule.ANCHORS)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -47,7 +47,7 @@ def prefill_attention_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_om, stride_oh,
     batch, search_steps, group, gsub, head_programs, max_blocks, rule, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ANCHOR_LIST: tl.constexpr,
 ):
     """q ``[Nq, H, D]``, k/v ``[Nk, H_kv, D]``, out ``[Nq, H, D]`` (head dim dense, other strides free);
     cu_seqlens int32 ``[batch + 1]``; positions and tags int32 per packed row; the block plan
@@ -74,9 +74,11 @@ def prefill_attention_kernel(
         q = prescale_query(q, qk_scale)
         n_full = tl.load(counts_ptr + 4 * virtual_tile)
         n_partial = tl.load(counts_ptr + 4 * virtual_tile + 1)
-        anchor_begin = tl.load(counts_ptr + 4 * virtual_tile + 2)
-        anchor_end = tl.load(counts_ptr + 4 * virtual_tile + 3)
-        _, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, valid, USE_TAGS)
+        if ANCHOR_LIST:  # the tile's sentence range decides which keys the anchor list serves
+            _, q_min_sentence, q_max_sentence = query_summary(q_pos, q_tag, valid, USE_TAGS)
+        else:  # unused
+            q_min_sentence = n_full
+            q_max_sentence = n_full
         lists = virtual_tile.to(tl.int64) * max_blocks
         k_head = k_ptr + kv_head * stride_kh
         v_head = v_ptr + kv_head * stride_vh
@@ -90,12 +92,13 @@ def prefill_attention_kernel(
         acc, m_i, l_i = attend_partial_blocks(
             acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
             partial_ptr + lists, n_partial, k_end, rule, q_min_sentence, q_max_sentence,
-            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT, ANCHOR_LIST,
         )
-        if USE_TAGS:
+        if ANCHOR_LIST:
             acc, m_i, l_i = attend_anchor_keys(
                 acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
-                anchor_rows_ptr, anchor_begin, anchor_end, rule, q_min_sentence, q_max_sentence,
+                anchor_rows_ptr, tl.load(counts_ptr + 4 * virtual_tile + 2), tl.load(counts_ptr + 4 * virtual_tile + 3),
+                rule, q_min_sentence, q_max_sentence,
                 BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
             )
         store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)
