@@ -1,5 +1,5 @@
-"""Inputs of the attention-kernel benchmarks (``cpu_attention``, ``bench_cuda_kernels``,
-``bench_triton_kernels``, ``test_bench_cpu_ops``, ``registration_overhead``): packed sequences in the
+"""Inputs of the attention-kernel benchmarks (``cpu_attention``, ``bench_kernels``,
+``test_bench_cpu_ops``, ``registration_overhead``): packed sequences in the
 layout of the skiplayers ops, the same data laid out or padded for SDPA, a context-stopped prefill in
 both its forms, and paged decode caches with their metadata.
 

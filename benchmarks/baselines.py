@@ -1,6 +1,10 @@
-"""Other libraries' attention, as the kernel benchmarks run it next to ours: FlexAttention
-(compiled once per process, with block masks) and flash-attn's varlen call. Each is optional:
-the ``*_or_reason`` functions return the implementation or why it cannot run here.
+"""Other libraries' attention for ``cpu_attention.py``: FlexAttention (compiled once per process,
+with block masks) and the import check of flash-attn. Each is optional: the ``*_or_reason``
+functions return the implementation or why it cannot run here.
+
+(``bench_kernels.py`` builds its FlexAttention per case instead: a block mask from the case's own
+metadata, compiled for the case's shapes after ``torch._dynamo.reset()``, see ``bench_kernels.flex``.
+One compiled object called with more shapes than dynamo's recompile limit runs eagerly past it.)
 
 Tensors follow ``benchmarks.attention_inputs``: packed [N, H, D], SDPA-style [B, H, T, D]."""
 
@@ -62,11 +66,3 @@ def flash_attn_or_reason(limit: int):
         return flash_attn, None
     except Exception as err:  # noqa: BLE001 - any import failure is a skip reason
         return None, error_summary(err, limit)
-
-
-def flash_varlen(fa, q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> Callable[[], torch.Tensor]:
-    """A zero-argument call of ``fa.flash_attn_varlen_func``: causal self-attention of packed
-    sequences (``q`` [N, H, D], ``k``/``v`` [N, Hkv, D], the same ``cu_seqlens`` for queries and
-    keys, ``max_len`` the longest sequence); returns [N, H, D]."""
-    return lambda: fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale,
-                                             causal=True)

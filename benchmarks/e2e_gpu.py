@@ -1,4 +1,5 @@
-"""End to end on a GPU, bf16, random weights of real model shapes: unpatched vs "auto" vs "ours".
+"""End to end on a GPU, bf16, random weights of real model shapes: unpatched vs "auto" vs "ours",
+decode eagerly and with the decode step in a CUDA graph.
 
 Three variants of one model instance, interleaved round by round on the same inputs:
 
@@ -12,37 +13,71 @@ The policy is context stop at ℓ (``SkipPolicy(context_stop_layer=ℓ)``); ℓ 
 layers) stops nothing, so there the patched variants compute what the unpatched model computes and
 their timing is the cost of the patch itself. Shapes (weights random, normal std 0.02, since none
 can be downloaded): ``smollm2-135m`` (30 layers, 9/3 heads, D=64) and ``llama3-8b`` (32 layers,
-32/8 heads, D=128); by default prefill runs on both and decode on ``llama3-8b`` (estimated at
-about 4 minutes on an H200).
+32/8 heads, D=128); by default prefill runs on both and decode on ``llama3-8b``.
 
 * **prefill**: one sequence of c context + q query tokens (context marked on columns 1..c), one
   forward with a fresh cache returning the last column's logits; median ms, speedup over unpatched,
   the token-layer bound 1 / (1 - (L - ℓ)/L * c/(c+q)) and speedup / bound (1.0 = all the skipped
   token-layers turned into time saved).
-* **decode**: batch B of prompts of c context + 64 query tokens; per round and variant the prompt is
-  prefilled (timed too: ``prefill_ms``), 2 untimed greedy steps warm the decode path, then ``steps``
-  greedy single-token forwards are timed: ``decode_tok_s`` = B * steps / time.
-* ``greedy_agree``: fraction of greedy tokens equal to the unpatched model's (prefill: the first
-  token; decode: every token of the last round). At ℓ = L it is a sanity check (1.0 expected in
-  float32; bf16 may flip near-ties of a random model); at ℓ < L the tokens differ by design.
+* **decode**, ``--decode-mode eager|graphs|both`` (default both; the graph cases run first):
+  batch B of prompts of c context + 64 query tokens.
+
+  - ``eager`` (mode ``eager``, all three variants): per round and variant the prompt is prefilled
+    (timed too: ``prefill_ms``), 2 untimed greedy steps warm the decode path, then ``steps`` greedy
+    single-token forwards (``model(...)``, host work in every step) are timed:
+    ``decode_tok_s`` = B * steps / time.
+  - ``graphs`` (mode ``graphs``; ``unpatched`` and ``ours``): what a user runs for a captured decode
+    step. ``unpatched``: a transformers ``StaticCache`` sized prompt + steps, prefilled by the model,
+    then the single-token forward over static input buffers recorded in a ``torch.cuda.CUDAGraph``
+    (copy the token in, replay; :class:`StaticCacheDecoder`). ``ours``: the prefill writes a
+    ``sk.SkipCache`` with a reserved pool (``max_tokens``: exactly the slots prompt + steps take under
+    ℓ), then ``sk.StaticDecoder(model, cache, steps).capture()`` and replays, ``prepare()`` (host:
+    pages, bookkeeping) before each. ``auto`` is not a separate variant here: the static step never
+    dispatches, both patched variants run the backend's paged ``cache_attention`` (``ours``' kernels).
+    Per variant: one prefill, the capture (2 warm steps), then ``--decode-rounds`` timed blocks of
+    ``steps`` replays (median block; a replay is the same work every time, so blocks need no fresh
+    prefill). Without CUDA (``--smoke`` on a CPU) the same static steps run without capture: mode
+    ``static-eager``.
+
+  ``host_ms_step``: host milliseconds to issue one step onto an idle device queue (synchronised
+  before, not after; median of 2 steps per round after the warm ones): the CPU cost of a step. Where
+  it is close to ``ms_step`` (the timed steps' time per step) decode is host-bound (expected for the
+  eager rows of small models, and of large ones at batch 1); a graph step's host work is the copy-in
+  and the replay launch (the patched side adds ``prepare()``), and it overlaps the previous replay,
+  so eager vs graphs tokens/s of one (case, variant) is the host overhead in numbers. (On a CPU
+  both are the whole step.)
+* ``greedy_agree``: fraction of greedy tokens equal to the unpatched model's under the same mode
+  (prefill: the first token; decode: every token of the last round, graphs: of the run). At ℓ = L it is a sanity check
+  (1.0 expected in float32; bf16 may flip near-ties of a random model); at ℓ < L the tokens differ by
+  design. ``agree_eager`` (graph rows): the same against the eager unpatched tokens of the same
+  prompt, over the tokens both produced (the static-cache step must compute what the dynamic-cache
+  one does; 1.0 expected in float32 for ``unpatched`` at every ℓ, and for ``ours`` at ℓ = L).
 
 Every call is bracketed by ``torch.cuda.synchronize()``; ``peak_mem_gib`` is the largest
 ``torch.cuda.max_memory_allocated`` over a variant's calls. A variant that raises (out of memory, a
-backend not built) gets the error in its row and the run goes on. Cases run in order (prefill of
-every shape, then decode) until ``--budget-s`` is spent; the rest are listed as skipped.
+backend not built, a capture that fails) gets the error in its row and the run goes on. Cases run in
+order (prefill of every shape, then decode: graph cases, then eager ones, cheapest first) until
+``--budget-s`` is spent; the rest are listed as skipped.
 
-    python -m benchmarks.e2e_gpu [--out DIR] [--budget-s 300] [--shapes smollm2-135m llama3-8b] ...
+    python -m benchmarks.e2e_gpu [--out DIR] [--budget-s 300] [--decode-mode both] [--shapes ...] ...
     python -m benchmarks.e2e_gpu --smoke --out /tmp/e2e_smoke   # tiny float32 model, any device, seconds
 
 Writes ``benchmarks/results/e2e_gpu.{json,csv,png}`` (``--smoke``: a temporary directory) and
 copies them to ``--out``.
 
-Reading the table printed at the end: one line per (case, variant). ``speedup`` is over the
-unpatched line of the same case (prefill: time ratio; decode: tokens/s ratio); ``bound`` and
-``sp/bound`` are prefill only: how much of the token-layer saving became time (at ℓ = L the bound
+Reading the table printed at the end: one line per (case, mode, variant). ``speedup`` is over the
+unpatched line of the same case and mode (prefill: time ratio; decode: tokens/s ratio); ``bound``
+and ``sp/bound`` are prefill only: how much of the token-layer saving became time (at ℓ = L the bound
 is 1 and ``speedup`` below 1 is the patch's overhead). ``auto`` faster than ``ours`` means the
 dispatch to torch's kernels paid off. Empty cells: not measured for that kind, or the variant
 failed (``error``).
+
+Known cost of the unpatched graph baseline: transformers' SDPA attention repeats K/V heads for
+grouped-query attention whenever it is given a mask (5.17: ``repeat_kv`` unless the mask is None;
+5.23 folds the query heads instead), and a static cache always passes one (the slots past the
+current length are masked). So on transformers 5.17 the unpatched graph step copies the K/V of its
+whole static cache per layer and step: at long contexts and batch 8 the graph baseline may be slower
+than the eager one, which is what a user of that version gets, not a property of CUDA graphs.
 """
 
 from __future__ import annotations
@@ -58,16 +93,20 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import skiplayers as sk
 from benchmarks.common import RESULTS, arg_parser, pyplot, save_figure, write_results
 from benchmarks.timing import interleaved_medians, timed
+from skiplayers.cache import DEFAULT_PAGE_SIZE
 from skiplayers.measure import greedy_step, token_layer_bound
 from skiplayers.ops import cuda_kernels_built
 
 STEM = "e2e_gpu"
-VARIANTS = ("unpatched", "auto", "ours")
+VARIANTS = ("unpatched", "auto", "ours")  # prefill and eager decode
+# Captured decode: "auto" would run the same static step as "ours" (StaticDecoder never dispatches).
+STATIC_VARIANTS = ("unpatched", "ours")
+DECODE_MODES = ("eager", "graphs", "both")
 # Real models' shapes. max_position_embeddings is raised for SmolLM2 (8192 in the real one) so that
 # the 16k decode contexts fit; with random weights RoPE simply runs further.
 SHAPES = {
@@ -77,12 +116,14 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=32768),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    # head_dim 64: the smallest the CUDA kernels take, so that --smoke also runs on a GPU (captures included).
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  intermediate_size=128, vocab_size=256, max_position_embeddings=512),
 }
 # Stop layers per shape; "L" is the number of layers (no skipping: the patch's own cost).
 DEFAULT_STOPS = {"smollm2-135m": ["10", "L"], "llama3-8b": ["14", "L"], "tiny": ["2", "L"]}
-WARM_DECODE_STEPS = 2  # untimed greedy steps after each decode-case prefill (kernels, allocator)
+WARM_DECODE_STEPS = 2  # untimed greedy steps after each decode-case prefill (kernels, allocator; graphs: capture)
+HOST_STEPS = 2  # steps after the warm ones whose host time is measured (host_ms_step)
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -207,10 +248,35 @@ class Guard:
 
 
 def agreement(tokens: torch.Tensor | None, reference: torch.Tensor | None) -> float | None:
-    """Fraction of equal entries of two token tensors of one shape (None if either is missing)."""
-    if tokens is None or reference is None or tokens.shape != reference.shape:
+    """Fraction of equal entries of two token tensors (None if either is missing or the batches
+    differ). Decode tokens ``[B, n]`` of runs of different lengths are compared over the first
+    min(n) columns: greedy runs from one prompt produce the same prefix when their steps agree."""
+    if tokens is None or reference is None or tokens.dim() != reference.dim() or tokens.shape[:1] != reference.shape[:1]:
+        return None
+    if tokens.dim() == 2:
+        n = min(tokens.shape[1], reference.shape[1])
+        tokens, reference = tokens[:, :n], reference[:, :n]
+    if tokens.shape != reference.shape:
         return None
     return round((tokens == reference).float().mean().item(), 4)
+
+
+def host_step_seconds(step, device: torch.device, count: int) -> list[float]:
+    """Host seconds of ``count`` calls of ``step()``, each issued onto an idle device queue
+    (synchronised before the call, not after it): what one step costs the CPU, whatever the device
+    then takes. On a CPU, the whole step."""
+    times = []
+    for _ in range(count):
+        sync(device)
+        times.append(timed(step)[1])
+    sync(device)
+    return times
+
+
+def static_mode(device: torch.device) -> str:
+    """The mode name of the static decode steps on ``device``: captured in a CUDA graph on a GPU,
+    run eagerly elsewhere (a CUDA graph needs CUDA; the steps are the same)."""
+    return "graphs" if device.type == "cuda" else "static-eager"
 
 
 # ----------------------------------------------------------------------------- cases
@@ -223,9 +289,15 @@ class Case:
     context: int
     query: int
     stop: int
+    mode: str = "eager"  # decode: "eager", or the static steps: "graphs" (CUDA) / "static-eager" (static_mode)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.shape} B={self.batch} c={self.context} q={self.query} ℓ={self.stop}"
+        mode = f" [{self.mode}]" if self.kind == "decode" else ""
+        return f"{self.kind}{mode} {self.shape} B={self.batch} c={self.context} q={self.query} ℓ={self.stop}"
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return VARIANTS if self.mode == "eager" else STATIC_VARIANTS
 
 
 @dataclass
@@ -235,6 +307,7 @@ class Measured:
     tokens: dict[str, torch.Tensor]  # greedy tokens of the last call
     peaks: dict[str, float] = field(default_factory=dict)  # GiB
     prefill_s: dict[str, list[float]] = field(default_factory=dict)  # decode cases: their prefills
+    host_s: dict[str, list[float]] = field(default_factory=dict)  # decode cases: host seconds per step
 
 
 def measure_prefill(model, case: Case, args, device, guard: Guard) -> Measured:
@@ -283,6 +356,7 @@ def measure_decode(model, case: Case, args, device, guard: Guard) -> Measured:
     tokens: dict[str, torch.Tensor] = {}
     peaks: dict[str, float] = {}
     prefill_s: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    host_s: dict[str, list[float]] = {name: [] for name in VARIANTS}
 
     def before(name):
         running.clear()  # the previous variant's cache goes before this one's is built
@@ -298,7 +372,7 @@ def measure_decode(model, case: Case, args, device, guard: Guard) -> Measured:
         del out
         for _ in range(WARM_DECODE_STEPS):
             run.step(model)
-        sync(device)
+        host_s[name].extend(host_step_seconds(partial(run.step, model), device, HOST_STEPS))
         running[name] = run
 
     def call(name):
@@ -311,18 +385,159 @@ def measure_decode(model, case: Case, args, device, guard: Guard) -> Measured:
     fns = {name: guard.wrap(name, synced(partial(call, name), device)) for name in VARIANTS}
     seconds = interleaved_medians(fns, args.decode_rounds, warmup=0, before=guard.before(before))
     running.clear()
-    return Measured(seconds, tokens, peaks if device.type == "cuda" else {}, prefill_s)
+    return Measured(seconds, tokens, peaks if device.type == "cuda" else {}, prefill_s, host_s)
+
+
+class StaticCacheDecoder:
+    """The unpatched model's decode step over a prefilled transformers ``StaticCache``, as a
+    transformers user captures it: the single-token forward reads static buffers only (the token
+    int64 ``[B, 1]``, the position ids ``[B, 1]``, an all-ones attention mask ``[B, max_cache_len]``)
+    and writes the cache in place, so it can be recorded once in a ``torch.cuda.CUDAGraph`` and
+    replayed. transformers 5.x takes no ``cache_position``: a StaticCache layer writes at its own
+    device counter (``cumulative_length``) and builds the mask from it, so the positions are the only
+    input that changes (advanced on the device inside the step).
+
+    ``prompt_length``: columns the prefill wrote (prompts without padding: every sequence's next
+    position). ``decoder(tokens)`` runs one step and returns the logits ``[B, 1, vocab]`` (after
+    :meth:`capture`, the graph's output buffer: read it before the next call). The protocol is
+    ``sk.StaticDecoder``'s, so that both sides are captured and timed alike: after :meth:`capture`
+    the first ``warmup`` calls run eagerly on a side stream, the next one records the step and replays
+    it, later ones replay.
+
+    Why ``torch.cuda.CUDAGraph`` of the eager forward and not ``torch.compile(mode="reduce-overhead")``:
+    the patched side is captured this way (``StaticDecoder.capture``, no compiler), so the two sides
+    then differ in the step's work alone, not in what a compiler fused on one side (inductor would
+    also fuse the unpatched model's norms, RoPE and MLP elementwise ops); and a budgeted run cannot
+    spend the compile time of each (shape, batch).
+    """
+
+    def __init__(self, model, cache: StaticCache, batch: int, prompt_length: int, max_cache_len: int):
+        device = model.lm_head.weight.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.position_ids = torch.full((batch, 1), prompt_length, dtype=torch.int64, device=device)
+        # What generate() passes with a static cache: every slot may be attended; the causal mask
+        # transformers builds from the cache's counter hides the slots not written yet.
+        self.attention_mask = torch.ones(batch, max_cache_len, dtype=torch.int64, device=device)
+        self._remaining = max_cache_len - prompt_length
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._warmup = 0
+
+    def step(self) -> torch.Tensor:
+        """One decode step on the device over the static buffers: logits ``[B, 1, vocab]``."""
+        out = self.model(self.tokens, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.position_ids.add_(1)
+        return out.logits
+
+    def capture(self, warmup: int = 1) -> None:
+        """Records the step in a CUDA graph at the call after ``warmup`` eager ones (CUDA only)."""
+        if self.tokens.device.type != "cuda":
+            raise NotImplementedError("a CUDA graph needs the model on a CUDA device")
+        self._graph, self._warmup, self._logits = torch.cuda.CUDAGraph(), warmup, None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._remaining == 0:  # the cache's index_copy_ would write past its slots
+            raise RuntimeError("StaticCacheDecoder: the StaticCache is full")
+        self._remaining -= 1
+        self.tokens.copy_(tokens)
+        if self._graph is None:
+            return self.step()
+        if self._warmup > 0:  # eager steps on a side stream before recording, as CUDA graphs need
+            self._warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            return logits
+        if self._logits is None:  # record the step; recording runs nothing, so replay it below
+            with torch.cuda.graph(self._graph):
+                self._logits = self.step()
+        self._graph.replay()
+        return self._logits
+
+
+def skip_cache_slots(layers: int, stop: int, batch: int, context: int, query: int, new_tokens: int,
+                     page_size: int) -> int:
+    """Slots a SkipCache pool needs (``SkipCache(max_tokens=...)``) for ``batch`` prompts of
+    ``context`` context + ``query`` other tokens and ``new_tokens`` decode steps under context stop
+    at ``stop``: layers < ℓ store every token, layers >= ℓ all but the context ones; each (layer,
+    sequence) holds whole pages. Exact, so that the reserved pool is the memory the policy needs."""
+    pages = sum(-(-((context if layer < stop else 0) + query + new_tokens) // page_size) for layer in range(layers))
+    return batch * pages * page_size
+
+
+def measure_decode_static(model, case: Case, args, device, guard: Guard) -> Measured:
+    """The static decode steps (``case.mode`` "graphs": captured; "static-eager": the same steps
+    run eagerly), variant after variant: prefill into a static cache (timed, recorded), the decoder
+    (capture, ``WARM_DECODE_STEPS`` steps), ``HOST_STEPS`` host-timed steps, then
+    ``args.decode_rounds`` timed blocks of ``args.steps`` steps; ``seconds`` is the median block."""
+    ids, attn, ctx = prompt_batch(case.batch, case.context, case.query, model.config.vocab_size, device, args.seed)
+    policy = sk.SkipPolicy(context_stop_layer=case.stop)
+    layers = model.config.num_hidden_layers
+    prompt = case.context + case.query
+    calls = WARM_DECODE_STEPS + HOST_STEPS + args.decode_rounds * args.steps  # decode steps, each one slot
+    measured = Measured({}, {}, {}, {}, {})
+
+    def run(name):
+        # The previous variant's cache and graph go first (collected: a cache and the step object it
+        # was last given may hold each other), so that two caches of 16 GiB never coexist.
+        free_memory(device)
+        use_variant(model, name, policy, device)
+        reset_peak(device)
+        if name == "unpatched":
+            cache, extra = StaticCache(config=model.config, max_cache_len=prompt + calls), {}
+        else:
+            slots = skip_cache_slots(layers, case.stop, case.batch, case.context, case.query, calls, DEFAULT_PAGE_SIZE)
+            cache, extra = sk.SkipCache(layers, page_size=DEFAULT_PAGE_SIZE, max_tokens=slots), {"context_mask": ctx}
+        prefill = synced(lambda: model(ids, attention_mask=attn, past_key_values=cache, use_cache=True,
+                                       logits_to_keep=1, **extra), device)
+        out, seconds = timed(prefill)
+        measured.prefill_s[name] = [seconds]
+        produced = [out.logits[:, -1].argmax(-1, keepdim=True)]  # [B, 1] each
+        del out
+        if name == "unpatched":
+            decoder = StaticCacheDecoder(model, cache, case.batch, prompt, prompt + calls)
+        else:
+            decoder = sk.StaticDecoder(model, cache, max_new_tokens=calls)
+        if case.mode == "graphs":
+            decoder.capture(warmup=1)  # the first warm step runs eagerly, the second records and replays
+
+        def step():
+            produced.append(decoder(produced[-1]).argmax(-1))
+
+        for _ in range(WARM_DECODE_STEPS):
+            step()
+        measured.host_s[name] = host_step_seconds(step, device, HOST_STEPS)
+
+        def block():
+            for _ in range(args.steps):
+                step()
+
+        blocks = [timed(synced(block, device))[1] for _ in range(args.decode_rounds)]
+        measured.seconds[name] = statistics.median(blocks)
+        measured.tokens[name] = torch.cat(produced, dim=1)  # [B, 1 + calls]
+        if device.type == "cuda":
+            measured.peaks[name] = peak_gib(device) or 0.0
+
+    for name in STATIC_VARIANTS:
+        guard.wrap(name, run)(name)
+    free_memory(device)
+    return measured
 
 
 def case_rows(case: Case, layers: int, measured: Measured | None, guard: Guard, device, args,
               backends: dict[str, str | None]) -> list[dict]:
-    """One row per variant of a case (``measured`` None: the case failed before any variant ran)."""
-    base = dict(kind=case.kind, shape=case.shape, layers=layers, batch=case.batch, context=case.context,
-                query=case.query, stop_layer=case.stop)
+    """One row per variant of a case (``measured`` None: the case failed before any variant ran).
+    Decode rows carry their greedy tokens as ``_tokens`` until ``fill_eager_agreement`` removes them."""
+    base = dict(kind=case.kind, mode=case.mode, shape=case.shape, layers=layers, batch=case.batch,
+                context=case.context, query=case.query, stop_layer=case.stop)
     errors = guard.errors
-    ok = {name: measured is not None and name not in errors for name in VARIANTS}
+    ok = {name: measured is not None and name not in errors for name in case.variants}
     rows = []
-    for name in VARIANTS:
+    for name in case.variants:
         row = dict(base, variant=name, backend=backends.get(name))
         secs = measured.seconds[name] if ok[name] else None
         ref = measured.seconds["unpatched"] if ok["unpatched"] else None
@@ -334,9 +549,15 @@ def case_rows(case: Case, layers: int, measured: Measured | None, guard: Guard, 
                        token_layer_bound=round(bound, 3), speedup_over_bound=_round(speedup and speedup / bound, 3))
         else:
             prefills = measured.prefill_s.get(name) if ok[name] else None
+            hosts = measured.host_s.get(name) if ok[name] else None
             row.update(steps=args.steps, decode_tok_s=_round(secs and case.batch * args.steps / secs, 2),
                        speedup=_round(ref / secs if secs and ref else None, 3),
+                       ms_step=_round(secs and secs / args.steps * 1e3, 3),
+                       host_ms_step=_round(hosts and statistics.median(hosts) * 1e3, 3),
                        prefill_ms=_round(prefills and statistics.median(prefills) * 1e3, 2))
+            if case.mode != "eager":
+                row["agree_eager"] = None  # fill_eager_agreement, once the eager cases have run
+            row["_tokens"] = measured.tokens.get(name) if ok[name] else None
         tokens = measured.tokens if measured is not None and ok[name] and ok["unpatched"] else {}
         row["greedy_agree"] = agreement(tokens.get(name), tokens.get("unpatched"))
         row["peak_mem_gib"] = _round(measured.peaks.get(name) if ok[name] else None, 2)
@@ -347,6 +568,19 @@ def case_rows(case: Case, layers: int, measured: Measured | None, guard: Guard, 
 
 def _round(x, digits):
     return None if x is None else round(x, digits)
+
+
+def fill_eager_agreement(rows: list[dict]) -> None:
+    """Sets ``agree_eager`` of the static-step decode rows: their greedy tokens against those of the
+    eager unpatched row of the same prompt (shape, batch, context: ℓ does not change the unpatched
+    model), over the tokens both produced; None without such a row. Removes every row's ``_tokens``."""
+    eager = {(r["shape"], r["batch"], r["context"]): r["_tokens"] for r in rows
+             if r["kind"] == "decode" and r["mode"] == "eager" and r["variant"] == "unpatched"
+             and r.get("_tokens") is not None}
+    for row in rows:
+        tokens = row.pop("_tokens", None)
+        if "agree_eager" in row:
+            row["agree_eager"] = agreement(tokens, eager.get((row["shape"], row["batch"], row["context"])))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -390,20 +624,23 @@ class Models:
                 sk.unpatch(model)
 
 
-def plan_cases(args) -> list[Case]:
-    """Prefill cases of every shape, then decode cases, cheapest first within a shape (the budget
-    cuts the most expensive ones)."""
+def plan_cases(args, device: torch.device) -> list[Case]:
+    """Prefill cases of every shape, then decode cases: the static-step (graph) cases of every
+    shape first, then the eager ones (each an order of magnitude dearer: a prefill per round and
+    variant), cheapest first within a (mode, shape) (the budget cuts the most expensive ones)."""
     cases = []
     for shape in args.shapes:
         layers = SHAPES[shape]["num_hidden_layers"]
         for stop in resolve_stops(args.stops or DEFAULT_STOPS[shape], layers):
             cases.append(Case("prefill", shape, 1, args.context, args.query, stop))
-    for shape in args.decode_shapes:
-        layers = SHAPES[shape]["num_hidden_layers"]
-        for batch in args.batches:
-            for context in args.contexts:
-                for stop in resolve_stops(args.stops or DEFAULT_STOPS[shape], layers):
-                    cases.append(Case("decode", shape, batch, context, args.decode_query, stop))
+    modes = {"eager": ["eager"], "graphs": [static_mode(device)], "both": [static_mode(device), "eager"]}
+    for mode in modes[args.decode_mode]:
+        for shape in args.decode_shapes:
+            layers = SHAPES[shape]["num_hidden_layers"]
+            for batch in args.batches:
+                for context in args.contexts:
+                    for stop in resolve_stops(args.stops or DEFAULT_STOPS[shape], layers):
+                        cases.append(Case("decode", shape, batch, context, args.decode_query, stop, mode))
     return cases
 
 
@@ -414,10 +651,13 @@ def run_case(case: Case, models: Models, args, device) -> list[dict]:
     measured = None
     try:
         model = models.get(case.shape)
-        measure = measure_prefill if case.kind == "prefill" else measure_decode
+        if case.kind == "prefill":
+            measure = measure_prefill
+        else:
+            measure = measure_decode if case.mode == "eager" else measure_decode_static
         measured = measure(model, case, args, device, guard)
     except Exception as exc:  # noqa: BLE001  (e.g. the model does not fit: every variant gets the error)
-        for name in VARIANTS:
+        for name in case.variants:
             guard.errors.setdefault(name, f"{type(exc).__name__}: {exc}"[:400])
         models.shape, models.model = None, None
         free_memory(device)
@@ -430,11 +670,12 @@ def run_case(case: Case, models: Models, args, device) -> list[dict]:
 def summary_line(rows: list[dict]) -> str:
     by = {r["variant"]: r for r in rows}
     r0 = rows[0]
-    head = f"{r0['kind']:7} {r0['shape']:12} B={r0['batch']} c={r0['context']:5} ℓ={r0['stop_layer']:2}:"
+    kind = r0["kind"] if r0["kind"] == "prefill" else f"decode[{r0['mode']}]"
+    head = f"{kind:7} {r0['shape']:12} B={r0['batch']} c={r0['context']:5} ℓ={r0['stop_layer']:2}:"
     key = "prefill_ms" if r0["kind"] == "prefill" else "decode_tok_s"
     unit = "ms" if r0["kind"] == "prefill" else "tok/s"
     parts = []
-    for name in VARIANTS:
+    for name in by:
         r = by[name]
         parts.append(f"{name} ERROR" if r["error"] else f"{name} {r[key]} {unit}" +
                      (f" (x{r['speedup']})" if name != "unpatched" and r["speedup"] else ""))
@@ -442,11 +683,13 @@ def summary_line(rows: list[dict]) -> str:
     return f"{head} " + ", ".join(parts) + extra
 
 
-TABLE_COLUMNS = [("kind", 7), ("shape", 12), ("batch", 5), ("context", 7), ("stop_layer", 5), ("variant", 9),
-                 ("prefill_ms", 10), ("decode_tok_s", 12), ("speedup", 7), ("token_layer_bound", 7),
-                 ("speedup_over_bound", 8), ("greedy_agree", 6), ("peak_mem_gib", 8), ("error", 0)]
+TABLE_COLUMNS = [("kind", 7), ("mode", 12), ("shape", 12), ("batch", 3), ("context", 6), ("stop_layer", 3),
+                 ("variant", 9), ("prefill_ms", 10), ("decode_tok_s", 12), ("speedup", 7), ("ms_step", 8),
+                 ("host_ms_step", 8), ("token_layer_bound", 6), ("speedup_over_bound", 8), ("greedy_agree", 6),
+                 ("agree_eager", 6), ("peak_mem_gib", 8), ("error", 0)]
 TABLE_HEADERS = {"stop_layer": "ℓ", "context": "c", "batch": "B", "decode_tok_s": "decode tok/s",
-                 "token_layer_bound": "bound", "speedup_over_bound": "sp/bound", "greedy_agree": "agree",
+                 "ms_step": "ms/step", "host_ms_step": "host ms", "token_layer_bound": "bound",
+                 "speedup_over_bound": "sp/bound", "greedy_agree": "agree", "agree_eager": "~eager",
                  "peak_mem_gib": "peak GiB"}
 
 
@@ -464,11 +707,12 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Left: prefill speedup of auto and ours per (shape, ℓ), the token-layer bound as a marker.
-    Then one panel per decode shape: tokens/s over context, one line per (variant, batch, ℓ)."""
+    Then one panel per (decode shape, mode): tokens/s over context, one line per (variant, batch, ℓ);
+    the panels of one shape share their y axis, so that eager and graphs compare by eye."""
     plt = pyplot()
     prefill = [r for r in rows if r["kind"] == "prefill"]
-    decode_shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kind"] == "decode"))
-    fig, axes = plt.subplots(1, 1 + len(decode_shapes), figsize=(6 * (1 + len(decode_shapes)), 4.5), squeeze=False)
+    panels = list(dict.fromkeys((r["shape"], r["mode"]) for r in rows if r["kind"] == "decode"))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 * (1 + len(panels)), 4.5), squeeze=False)
     ax = axes[0][0]
     groups = list(dict.fromkeys((r["shape"], r["stop_layer"]) for r in prefill))
     for j, name in enumerate(("auto", "ours")):
@@ -484,9 +728,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.legend(fontsize=7)
     batches = sorted({r["batch"] for r in rows if r["kind"] == "decode"})
     styles = dict(zip(batches, ["-", "--", ":", "-."] * len(batches)))
-    for k, shape in enumerate(decode_shapes, start=1):
+    for k, (shape, mode) in enumerate(panels, start=1):
         ax = axes[0][k]
-        sel = [r for r in rows if r["kind"] == "decode" and r["shape"] == shape]
+        sel = [r for r in rows if r["kind"] == "decode" and r["shape"] == shape and r["mode"] == mode]
         for key in dict.fromkeys((r["variant"], r["batch"], r["stop_layer"]) for r in sel):
             line = sorted((r for r in sel if (r["variant"], r["batch"], r["stop_layer"]) == key and r["decode_tok_s"]),
                           key=lambda r: r["context"])
@@ -495,8 +739,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 ax.plot([r["context"] for r in line], [r["decode_tok_s"] for r in line],
                         marker="o" if stop < line[0]["layers"] else "s", ls=styles[batch],
                         color=f"C{VARIANTS.index(name)}", label=f"{name} B={batch} ℓ={stop}")
-        ax.set(title=f"decode, {shape}", xlabel="context tokens", ylabel="tokens/s", xscale="log", yscale="log")
-        ax.legend(fontsize=6, ncol=2)
+        ax.set(title=f"decode, {shape}, {mode}", xlabel="context tokens", ylabel="tokens/s", xscale="log",
+               yscale="log")
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2)
+    for shape in dict.fromkeys(shape for shape, _ in panels):
+        same = [axes[0][k] for k, (s, _) in enumerate(panels, start=1) if s == shape and axes[0][k].lines]
+        if len(same) > 1:
+            low = min(ax.get_ylim()[0] for ax in same)
+            high = max(ax.get_ylim()[1] for ax in same)
+            for ax in same:
+                ax.set_ylim(low, high)
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -518,10 +771,14 @@ def parse_args(argv):
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384], help="decode: context tokens")
     parser.add_argument("--decode-query", type=int, default=64, help="decode: query tokens of the prompt")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    parser.add_argument("--decode-mode", default="both", choices=DECODE_MODES,
+                        help="decode steps: eager (model(...) per token), graphs (static cache, the step in a CUDA "
+                        "graph; run eagerly without CUDA), or both (graph cases first)")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed prefill rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed prefill rounds")
-    parser.add_argument("--decode-rounds", type=int, default=3, help="decode rounds (each prefills anew)")
+    parser.add_argument("--decode-rounds", type=int, default=3,
+                        help="decode rounds (eager: each prefills anew; graphs: timed blocks after one prefill)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip the cases left after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also copy the result files to this directory")
@@ -551,6 +808,7 @@ def run_cases(cases: list[Case], args, device, dtype) -> tuple[list[dict], list[
             case_result = run_case(case, models, args, device)
             rows.extend(case_result)
             bar.write(f"[{time.perf_counter() - start:6.1f} s] {summary_line(case_result)}")
+    fill_eager_agreement(rows)
     models.shape = models.model = None
     free_memory(device)
     return rows, skipped, models
@@ -586,7 +844,7 @@ def main(argv=None) -> Path:
         # other processes make tiny calls 100x slower.
         torch.set_num_threads(1)
     try:
-        cases = plan_cases(args)
+        cases = plan_cases(args, device)
         start = time.perf_counter()
         rows, skipped, models = run_cases(cases, args, device, dtype)
         elapsed = time.perf_counter() - start
@@ -596,13 +854,15 @@ def main(argv=None) -> Path:
         print(f"budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} of {len(cases)} cases:\n  " +
               "\n  ".join(skipped))
     meta = dict(args=vars(args), dtype=args.dtype, device=str(device), ours_backend=forced_backend(device),
+                decode_mode=args.decode_mode, static_mode=static_mode(device),
                 elapsed_s=round(elapsed, 1), budget_s=args.budget_s, skipped_cases=skipped,
                 model_build_s=models.build_s, dispatch_report=models.reports or None)
     print(format_table(rows))
     print(f"elapsed {elapsed:.1f} s" + (f", {len(skipped)} cases skipped (budget)" if skipped else ""))
     directory = Path(tempfile.mkdtemp(prefix="e2e_gpu_smoke_")) if args.smoke else RESULTS
     return save(rows, meta, directory, args.out,
-                f"random-weight LLaMA shapes, {args.dtype}, {device.type}: unpatched vs auto vs ours")
+                f"random-weight LLaMA shapes, {args.dtype}, {device.type}: unpatched vs auto vs ours "
+                f"(decode: {args.decode_mode})")
 
 
 if __name__ == "__main__":

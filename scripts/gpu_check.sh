@@ -2,13 +2,18 @@
 # GPU checks for a machine with a CUDA GPU and a CUDA build of torch already installed (no .venv):
 # builds the extension in place against that torch, then runs the cuda-marked tests, the Triton
 # tests on the GPU, compute-sanitizer on a few kernels, and the kernel benchmarks.
-#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch]
+#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch|speed]
 # quick: only the cuda-marked tests. dispatch: after the build, only the dispatch checks, in about
 # 9 minutes on an H200 (build included): the cuda-marked tests of tests/test_dispatch_cuda.py,
 # `python -m skiplayers.dispatch.tune --out $OUT/dispatch_table.json` (each only if its file
 # exists), then benchmarks/e2e_gpu.py with --budget-s set to what is left of DISPATCH_TOTAL_S
 # (default 540 s) minus a margin for its last case; its results are copied to $OUT.
-# Logs go to $OUT; the last lines printed are a summary.
+# speed: after the build, the figures of issue 8 in about 9 minutes (SPEED_TOTAL_S, default 540,
+# build included): benchmarks/bench_kernels.py --quick --dtype bfloat16 (every output checked against the reference
+# before it is timed) with about half of what is left, then benchmarks/e2e_gpu.py (decode eager and
+# under CUDA graphs) with the rest; results copied to $OUT.
+# Logs go to $OUT; the last lines printed are a summary. Exits non-zero when any step failed, or when
+# a sanitizer's marker (tests/sanitized.py) selects no test.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 begin=$(date +%s)
@@ -39,7 +44,21 @@ run() {  # name, command...
   local t0=$(date +%s)
   "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  [ "$rc" -ne 0 ] && failed=1
   summary+=("$name: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/$name.log" | tail -1)")
+}
+
+failed=0
+SANITIZE_FILES="tests/test_ops.py"
+sanitize() {  # tool: the cuda cases marked for it, under compute-sanitizer; fails on an empty selection
+  local tool=$1 selected
+  selected=$("$PY" -m pytest --collect-only -q -m "cuda and $tool" $SANITIZE_FILES 2>/dev/null | grep -c "::")
+  if [ "${selected:-0}" -eq 0 ]; then
+    summary+=("sanitizer_$tool: FAILED, the marker selects no test"); failed=1; return
+  fi
+  run "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x -m "cuda and $tool" \
+    $SANITIZE_FILES
+  summary+=("sanitizer_$tool: $selected cases selected")
 }
 
 if [ "$MODE" = "dispatch" ]; then
@@ -58,7 +77,19 @@ if [ "$MODE" = "dispatch" ]; then
   summary+=("e2e_gpu: budget ${budget} s; $(grep -E '^elapsed' "$OUT/e2e_gpu.log" | tail -1)")
   cp benchmarks/results/e2e_gpu.* "$OUT/" 2>/dev/null
   printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-  exit 0
+  exit "$failed"
+fi
+
+if [ "$MODE" = "speed" ]; then
+  left=$(( ${SPEED_TOTAL_S:-540} - ($(date +%s) - begin) ))
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --dtype bfloat16 --budget-s $(( left / 2 - 30 ))
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
+  budget=$(( ${SPEED_TOTAL_S:-540} - ($(date +%s) - begin) - 75 ))  # margin: the last case runs past it
+  [ "$budget" -lt 60 ] && budget=60
+  run e2e_gpu "$PY" benchmarks/e2e_gpu.py --out "$OUT" --budget-s "$budget"
+  cp benchmarks/results/e2e_gpu.* "$OUT/" 2>/dev/null
+  printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+  exit "$failed"
 fi
 
 CUDA_OP_FILES="tests/test_ops.py tests/test_cuda_graphs_and_asserts.py"
@@ -71,16 +102,15 @@ if [ "$MODE" != "quick" ]; then
   # With a GPU visible, the Triton tests run compiled on CUDA tensors instead of the interpreter.
   run triton_gpu_tests "$PY" -m pytest -q -rs -m triton tests/test_ops.py tests/test_triton_kernels.py \
     tests/test_triton_registration.py tests/test_model_triton.py
-  # The -k filters match the readable ids (float16 is a substring of bfloat16, hence "not bfloat16").
-  # memcheck: the paged reads and writes (decode over shuffled pages of sizes 1 / 16 / 64, append,
-  # in-place compaction) stay inside the pools. racecheck (shared memory hazards): the decode
-  # kernel's lane-group merge and cache_compact's window move list, read between barriers.
-  run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
-    tests/test_ops.py -k "(varlen_attention_ragged and float16 and not bfloat16 or cache_attention_decode and bfloat16 or cache_attention_page_sizes and bfloat16 or compact_rows or cache_append or cache_compact) and not rejects and not device_side"
-  run sanitizer_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q -x -m cuda \
-    tests/test_ops.py -k "varlen_attention_gqa_and_head_dims and bfloat16 or cache_attention_decode and float32 or cache_compact"
-  run bench_cuda "$PY" benchmarks/bench_cuda_kernels.py
-  if [ -f benchmarks/bench_triton_kernels.py ]; then run bench_triton "$PY" benchmarks/bench_triton_kernels.py; fi
-  cp benchmarks/results/*kernels*.json "$OUT/" 2>/dev/null
+  # compute-sanitizer runs the cases marked for its tool (tests/sanitized.py: memcheck, the paged
+  # reads and writes of decode over shuffled pages of sizes 1 / 16 / 64, append, in-place compaction,
+  # and ragged prefill; racecheck, the shared-memory hazards of the decode kernel's lane-group merge,
+  # cache_compact's window move list and the GQA prefill tiles). An empty selection fails the check.
+  for tool in memcheck racecheck; do
+    sanitize "$tool"
+  done
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --budget-s "${BENCH_BUDGET_S:-300}"
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
 fi
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+exit "$failed"

@@ -63,6 +63,19 @@ def _read_only(name: str, doc: str) -> property:
     return property(read, doc=doc)
 
 
+def _upload(device_tensor: torch.Tensor, host: torch.Tensor) -> None:
+    """``device_tensor.copy_(host)`` without the host waiting for the device. On CUDA a blocking
+    copy would synchronise the stream (``StaticDecoder.prepare`` must not: the previous step may
+    still be running), so the copy is queued on the current stream from a pinned snapshot of
+    ``host``: it runs after the queued work that reads the old values and before the work queued
+    after it, and torch's pinned-memory allocator keeps the snapshot until the copy has run, so
+    the caller may edit ``host`` at once."""
+    if device_tensor.device.type == "cuda":
+        device_tensor.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        device_tensor.copy_(host)
+
+
 def _pages_for(slots: torch.Tensor, page_size: int) -> torch.Tensor:
     """Pages needed to hold ``slots`` (int64 host tensor) slots each."""
     return (slots + page_size - 1) // page_size
@@ -239,7 +252,7 @@ class SkipCacheLayer(CacheLayerMixin):
                 self._host_table[b, held[b] : held[b] + n] = torch.tensor(taken[:n], dtype=torch.int32)
                 taken = taken[n:]
         self._set_held(torch.tensor(new_held, dtype=torch.int64))
-        self._table.copy_(self._host_table)  # in place: graphs that read it stay valid
+        _upload(self._table, self._host_table)  # in place: graphs that read it stay valid
 
     def pages_needed(self, counts: torch.Tensor) -> int:
         """Pages this layer would take to store ``counts[b]`` more slots per sequence (int64 ``[B]``)."""
@@ -376,7 +389,7 @@ class SkipCacheLayer(CacheLayerMixin):
         self._host_table = table
         device = self.pool.keys.device
         if self._table is not None and self._table.shape == table.shape:
-            self._table.copy_(table, non_blocking=False)  # in place: graphs that read it stay valid
+            _upload(self._table, table)  # in place: graphs that read it stay valid
         else:
             self._table = table.to(device, copy=True)  # never the host mirror itself, even on the CPU
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from skiplayers.triton_kernels import configs as triton_configs  # torch only: no triton import here
+
 INTERPRETER, CPU, GPU = 0, 1, 2  # case sizes: run by the interpreter, by the CPU kernels, on a GPU only
 
 HAS_GPU = torch.cuda.is_available()
@@ -72,8 +74,8 @@ BACKENDS = {
         # on a GPU (the tests that check them set it).
         Backend("triton", "cpu" if TRITON_INTERPRETED else "cuda", INTERPRETER if TRITON_INTERPRETED else GPU,
                 frozenset({"compared", "validates", "split_k", "skips_ruled_out_blocks", "registered"}),
-                marks=(pytest.mark.triton,), head_dims=(64, 128),
-                head_dim_refusal="the Triton backend supports head_dim 64 and 128, got {}",
+                marks=(pytest.mark.triton,), head_dims=triton_configs.HEAD_DIMS,
+                head_dim_refusal=triton_configs.HEAD_DIM_REFUSAL,
                 namespace="skiplayers_triton", host_value_checks=_VALUE_CHECKS),
         Backend("cuda", "cuda", GPU,
                 frozenset({"compared", "validates", "split_k", "registered", "refuses_host_tensors"}),

@@ -4,6 +4,10 @@ Markers (registered here, used with -m):
   cuda    needs a CUDA GPU; skipped, with the reason, where torch sees none (below)
   triton  runs Triton kernels (under TRITON_INTERPRET=1 on machines without a GPU)
   slow    loads the real SmolLM2 model or runs long; part of the default suite
+  memcheck, racecheck
+          the cases scripts/gpu_check.sh runs under compute-sanitizer's tool of that name; a test
+          asks for them with ``@sanitized(...)`` (tests/backends.py), and the hook below marks the
+          matching parametrised cases
 """
 
 from __future__ import annotations
@@ -28,10 +32,34 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where there is none)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (interpreter without a GPU)")
     config.addinivalue_line("markers", "slow: loads SmolLM2 or runs long")
+    config.addinivalue_line("markers", "sanitize(tools, only): asks for compute-sanitizer runs of some cases")
+    from sanitized import TOOLS
+
+    for tool in TOOLS:
+        config.addinivalue_line("markers", f"{tool}: run by scripts/gpu_check.sh under compute-sanitizer --tool {tool}")
 
 
+def _matches(params: dict, only: dict) -> bool:
+    """Whether a case's parameters take one of the values ``only`` allows for each name it lists."""
+    return all(name in params and params[name] in allowed for name, allowed in only.items())
+
+
+def _mark_sanitized_cases(items) -> None:
+    """Adds the ``memcheck`` / ``racecheck`` markers to the cases a ``sanitize`` marker selects. Runs
+    before ``-m`` deselects anything (tryfirst below), so ``-m "cuda and memcheck"`` sees them."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for request in item.iter_markers("sanitize"):
+            if _matches(params, request.kwargs["only"]):
+                for tool in request.kwargs["tools"]:
+                    item.add_marker(tool)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Skips every cuda-marked test where torch sees no GPU: one rule here, not a skipif per file."""
+    """Marks the sanitized cases (above); skips every cuda-marked test where torch sees no GPU: one
+    rule here, not a skipif per file."""
+    _mark_sanitized_cases(items)
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")

@@ -34,8 +34,10 @@ class Heads(NamedTuple):
 # Triton added (40, 1), CUDA (16, 1).
 HEADS = (Heads(6, 2), Heads(9, 3), Heads(8, 1), Heads(7, 7), Heads(16, 2), Heads(16, 1), Heads(40, 1))
 
-# Head dims of the attention tests: the two every backend has, then one only some take (80).
-HEAD_DIMS = (64, 128, 80)
+# Head dims of the attention tests: the LLaMA family's (64 and 128 every backend has; 32, 96 and 256
+# only some: 96 is not a power of two), then one that only backends taking any head dim run and the
+# others refuse (80).
+HEAD_DIMS = (64, 128, 32, 96, 256, 80)
 
 # Ragged batches of the prefill tests (tokens per sequence; 0 = an empty sequence): one token, one
 # sequence, empty sequences between and around, and sequences longer than a key block. The last two

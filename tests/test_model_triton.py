@@ -10,7 +10,7 @@ import pytest
 
 import skiplayers as sk
 from backends import triton_device
-from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked
+from model_helpers import assert_forward_matches_masked, assert_generate_matches_masked, tiny_llama
 
 pytestmark = pytest.mark.triton
 
@@ -28,6 +28,15 @@ def test_model_forward_matches_masked_model(model, batch, stop, use_cache):
 def test_model_generate_matches_masked_model(model, batch, stop):
     assert_generate_matches_masked(model, sk.SkipPolicy(context_stop_layer=stop), "triton", batch,
                                    new_tokens=8)
+
+
+def test_model_head_dim_96_matches_masked_model(batch):
+    """A head dim that is not a power of two (padded to 128 inside the kernels): prefill, cache and
+    generation with context stop, through the Triton ops."""
+    model = tiny_llama(head_dim=96, layers=2, device=DEVICE)  # two layers: the interpreter's time
+    policy = sk.SkipPolicy(context_stop_layer=1)
+    assert_forward_matches_masked(model, policy, "triton", batch, use_cache=True)
+    assert_generate_matches_masked(model, policy, "triton", batch, new_tokens=4)
 
 
 ANCHORS = tuple(range(3, 15))  # as tests/test_anchors.py: sentences of ~8 tokens

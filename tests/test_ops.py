@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sanitized import sanitized
 
 import cases
 import op_contract
@@ -49,6 +50,7 @@ def _on(device, changes: dict) -> dict:
 # --- varlen_attention (prefill) ------------------------------------------------------------------
 
 
+@sanitized("memcheck", dtype=torch.float16)
 @over_backends("dtype,rule,lengths", grid(DTYPES, RULES, [*RAGGED, *sized(CPU, *RAGGED_LARGE)]))
 def test_varlen_attention_ragged(ops, backend, dtype, rule, lengths):
     case = cases.make_varlen_attention(lengths, dtype=dtype, rule=rule, gapped=True, seed=len(lengths) + rule,
@@ -64,6 +66,7 @@ _GQA_SHAPES = [
 ]
 
 
+@sanitized("racecheck", dtype=torch.bfloat16)
 @over_backends("heads,head_dim,dtype,rule,lengths", grid(HEADS, HEAD_DIMS, _GQA_SHAPES))
 def test_varlen_attention_gqa_and_head_dims(ops, backend, heads, head_dim, dtype, rule, lengths):
     case = cases.make_varlen_attention(lengths, heads=heads.q, kv_heads=heads.kv, head_dim=head_dim, dtype=dtype,
@@ -142,6 +145,8 @@ def test_varlen_attention_misaligned_rows(ops, backend, dtype):
 # --- cache_attention (decode, split-K) -----------------------------------------------------------
 
 
+@sanitized("memcheck", dtype=torch.bfloat16)
+@sanitized("racecheck", dtype=torch.float32)
 @over_backends("dtype,rule,num_splits,lengths",
                grid(DTYPES, RULES, [*NUM_SPLITS, *sized(GPU, *NUM_SPLITS_LARGE)], [DECODE, *sized(CPU, DECODE_LARGE)]))
 def test_cache_attention_decode(ops, backend, dtype, rule, num_splits, lengths):
@@ -160,6 +165,17 @@ def test_cache_attention_gqa_multi_query(ops, backend, heads, head_dim, dtype, r
     case = cases.make_cache_attention(lengths, q_lengths=[4, 1, 33], heads=heads.q, kv_heads=heads.kv,
                                       head_dim=head_dim, dtype=dtype, rule=rule, num_splits=num_splits, seed=heads.q,
                                       device=backend.device)
+    op_contract.check_cache_attention(ops, case)
+
+
+# Every head dim, one query per sequence: one split (the decode kernel writes the output) and three
+# (partials, then the combine kernel), so the head-dim padding of each path is exercised; caches of
+# several key tiles of each configuration (fp32 tiles are small, and slow in the interpreter).
+@over_backends("head_dim,dtype,num_splits,lengths",
+               grid(HEAD_DIMS, [together(torch.float32, 1, [1, 0, 40, 150]), together(torch.float16, 3, [1, 0, 150, 300])]))
+def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits, lengths):
+    case = cases.make_cache_attention(lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
+                                      rule=Rule.ANCHORS, num_splits=num_splits, seed=head_dim, device=backend.device)
     op_contract.check_cache_attention(ops, case)
 
 
@@ -190,6 +206,7 @@ def test_cache_attention_strided_cache_views(ops, backend, dtype):
 
 # Page sizes 1 / 16 / 64 with pages shuffled through the pool (tests/cases.page_table), one-token and
 # multi-token queries, caches ending inside a page and on a page boundary.
+@sanitized("memcheck", dtype=torch.bfloat16)
 @over_backends("page_size,dtype,rule,q_lengths", grid(PAGE_SIZES, F32_THEN_LOW, [Rule.CAUSAL, Rule.ANCHORS],
                                                       [[1, 0, 1, 1], [3, 0, 17, 1]]))
 def test_cache_attention_page_sizes(ops, backend, page_size, dtype, rule, q_lengths):
@@ -238,21 +255,24 @@ def test_cache_attention_does_not_depend_on_num_splits(ops, backend, dtype, leng
 # --- skipped key blocks are neither loaded nor computed ------------------------------------------
 # V rows of blocks that no query can see are set to NaN: had such a block been loaded and multiplied
 # by its zero probabilities, NaN would reach the output (0 * NaN = NaN). Block boundaries: every
-# Triton configuration's BLOCK_N divides 64 (configs.py), so 64-aligned key ranges are whole blocks.
+# Triton configuration's BLOCK_N divides SKIP_ALIGN (configs.py; test_triton_kernels checks it), so
+# SKIP_ALIGN-aligned key ranges are whole blocks.
+SKIP_ALIGN = 256
 
 
 def _skip_case(kind: str, dtype, decode: bool, device):
-    n_keys, n_new = 200, 8
+    a = SKIP_ALIGN
+    n_keys, n_new = 2 * a + 72, 8
     pos = torch.arange(n_keys, dtype=torch.int32)
     context = torch.zeros(n_keys, dtype=torch.bool)
     anchor = torch.zeros(n_keys, dtype=torch.bool)
     sentence = torch.zeros(n_keys, dtype=torch.int32)
-    if kind == "context":  # keys 0..127 are context, hidden by the rule
-        context[:128], rule, poisoned = True, Rule.HIDE_CONTEXT, slice(0, 128)
-    elif kind == "anchors":  # sentence 0 = keys 0..127 (anchor 127): queries of sentence 1 skip keys 0..63
-        anchor[127], sentence[128:], rule, poisoned = True, 1, Rule.ANCHORS, slice(0, 64)
-    else:  # causal: the queries are the first tokens, keys 64.. are all in their future
-        rule, poisoned = Rule.CAUSAL, slice(64, n_keys)
+    if kind == "context":  # keys 0..2a-1 are context, hidden by the rule
+        context[:2 * a], rule, poisoned = True, Rule.HIDE_CONTEXT, slice(0, 2 * a)
+    elif kind == "anchors":  # sentence 0 = keys 0..2a-1 (anchor 2a-1): queries of sentence 1 skip keys 0..a-1
+        anchor[2 * a - 1], sentence[2 * a:], rule, poisoned = True, 1, Rule.ANCHORS, slice(0, a)
+    else:  # causal: the queries are the first tokens, keys a.. are all in their future
+        rule, poisoned = Rule.CAUSAL, slice(a, n_keys)
     tag = make_tags(context=context, anchor=anchor, sentence=sentence)
     queries = slice(0, n_new) if kind == "causal" else slice(n_keys - n_new, n_keys)
     gen = torch.Generator().manual_seed(11)
@@ -289,6 +309,7 @@ def test_ruled_out_key_blocks_are_skipped(ops, backend, kind, mode, dtype):
 # --- row ops -------------------------------------------------------------------------------------
 
 
+@sanitized("memcheck")
 @over_backends("dtype,lengths", grid(DTYPES, [*ROWS, *sized(GPU, *ROWS_LARGE)]))
 def test_compact_rows(ops, backend, dtype, lengths):
     op_contract.check_compact_rows(ops, cases.make_compact_rows(lengths, dtype=dtype, seed=len(lengths),
@@ -304,6 +325,7 @@ def test_compact_rows_other_dtypes_and_vectors(ops, backend, dtype):
     op_contract.check_compact_rows(ops, case)
 
 
+@sanitized("memcheck")
 @over_backends("dtype,noncontiguous,page_size", grid(DTYPES, [True, False], [*PAGE_SIZES, 5]))
 def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
     case = cases.make_cache_append([0, 3, 10, 0], [5, 0, 7, 1], page_size=page_size, dtype=dtype,
@@ -311,13 +333,15 @@ def test_cache_append(ops, backend, dtype, noncontiguous, page_size):
     op_contract.check_cache_append(ops, case)
 
 
-@over_backends("dim", [64, 128, 80, 5])  # 5: 10-byte rows, 2-byte copies
+@sanitized("memcheck")
+@over_backends("dim", [64, 128, 32, 96, 256, 80, 5])  # 5: 10-byte rows, 2-byte copies
 def test_cache_append_head_dims(ops, backend, dim):
     case = cases.make_cache_append([2, 0], [1, 3], page_size=2, kv_heads=3, head_dim=dim, dtype=torch.bfloat16,
                                    device=backend.device)
     op_contract.check_cache_append(ops, case)
 
 
+@sanitized("memcheck")
 @over_backends()
 def test_cache_append_reads_only_the_pages_it_writes(ops, backend):
     """Block table entries of pages an append does not write are never read: not those of the stored
@@ -328,18 +352,21 @@ def test_cache_append_reads_only_the_pages_it_writes(ops, backend):
     op_contract.check_cache_append(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("dtype,page_size,lengths", grid(DTYPES, [*PAGE_SIZES, 5], [[0, 12, 30, 3], [0, 12, 130, 3]]))
 def test_cache_compact(ops, backend, dtype, page_size, lengths):
     case = cases.make_cache_compact(lengths, page_size=page_size, dtype=dtype, seed=page_size, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("keep_fraction", [0.0, 1.0])
 def test_cache_compact_keeps_nothing_or_everything(ops, backend, keep_fraction):
     case = cases.make_cache_compact([7, 0, 40], page_size=16, keep_fraction=keep_fraction, device=backend.device)
     op_contract.check_cache_compact(ops, case)
 
 
+@sanitized("memcheck", "racecheck")
 @over_backends("", sized(CPU, ()))
 def test_cache_compact_long_cache(ops, backend):
     case = cases.make_cache_compact([1000, 0, 777], page_size=16, keep_fraction=0.5, device=backend.device)
@@ -393,7 +420,8 @@ def test_varlen_attention_rejects_bad_input(ops, backend, changes, message):
         op_contract.call(ops, "varlen_attention", case)
 
 
-@over_backends("op,refused_head_dim", [("varlen_attention", 80), ("cache_attention", 96)], needs=("validates",))
+@over_backends("op,refused_head_dim", [("varlen_attention", 80), ("cache_attention", 80), ("cache_attention", 96)],
+               needs=("validates",))
 def test_attention_rejects_unsupported_head_dim(ops, backend, op, refused_head_dim):
     make = cases.make_varlen_attention if op == "varlen_attention" else cases.make_cache_attention
     case = make([4, 6], head_dim=refused_head_dim, device=backend.device)

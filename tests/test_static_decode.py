@@ -164,3 +164,25 @@ def test_capture_replays_the_eager_steps():
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
             token = want.argmax(-1)
         cache.check_lengths()
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_prepare_never_waits_on_the_device():
+    """On a GPU: ``prepare`` takes pages (every page_size steps) and uploads the block tables with
+    no synchronising call (torch's sync debug mode turns one into an error)."""
+    model = tiny_llama(device="cuda")
+    batch = ragged_batch(device="cuda")
+    layers = model.config.num_hidden_layers
+    with sk.patched(model, POLICIES["context stop at 2"]):
+        cache, token = _prefill(model, batch, sk.SkipCache(layers, page_size=2, max_tokens=layers * 3 * 64))
+        decoder = sk.StaticDecoder(model, cache, max_new_tokens=6)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(6):  # pages of 2 slots: a new page every other step
+                decoder.prepare()
+                token = decoder.step(token).argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cache.check_lengths()

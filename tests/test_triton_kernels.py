@@ -24,7 +24,7 @@ from constants import RULES
 from skiplayers import aot, reference
 from skiplayers import ops as sk_ops
 from skiplayers.meta import Rule, make_tags
-from skiplayers.triton_kernels import checks, configs, launch_plan
+from skiplayers.triton_kernels import checks, configs, launch_attention, launch_plan
 from skiplayers.triton_kernels.launch_attention import gqa_tiling
 from skiplayers.triton_kernels.visibility import (
     key_block_fully_visible,
@@ -276,11 +276,11 @@ def test_block_plan_finds_full_blocks_under_every_rule():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_prefill_runs_each_architectures_tiles(monkeypatch, arch):
     """The interpreter has no architecture and runs the default tile table; here the launcher is told
-    it runs on sm_80 / sm_90, so the tiles of every family (configs._PREFILL_BY_MAJOR) run too."""
-    from skiplayers.triton_kernels import launch_attention
-
+    it runs on sm_80 / sm_90, so the tiles of every family (configs._PREFILL_BY_MAJOR) run too: each
+    (dtype class, head dim) that some family configures apart, on both families."""
     monkeypatch.setattr(launch_attention, "device_arch", lambda device: arch)
-    for dtype, head_dim in ((torch.float16, 128), (torch.float32, 128)):
+    keys = sorted({key for family in configs._PREFILL_BY_MAJOR.values() for key in family})
+    for dtype, head_dim in [(torch.float32 if cls == "fp32" else torch.float16, d) for cls, d in keys]:
         case = cases.make_varlen_attention([70, 0, 45], rule=int(Rule.ALL), dtype=dtype, head_dim=head_dim,
                                            gapped=True, device=DEVICE)
         op_contract.assert_attention_close(_attend(case), case, reference.varlen_attention)
@@ -478,3 +478,56 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     kernels = {r.kernel for r in rows}
     assert {"prefill_attention_kernel", "decode_attention_kernel", "combine_splits_kernel", "compact_rows_kernel",
             "cache_append_kernel", "cache_compact_kernel"} <= kernels
+
+
+# --- head dims and launch choices -------------------------------------------------------------------
+
+
+def test_unsupported_head_dim_refusal_names_every_supported_one():
+    case = cases.make_varlen_attention([4, 6], head_dim=80, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"supports head_dim 32, 64, 96, 128 and 256, got 80$"):
+        op_contract.call(TRITON, "varlen_attention", case)
+    assert configs.HEAD_DIM_REFUSAL.format(80).endswith("got 80")
+    assert all(configs.head_pad(d) >= d and configs.head_pad(d) & (configs.head_pad(d) - 1) == 0
+               for d in configs.HEAD_DIMS)
+
+
+def test_key_tiles_divide_the_skip_test_alignment():
+    """test_ops' ruled-out-block test poisons SKIP_ALIGN-aligned key ranges, whole blocks of every tile."""
+    from test_ops import SKIP_ALIGN
+
+    for dtype in configs.ATTENTION_DTYPES:
+        for d in configs.HEAD_DIMS:
+            for cfg in (configs.prefill_config(dtype, d), configs.decode_config(dtype, d)):
+                assert SKIP_ALIGN % cfg.block_n == 0, (dtype, d, cfg)
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("capacity", [2048, 4096, 8192, 16384, 32768])
+def test_choose_num_splits(monkeypatch, sms, batch, capacity):
+    """Shapes only: about two waves of programs, every split at least MIN_SPLIT_SLOTS slots of capacity
+    and one key tile, at most MAX_AUTO_SPLITS; one split (no combine pass) once the programs fill the SMs."""
+    monkeypatch.setattr(launch_attention, "sm_count", lambda device: sms)
+    heads = 8  # KV head programs (e.g. LLaMA-3 8B: 8 KV heads, a GQA group of 4 in one decode tile)
+    for block_n in (16, 64, 256):
+        splits = launch_attention.choose_num_splits(batch * heads, capacity, block_n, torch.device("cuda"))
+        assert 1 <= splits <= launch_attention.MAX_AUTO_SPLITS
+        assert splits == 1 or capacity // splits >= max(launch_attention.MIN_SPLIT_SLOTS, block_n)
+        waves = batch * heads * splits / sms
+        # Enough programs for ~2 waves unless the capacity or the cap on splits stops it.
+        limited = splits in (capacity // max(launch_attention.MIN_SPLIT_SLOTS, block_n), launch_attention.MAX_AUTO_SPLITS)
+        assert waves >= 2 or limited, (splits, waves)
+        assert waves < 2 + batch * heads / sms  # not more than the two waves need
+    assert launch_attention.choose_num_splits(sms, 32768, 64, torch.device("cuda")) == 1  # programs fill the SMs
+    assert launch_attention.choose_num_splits(1, 300, 64, torch.device("cuda")) == 1  # a short cache: one split
+
+
+def test_choose_num_splits_examples(monkeypatch):
+    monkeypatch.setattr(launch_attention, "sm_count", lambda device: 132)  # H100 SXM
+    choose = launch_attention.choose_num_splits
+    cuda = torch.device("cuda")
+    assert choose(8, 2048, 256, cuda) == 8  # B=1: 2048 / 256 slots
+    assert choose(8, 32768, 256, cuda) == 33  # B=1: two waves (264 programs) of ~1000 slots each
+    assert choose(64, 2048, 256, cuda) == 5  # B=8: two waves
+    assert choose(64, 32768, 16, cuda) == 5

@@ -10,6 +10,15 @@ Online softmax in base 2: scores are scaled by ``scale * log2(e)`` (the prefill 
 factor into its query tile once, :func:`prescale_query`; the decode kernel scales the scores); ``m`` is the running row max and
 ``l`` the running sum of ``exp2(s - m)``. A row that has seen no visible key keeps ``m = -inf`` and
 ``l = 0`` (its accumulator stays 0), and :func:`normalise` outputs zeros for it.
+
+Head dims that are not a power of two (96): ``tl.arange`` needs a power of two, so every tile's head
+axis has ``HEAD_PAD`` columns (``HEAD_DIM`` rounded up; ``configs.head_pad``) and :func:`head_tile`
+masks columns ``>= HEAD_DIM`` off every load and store. The padded columns of q, K and V load as
+zeros, so they add nothing to ``q @ k^T`` and leave the accumulator's padded columns zero. With
+``HEAD_PAD == HEAD_DIM`` no head-dim mask is emitted at all: the prefill's full-block loop
+(:func:`attend_full_blocks`) then loads K/V with no mask whatsoever, as before padding existed; its
+partial and anchor loops (:func:`attend_partial_blocks`, :func:`attend_anchor_keys`), the query
+load, the output store and the decode kernel's loads keep their row masks only.
 """
 
 from __future__ import annotations
@@ -31,14 +40,31 @@ def query_rows(first_query, query_end, kv_head, g0, group, gsub, BLOCK_M: tl.con
 
 
 @triton.jit
+def head_tile(row_ok, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Column offsets ``[1, HEAD_PAD]`` and the mask of a ``[R, HEAD_PAD]`` tile of head-dim rows
+    whose rows ``row_ok`` (``[R]``) hold data: ``row_ok[:, None]`` (``[R, 1]``) when ``HEAD_PAD ==
+    HEAD_DIM``, so power-of-two kernels get no head-dim mask; else also ``column < HEAD_DIM``
+    (``[R, HEAD_PAD]``). Every load and store of q, K, V, the output and the partials takes its
+    offsets and mask from here; masked loads give 0 (see the module docstring). The prefill's
+    full-block loop, whose rows all exist, passes all-true rows and drops the mask altogether when
+    ``HEAD_PAD == HEAD_DIM`` (:func:`attend_full_blocks`)."""
+    offs_d = tl.arange(0, HEAD_PAD)[None, :]
+    if HEAD_PAD == HEAD_DIM:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)
+    return offs_d, mask
+
+
+@triton.jit
 def load_query_tile(
     q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid,
-    HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
 ):
-    """The tile's query vectors ``[BLOCK_M, HEAD_DIM]`` and per-row position and tag."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = q_ptr + query.to(tl.int64)[:, None] * stride_qm + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(ptrs, mask=valid[:, None], other=0.0)
+    """The tile's query vectors ``[BLOCK_M, HEAD_PAD]`` (zero past ``HEAD_DIM``) and per-row position and tag."""
+    offs_d, mask = head_tile(valid, HEAD_DIM, HEAD_PAD)
+    ptrs = q_ptr + query.to(tl.int64)[:, None] * stride_qm + head[:, None] * stride_qh + offs_d
+    q = tl.load(ptrs, mask=mask, other=0.0)
     q_pos = tl.load(q_pos_ptr + query, mask=valid, other=0)
     if USE_TAGS:
         q_tag = tl.load(q_tag_ptr + query, mask=valid, other=0)
@@ -75,7 +101,7 @@ def softmax_step(
     m_i, l_i, q, k, q_pos, q_tag, k_pos, k_tag, k_valid, rule, qk_scale,
     USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """The scores of one loaded key block (``k`` ``[BLOCK_N, HEAD_DIM]``, per-key ``k_pos``, ``k_tag``,
+    """The scores of one loaded key block (``k`` ``[BLOCK_N, HEAD_PAD]``, per-key ``k_pos``, ``k_tag``,
     ``k_valid``) against the query tile, folded into the running softmax statistics: returns
     ``(p, alpha, m_new, l_new)``; the caller finishes with ``acc * alpha[:, None] + p @ v``
     (:func:`fold_values`). Invalid or invisible keys get probability 0. ``qk_scale`` multiplies the
@@ -108,7 +134,8 @@ def prescale_query(q, qk_scale):
 @triton.jit
 def attend_full_blocks(
     acc, m_i, l_i, q, k_ptr, v_ptr, stride_k, stride_v, list_ptr, count,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Folds the ``count`` *full* key blocks listed at ``list_ptr`` (the first packed key row of each,
     ``block_plan.py``) into ``(acc, m_i, l_i)``; ``q`` is pre-scaled (:func:`prescale_query`).
@@ -122,16 +149,27 @@ def attend_full_blocks(
     sm_90 TTGIR with ``num_stages = 3``; reading the entry in the iteration that uses it gave
     ``num = 0``, a wait for the copy just issued). The scores are finite, so no row's max stays
     ``-inf`` after the first block.
+
+    Head axis (:func:`head_tile`, every row present): with ``HEAD_PAD == HEAD_DIM`` (32, 64, 128, 256)
+    the K/V loads take no mask at all, so the loop above is exactly the mask-free one; with a padded
+    head axis (96) they take the column mask ``column < HEAD_DIM`` only (a compile-time constant
+    pattern, the same for every block; the padded columns load as zeros).
     """
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, d_mask = head_tile(tl.full([BLOCK_N], 1, tl.int1), HEAD_DIM, HEAD_PAD)
     start = tl.load(list_ptr, mask=count > 0, other=0)
     for i in range(0, count):
         rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
         start = tl.load(list_ptr + i + 1, mask=i + 1 < count, other=0)  # read ahead (docstring)
-        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :])
+        if HEAD_PAD == HEAD_DIM:
+            k = tl.load(k_ptr + rows * stride_k + offs_d)
+        else:
+            k = tl.load(k_ptr + rows * stride_k + offs_d, mask=d_mask, other=0.0)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
         p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
-        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :])
+        if HEAD_PAD == HEAD_DIM:
+            v = tl.load(v_ptr + rows * stride_v + offs_d)
+        else:
+            v = tl.load(v_ptr + rows * stride_v + offs_d, mask=d_mask, other=0.0)
         acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -141,16 +179,16 @@ def attend_partial_blocks(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
     q_min_sentence, q_max_sentence,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ANCHOR_LIST: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ANCHOR_LIST: tl.constexpr,
 ):
     """Folds the ``count`` *partial* key blocks listed at ``list_ptr`` into ``(acc, m_i, l_i)``,
     evaluating the predicate per (query, key) pair; ``q`` is pre-scaled. The loads are unconditional,
     masked only by the sequence's key range (``[start, key_end)``): the block may hold invisible
     keys, which get probability 0. Key ``j`` lives at ``k_ptr + j * stride_k`` (this KV head, head dim
-    dense; likewise V) and its metadata at ``k_pos_ptr + j``, ``k_tag_ptr + j``.
+    dense; likewise V) and its metadata at ``k_pos_ptr + j``, ``k_tag_ptr + j``. The K/V masks come
+    from :func:`head_tile` (rows ``k_valid``; plus ``column < HEAD_DIM`` when the head axis is padded).
     """
-    offs_d = tl.arange(0, HEAD_DIM)
     start = tl.load(list_ptr, mask=count > 0, other=0)
     for i in range(0, count):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -164,11 +202,12 @@ def attend_partial_blocks(
         else:
             k_tag = k_pos * 0
         rows = offs_n.to(tl.int64)[:, None]
-        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
+        k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
         s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
                         USE_TAGS)
         p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
-        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
         acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -178,15 +217,14 @@ def attend_anchor_keys(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, rows_ptr, begin, end, rule,
     q_min_sentence, q_max_sentence,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Folds the anchor-handled keys among ``rows_ptr[begin:end]`` (packed key rows of anchor and sink
     keys, ``block_plan.py``) into ``(acc, m_i, l_i)``, ``BLOCK_N`` gathered keys per step, with the
     predicate per pair; ``q`` is pre-scaled. Keys that are not anchor-handled (those of the tile's own
     sentences, read with their blocks) are masked off before their K/V are loaded. Called only for the
-    ANCHORS rule (``ANCHOR_LIST``)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    ANCHORS rule (``ANCHOR_LIST``). K/V masks from :func:`head_tile`, as in the partial loop."""
     for first in range(begin, end, BLOCK_N):
         offs = first + tl.arange(0, BLOCK_N)
         in_range = offs < end
@@ -195,11 +233,12 @@ def attend_anchor_keys(
         k_tag = tl.load(k_tag_ptr + row, mask=in_range, other=0)
         k_valid = in_range & anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS)
         rows = row.to(tl.int64)[:, None]
-        k = tl.load(k_ptr + rows * stride_k + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
+        k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
         s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
                         USE_TAGS)
         p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
-        v = tl.load(v_ptr + rows * stride_v + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
         acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -211,7 +250,8 @@ def normalise(acc, l_i):
 
 
 @triton.jit
-def store_rows(out_ptr, stride_om, stride_oh, query, head, valid, tile, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = out_ptr + query.to(tl.int64)[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(ptrs, tile.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+def store_rows(out_ptr, stride_om, stride_oh, query, head, valid, tile, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Writes the rows ``valid`` of ``tile`` ``[BLOCK_M, HEAD_PAD]``, columns ``< HEAD_DIM``, in out's dtype."""
+    offs_d, mask = head_tile(valid, HEAD_DIM, HEAD_PAD)
+    ptrs = out_ptr + query.to(tl.int64)[:, None] * stride_om + head[:, None] * stride_oh + offs_d
+    tl.store(ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)

@@ -23,7 +23,7 @@ import torch
 
 from skiplayers.meta import Rule
 
-from .configs import ATTENTION_DTYPES, HEAD_DIMS
+from .configs import ATTENTION_DTYPES, HEAD_DIM_REFUSAL, HEAD_DIMS
 
 
 def fail(op: str, message: str) -> None:
@@ -57,7 +57,7 @@ def check_query(op: str, q, cu_seqlens_q, q_pos, q_tag, kv_heads: int, head_dim:
     if q.shape[2] != head_dim:
         fail(op, f"q head_dim {q.shape[2]} differs from the keys' {head_dim}")
     if q.shape[2] not in HEAD_DIMS:
-        fail(op, f"the Triton backend supports head_dim 64 and 128, got {q.shape[2]}")
+        fail(op, HEAD_DIM_REFUSAL.format(q.shape[2]))
     if kv_heads == 0 or q.shape[1] % kv_heads:
         fail(op, f"query heads ({q.shape[1]}) must be a multiple of KV heads ({kv_heads})")
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:

@@ -33,6 +33,11 @@ known cost: Triton stores K to shared memory for its transpose right after K's l
 is issued, so a tile's K and V latencies add up instead of overlapping; loading K/V one tile ahead in
 registers avoids that but costs 30-60 registers per thread (measured with the AOT compile: fp32
 kernels then spill), so it is not done.
+
+Tile size: the per-slot page numbers and addresses of the tiles in flight cost registers per thread,
+which kept 16-bit key tiles at 32 slots with 4 warps; with 8 warps each thread holds half of them,
+and 16-bit tiles of 128-256 slots compile without spills (``configs.py`` has the numbers), so the
+lookup stays per slot (any page size, no page-size specialisation).
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_core import fold_values, load_query_tile, normalise, query_rows, softmax_step, store_rows
+from .attention_core import fold_values, head_tile, load_query_tile, normalise, query_rows, softmax_step, store_rows
 from .ragged import split_key_range
 from .visibility import INT32_MAX, key_block_may_be_visible, query_summary
 
 
 @triton.jit
 def partial_pointers(part_ptr, rows, HEAD_DIM: tl.constexpr):
-    """The one fp32 partials buffer (one allocation per call): ``acc [rows, HEAD_DIM]``, then ``m [rows]``,
+    """The one fp32 partials buffer (one allocation per call): ``acc [rows, HEAD_DIM]`` (unpadded:
+    the columns past ``HEAD_DIM`` of a padded tile are neither stored nor loaded), then ``m [rows]``,
     then ``l [rows]``, with ``rows = num_splits * Nq * H`` ordered (split, query, head)."""
     rows64 = tl.full([], rows, tl.int64)
     return part_ptr, part_ptr + rows64 * HEAD_DIM, part_ptr + rows64 * (HEAD_DIM + 1)
@@ -81,15 +87,16 @@ def tile_metadata(pos_ptr, tag_ptr, page, start, page_size, BLOCK_N: tl.constexp
 @triton.jit
 def tile_keys_values(
     k_ptr, v_ptr, stride_kp, stride_ks, stride_vp, stride_vs, page, start, page_size, load,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
 ):
-    """K and V ``[BLOCK_N, HEAD_DIM]`` of the tile's slots where ``load`` (zeros elsewhere, unread)."""
+    """K and V ``[BLOCK_N, HEAD_PAD]`` of the tile's slots where ``load`` (zeros elsewhere and in the
+    padded columns, unread)."""
     slot = start + tl.arange(0, BLOCK_N)
     page64 = tl.where(load, page, 0).to(tl.int64)
     offset = slot % page_size
-    offs_d = tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + (page64 * stride_kp + offset * stride_ks)[:, None] + offs_d, mask=load[:, None], other=0.0)
-    v = tl.load(v_ptr + (page64 * stride_vp + offset * stride_vs)[:, None] + offs_d, mask=load[:, None], other=0.0)
+    offs_d, mask = head_tile(load, HEAD_DIM, HEAD_PAD)
+    k = tl.load(k_ptr + (page64 * stride_kp + offset * stride_ks)[:, None] + offs_d, mask=mask, other=0.0)
+    v = tl.load(v_ptr + (page64 * stride_vp + offset * stride_vs)[:, None] + offs_d, mask=mask, other=0.0)
     return k, v
 
 
@@ -98,8 +105,8 @@ def attend_paged_keys(
     acc, m_i, l_i, q, q_pos, q_tag, q_valid,
     k_ptr, v_ptr, stride_kp, stride_ks, stride_vp, stride_vs, pos_ptr, tag_ptr, table_ptr, page_size, num_pages,
     key_begin, key_end, rule, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Folds slots ``[key_begin, key_end)`` of one sequence's paged cache into the running
     ``(acc, m_i, l_i)`` of the query tile.
@@ -129,7 +136,7 @@ def attend_paged_keys(
         valid0 = page0 >= 0
         may0 = key_block_may_be_visible(rule, q_max_pos, q_min_sentence, q_max_sentence, pos0, tag0, valid0, USE_TAGS)
         k, v = tile_keys_values(k_ptr, v_ptr, stride_kp, stride_ks, stride_vp, stride_vs, page0, start, page_size,
-                                valid0 & may0, BLOCK_N, HEAD_DIM)
+                                valid0 & may0, BLOCK_N, HEAD_DIM, HEAD_PAD)
         # A tile that the block test rules out was not read and is not computed.
         if may0:
             p, alpha, m_i, l_i = softmax_step(
@@ -147,7 +154,7 @@ def decode_attention_kernel(
     stride_qm, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_om, stride_oh, max_pages,
     num_queries, heads, num_pages, page_size, num_splits, group, gsub, rule, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """q/out ``[Nq, H, D]``; K/V pools ``[num_pages, page_size, H_kv, D]`` (strides ``stride_kp``,
@@ -155,7 +162,8 @@ def decode_attention_kernel(
     page_size]``; block table contiguous int32 ``[B, max_pages]``; ``part_ptr``: the fp32 partials (see
     :func:`partial_pointers`; unused when ``num_splits == 1``). Cache lengths are clamped to
     ``[0, max_pages * page_size]`` and slots whose table entry is not a page of the pool are skipped
-    (:func:`attend_paged_keys`), so bad metadata cannot read outside the tensors."""
+    (:func:`attend_paged_keys`), so bad metadata cannot read outside the tensors. ``HEAD_PAD``: the
+    tiles' head axis, ``HEAD_DIM`` rounded up to a power of two (``attention_core.head_tile``)."""
     seq = tl.program_id(0)
     head_axis = tl.program_id(1)
     split = tl.program_id(2)
@@ -174,9 +182,9 @@ def decode_attention_kernel(
     for first_query in range(q_begin, q_end, queries_per_tile):
         query, head, valid = query_rows(first_query, q_end, kv_head, g0, group, gsub, BLOCK_M)
         q, q_pos, q_tag = load_query_tile(
-            q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, USE_TAGS
+            q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, HEAD_PAD, USE_TAGS
         )
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = attend_paged_keys(
@@ -184,37 +192,41 @@ def decode_attention_kernel(
             k_base, v_base, stride_kp, stride_ks, stride_vp, stride_vs,
             pos_cache_ptr, tag_cache_ptr, table_row, page_size, num_pages,
             key_begin, key_end, rule, qk_scale,
-            BLOCK_N, HEAD_DIM, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+            BLOCK_N, HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
         if num_splits == 1:
-            store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM)
+            store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM, HEAD_PAD)
         else:
             # Every split writes its slice, even an empty one (m = -inf, l = 0), so the merge needs no mask.
             row = (split * num_queries + query).to(tl.int64) * heads + head
             part_acc_ptr, part_m_ptr, part_l_ptr = partial_pointers(part_ptr, num_splits * num_queries * heads, HEAD_DIM)
             tl.store(part_m_ptr + row, m_i, mask=valid)
             tl.store(part_l_ptr + row, l_i, mask=valid)
-            offs_d = tl.arange(0, HEAD_DIM)
-            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=valid[:, None])
+            offs_d, mask = head_tile(valid, HEAD_DIM, HEAD_PAD)
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d, acc, mask=mask)
 
 
 @triton.jit
 def combine_splits_kernel(
-    part_ptr, out_ptr, stride_om, stride_oh, num_queries, heads, num_splits, HEAD_DIM: tl.constexpr,
+    part_ptr, out_ptr, stride_om, stride_oh, num_queries, heads, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
 ):
-    """Grid ``(Nq, H)``: merges the ``num_splits`` partials of one (query, head) and writes the output."""
+    """Grid ``(Nq, H)``: merges the ``num_splits`` partials of one (query, head) and writes the output.
+    The (query, head) is a one-row tile ``[1, HEAD_PAD]`` so that its loads and store take their
+    head-dim mask from ``head_tile`` like every other tile (its row mask is a constant true, which
+    Triton folds away)."""
     query = tl.program_id(0)
     head = tl.program_id(1)
     part_acc_ptr, part_m_ptr, part_l_ptr = partial_pointers(part_ptr, num_splits * num_queries * heads, HEAD_DIM)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, mask = head_tile(tl.full([1], 1, tl.int1), HEAD_DIM, HEAD_PAD)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     l = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([1, HEAD_PAD], dtype=tl.float32)
     for split in range(num_splits):
         row = (split * num_queries + query).to(tl.int64) * heads + head
         m_s = tl.load(part_m_ptr + row)
         l_s = tl.load(part_l_ptr + row)
-        acc_s = tl.load(part_acc_ptr + row * HEAD_DIM + offs_d)
+        acc_s = tl.load(part_acc_ptr + row * HEAD_DIM + offs_d, mask=mask, other=0.0)
         m_new = tl.maximum(m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # neither side saw a visible key
         a = tl.exp2(m - m_safe)
@@ -223,4 +235,5 @@ def combine_splits_kernel(
         acc = acc * a + acc_s * b
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)
-    tl.store(out_ptr + query.to(tl.int64) * stride_om + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + query.to(tl.int64) * stride_om + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=mask)

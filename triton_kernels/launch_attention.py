@@ -8,13 +8,18 @@ import torch
 from skiplayers.meta import Rule
 
 from . import checks
-from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, prefill_config
+from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, head_pad, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
 from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_arch, device_guard, fp32_placeholder, sm_count
 from .launch_plan import block_plan
 from .prefill_attention import prefill_attention_kernel
 
 MAX_AUTO_SPLITS = 64
+# The fewest cache slots (of capacity) an automatic split gets. A split has a fixed cost whatever its
+# length (its query tile, its metadata read-ahead prologue, the partial (acc, m, l) it writes and the
+# combine pass reads back); with a few hundred keys each, the cache reads of a split outweigh that
+# cost, and fewer splits of a short cache leave the SMs to other (batch, head) programs.
+MIN_SPLIT_SLOTS = 256
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -44,13 +49,17 @@ def gqa_tiling(heads: int, kv_heads: int, block_m: int) -> tuple[int, int, int, 
 
 
 def choose_num_splits(programs: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Split-K factor for ``num_splits=0``: enough programs for about two waves over the SMs, never
-    more splits than key blocks in the capacity. Chosen from shapes only (no sync on the lengths);
-    each program splits its own sequence's actual length."""
+    """Split-K factor for ``num_splits=0``: enough programs (``programs`` = batch times head programs
+    before splitting) for about two waves over the SMs, with every split at least ``MIN_SPLIT_SLOTS``
+    slots and one key tile of the ``capacity`` (slots a sequence's block table holds) and at most
+    ``MAX_AUTO_SPLITS``. Chosen from shapes only (no sync on the lengths, so a decode step stays
+    CUDA-graph capturable); each program splits its own sequence's actual length. 1 means no
+    combine pass."""
     sms = sm_count(device)
     if programs >= sms:
         return 1
-    return max(1, min(cdiv(capacity, block_n), cdiv(2 * sms, programs), MAX_AUTO_SPLITS))
+    most = capacity // max(MIN_SPLIT_SLOTS, block_n)
+    return max(1, min(most, cdiv(2 * sms, programs), MAX_AUTO_SPLITS))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, rule: int, scale: float):
@@ -81,7 +90,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
             plan.anchor_rows,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, batch.bit_length(), group, gsub, head_programs, plan.max_blocks, rule, scale * LOG2_E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], USE_TAGS=use_tags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], HEAD_PAD=head_pad(q.shape[2]),
+            USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
             ANCHOR_LIST=use_tags and bool(rule & int(Rule.ANCHORS)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -127,13 +137,13 @@ def cache_attention(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             block_table.shape[1],
             q.shape[0], heads, num_pages, page_size, splits, group, gsub, rule, scale * LOG2_E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, USE_TAGS=use_tags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if splits > 1:
             combine_splits_kernel[(q.shape[0], heads)](
                 part, out, out.stride(0), out.stride(1), q.shape[0], heads, splits,
-                HEAD_DIM=head_dim, num_warps=COMBINE_NUM_WARPS,
+                HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), num_warps=COMBINE_NUM_WARPS,
             )
     return out

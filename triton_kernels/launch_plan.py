@@ -32,7 +32,7 @@ import torch
 from skiplayers.meta import TAG_ANCHOR, TAG_SINK, Rule
 
 from .block_plan import block_plan_kernel
-from .configs import PLAN_CHUNK, PLAN_NUM_WARPS
+from .configs import PLAN_NUM_WARPS, plan_chunk
 from .host import cdiv, device_guard
 
 PLAN_CACHE_SIZE = 8  # plans kept (LRU): a forward's row subsets each have their own metadata
@@ -94,7 +94,7 @@ def compute_block_plan(
         block_plan_kernel[(tiles,)](
             cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, anchor_start, full, partial, counts,
             batch, batch.bit_length(), queries_per_tile, max_blocks, rule,
-            BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=PLAN_CHUNK, USE_TAGS=use_tags, num_warps=PLAN_NUM_WARPS,
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=plan_chunk(block_n), USE_TAGS=use_tags, num_warps=PLAN_NUM_WARPS,
         )
     return BlockPlan(full, partial, counts, anchor_rows)
 

@@ -8,7 +8,7 @@ What the specs cover, per op (legal per the docstrings of ``skiplayers/ops.py``,
 * every op: batch 0..4 with empty sequences, lengths 0..70 and rarely up to 300 (``profile="small"``,
   for the Triton interpreter: up to 40, rarely 130, batch <= 3);
 * attention: kv_heads 1..3, GQA group 1..4 and rarely 0 query heads, head dims 16/32/64/80/128
-  (Triton: 64 and 128 only, the dims ``triton_kernels/configs.py`` supports), float32/float16/bfloat16,
+  (Triton: 64/128/96/32/256, the dims ``triton_kernels/configs.py`` supports), float32/float16/bfloat16,
   each rule, tags present on both, either or neither side ("model" tags as the patch makes them,
   "random" tags with unordered sentences, "large" sentence ids), dense, gapped, sparse, tied and
   unsorted positions from 0, a small offset or the top of int32, queries that are a suffix of the keys
@@ -41,7 +41,7 @@ import constants
 ATTENTION_DTYPES = ("float32", "float16", "bfloat16")
 ROW_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "bool")
 RULES = tuple(int(r) for r in constants.RULES)  # every combination of the Rule bits, as JSON-able ints
-HEAD_DIMS = {"full": (64, 16, 32, 80, 128), "small": (64, 128)}
+HEAD_DIMS = {"full": (64, 16, 32, 80, 128), "small": (64, 128, 96, 32, 256)}
 LENGTHS = {"full": (8, 70, 300), "small": (8, 40, 130)}  # tiny, mid, large upper bounds
 MAX_BATCH = {"full": 4, "small": 3}
 
