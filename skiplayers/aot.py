@@ -115,7 +115,7 @@ def compile_all(archs=DEFAULT_ARCHS, jobs: int = 2, specs=None) -> list[Row]:
         from skiplayers.triton_kernels import aot_specs  # no kernels imported here
 
         specs = aot_specs.all_specs()
-    tasks = [(spec, arch) for spec in specs for arch in archs]
+    tasks = [(spec, arch) for spec in specs for arch in archs if spec.archs is None or arch in spec.archs]
     # "spawn": fresh interpreters that import triton with TRITON_INTERPRET unset (the parent may have it).
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:

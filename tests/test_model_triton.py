@@ -48,3 +48,20 @@ def test_model_anchor_cache_matches_ansan_masked_model(model, batch, stop, keep_
     policy = sk.SkipPolicy(context_stop_layer=stop, anchor_token_ids=ANCHORS, anchor_keep_first=keep_first)
     assert_forward_matches_masked(model, policy, "triton", batch, use_cache=True)
     assert_generate_matches_masked(model, policy, "triton", batch, new_tokens=8)
+
+
+def test_model_forward_plans_prefill_blocks_once_per_metadata(model, batch):
+    """The layers of a forward share their metadata tensors, so the prefill block plan
+    (``launch_plan.block_plan``) is computed once per distinct metadata, then reused by the other
+    layers (with context stop, the layers after the stop get new, compacted metadata: one more plan)."""
+    from skiplayers.triton_kernels import launch_plan
+
+    launch_plan.clear_plan_cache()
+    before = dict(launch_plan.stats)
+    assert_forward_matches_masked(model, sk.SkipPolicy(context_stop_layer=2), "triton", batch)
+    computed = launch_plan.stats["computed"] - before["computed"]
+    reused = launch_plan.stats["reused"] - before["reused"]
+    layers = model.config.num_hidden_layers
+    print(f"\nblock plans over {layers} layers: {computed} computed, {reused} reused")
+    assert computed + reused == layers, "every layer's prefill attention goes through the Triton op"
+    assert 1 <= computed <= 2, "a plan was recomputed for a layer whose metadata had not changed"

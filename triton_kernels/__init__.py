@@ -1,8 +1,10 @@
 """Triton kernels of skiplayers (installed as ``skiplayers.triton_kernels``).
 
-Layout: ``@triton.jit`` kernels in ``visibility.py`` (the predicate and block test), ``ragged.py``,
-``attention_core.py``, ``prefill_attention.py``, ``decode_attention.py`` and ``rows.py``; their host
-launchers in ``launch_attention.py`` and ``launch_rows.py`` (gathered in ``launchers.py``); fixed
+Layout: ``@triton.jit`` kernels in ``visibility.py`` (the predicate and the block tests), ``ragged.py``,
+``attention_core.py``, ``block_plan.py`` (the prefill's per-tile block lists), ``prefill_attention.py``,
+``decode_attention.py`` and ``rows.py``; their host launchers in ``launch_attention.py``,
+``launch_plan.py`` (the block plan and its reuse across layers) and ``launch_rows.py`` (gathered in
+``launchers.py``); fixed
 launch configurations in ``configs.py``; torch op registration in ``registration.py``.
 
 ``op_set()`` returns the ops ``skiplayers_triton::*`` (CUDA tensors; also CPU tensors when

@@ -33,6 +33,7 @@ class CompileSpec:
     num_warps: int
     num_stages: int
     aligned: tuple = field(default_factory=tuple)  # parameters declared divisible by 16
+    archs: tuple | None = None  # compile only for these compute capabilities (None: every one asked for)
 
 
 def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = ()) -> dict:
@@ -44,6 +45,20 @@ def _sig(ptrs: dict, ints: tuple = (), floats: tuple = (), constexprs: tuple = (
 
 
 _PKG = "skiplayers.triton_kernels"
+# The architectures of each family that configs.py may configure apart (by compute capability major).
+_FAMILIES = ((8, (80, 86, 89)), (9, (90,)))
+
+
+def _prefill_configs(dtype, head_dim) -> list[tuple[configs.AttentionConfig, tuple | None]]:
+    """(configuration, the architectures it is for; None: all) of the prefill kernel."""
+    by_config: dict = {}
+    for major, archs in _FAMILIES:
+        by_config.setdefault(configs.prefill_config(dtype, head_dim, 10 * major), []).extend(archs)
+    if len(by_config) == 1:
+        return [(next(iter(by_config)), None)]
+    return [(cfg, tuple(archs)) for cfg, archs in by_config.items()]
+
+
 _ATTN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "HEAD_PAD", "USE_TAGS", "DOT_PRECISION", "UPCAST_DOT")
 
 
@@ -58,25 +73,33 @@ _DECODE_STRIDES = ("stride_qm", "stride_qh", "stride_kp", "stride_ks", "stride_k
                    "stride_om", "stride_oh")
 
 
-def _variant(dtype, head_dim: int, use_tags: bool) -> str:
-    return f"{_TT[dtype]} D{head_dim}{' tags' if use_tags else ''}"
+def _variant(dtype, head_dim: int, use_tags: bool, anchor_list: bool = False) -> str:
+    return f"{_TT[dtype]} D{head_dim}{' tags' if use_tags else ''}{' anchors' if anchor_list else ''}"
 
 
-def prefill_spec(dtype, head_dim: int, use_tags: bool, cfg=None) -> CompileSpec:
-    """The prefill kernel for one variant, with ``cfg`` (default: ``configs.prefill_config``; another
-    one to try a tile)."""
+# The prefill kernel's compile-time variants (USE_TAGS, ANCHOR_LIST): causal, tags, tags with the
+# anchor-list loop (the ANCHORS rule).
+_PREFILL_VARIANTS = ((False, False), (True, False), (True, True))
+
+
+def prefill_spec(dtype, head_dim: int, use_tags: bool, anchor_list: bool = False, cfg=None,
+                 archs: tuple | None = None) -> CompileSpec:
+    """The prefill kernel for one variant, with ``cfg`` (default: ``configs.prefill_config``'s default
+    table; another one to try a tile), compiled for ``archs`` (None: every one asked for)."""
     t = _TT[dtype]
     cfg = cfg or configs.prefill_config(dtype, head_dim)
     sig = _sig(
         dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
-             q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32"),
-        ints=_PREFILL_STRIDES + ("batch", "search_steps", "group", "gsub", "rule"),
-        floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS,
+             q_pos_ptr="i32", k_pos_ptr="i32", q_tag_ptr="i32", k_tag_ptr="i32", full_ptr="i32",
+             partial_ptr="i32", counts_ptr="i32", anchor_rows_ptr="i32"),
+        ints=_PREFILL_STRIDES + ("batch", "search_steps", "group", "gsub", "head_programs", "max_blocks", "rule"),
+        floats=("qk_scale",), constexprs=_ATTN_CONSTEXPRS + ("ANCHOR_LIST",),
     )
     return CompileSpec(
-        f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label, _variant(dtype, head_dim, use_tags), sig,
-        _attention_constexprs(cfg, dtype, head_dim, use_tags), cfg.num_warps, cfg.num_stages,
-        tuple(n for n in sig if n.endswith("_ptr")) + _PREFILL_STRIDES,
+        f"{_PKG}.prefill_attention", "prefill_attention_kernel", cfg.label,
+        _variant(dtype, head_dim, use_tags, anchor_list), sig,
+        dict(_attention_constexprs(cfg, dtype, head_dim, use_tags), ANCHOR_LIST=anchor_list),
+        cfg.num_warps, cfg.num_stages, tuple(n for n in sig if n.endswith("_ptr")) + _PREFILL_STRIDES, archs,
     )
 
 
@@ -110,14 +133,54 @@ def combine_spec(dtype, head_dim: int) -> CompileSpec:
     )
 
 
+# How much of the prefill kernel is compiled. CI compiles every spec (test_every_kernel_compiles_for_sm80_and_sm90,
+# on 2 cores; keep it near 200 s), and the prefill kernel is the slowest to compile (3 variants, 3
+# loops: 2-9 s each). Head dims 64 and 128 (the common models) are covered in full: every dtype, on
+# both families' architectures. 32, 96 and 256 in fp32 and fp16 only (bf16 gets fp16's tile and
+# compiled to within 0-30 registers of it wherever both were compiled), and each configuration on
+# the architectures it serves: one that the families share (32, 256) on the default family's
+# (sm_90) only, one that a family configures apart (96) on that family's. ``python -m
+# skiplayers.aot`` with the trimmed specs added back (edit here) compiles the rest. The decode kernel
+# is covered in full (every dtype and head dim on every architecture).
+_FULL_PREFILL_HEAD_DIMS = (64, 128)
+_DEFAULT_FAMILY_ARCH = 90
+
+
 def attention_specs() -> list[CompileSpec]:
     specs = []
     for dtype in configs.ATTENTION_DTYPES:
         for head_dim in configs.HEAD_DIMS:
+            for use_tags, anchor_list in _PREFILL_VARIANTS:
+                for cfg, archs in _prefill_configs(dtype, head_dim):
+                    if head_dim not in _FULL_PREFILL_HEAD_DIMS:
+                        if dtype == torch.bfloat16:
+                            continue
+                        archs = archs or (_DEFAULT_FAMILY_ARCH,)
+                    specs.append(prefill_spec(dtype, head_dim, use_tags, anchor_list, cfg, archs))
             for use_tags in (False, True):
-                specs.append(prefill_spec(dtype, head_dim, use_tags))
                 specs.append(decode_spec(dtype, head_dim, use_tags))
             specs.append(combine_spec(dtype, head_dim))
+    return specs
+
+
+def plan_specs() -> list[CompileSpec]:
+    """The prefill block plan, once per distinct prefill tile shape (it reads no K/V: no dtype)."""
+    specs = []
+    shapes = sorted({(c.block_m, c.block_n) for d in configs.ATTENTION_DTYPES for h in configs.HEAD_DIMS
+                     for c, _ in _prefill_configs(d, h)})
+    sig = _sig(dict(cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32", q_pos_ptr="i32", k_pos_ptr="i32",
+                    q_tag_ptr="i32", k_tag_ptr="i32", anchor_start_ptr="i32", full_ptr="i32", partial_ptr="i32",
+                    counts_ptr="i32"),
+               ints=("batch", "search_steps", "queries_per_tile", "max_blocks", "rule"),
+               constexprs=("BLOCK_M", "BLOCK_N", "CHUNK", "USE_TAGS"))
+    for block_m, block_n in shapes:
+        for use_tags in (False, True):
+            specs.append(CompileSpec(
+                f"{_PKG}.block_plan", "block_plan_kernel", f"M{block_m}/N{block_n}/C{configs.plan_chunk(block_n)}/w{configs.PLAN_NUM_WARPS}",
+                "tags" if use_tags else "causal", sig,
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=configs.plan_chunk(block_n), USE_TAGS=use_tags),
+                configs.PLAN_NUM_WARPS, 1, tuple(n for n in sig if n.endswith("_ptr")),
+            ))
     return specs
 
 
@@ -162,4 +225,4 @@ def row_specs() -> list[CompileSpec]:
 
 
 def all_specs() -> list[CompileSpec]:
-    return attention_specs() + row_specs()
+    return attention_specs() + plan_specs() + row_specs()

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from skiplayers.meta import Rule
+
 from . import checks
 from .configs import COMBINE_NUM_WARPS, decode_config, dot_precision, head_pad, prefill_config
 from .decode_attention import combine_splits_kernel, decode_attention_kernel
-from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_guard, fp32_placeholder, sm_count
+from .host import INTERPRETED, LOG2_E, cdiv, dense_last_dim, device_arch, device_guard, fp32_placeholder, sm_count
+from .launch_plan import block_plan
 from .prefill_attention import prefill_attention_kernel
 
 MAX_AUTO_SPLITS = 64
@@ -72,18 +75,25 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k
         return out
     q, k, v = dense_last_dim(q), dense_last_dim(k), dense_last_dim(v)
     use_tags, q_tag, k_tag = resolve_tags(rule, q_tag, k_tag, q_pos, k_pos)
-    cfg = prefill_config(q.dtype, q.shape[2])
+    cfg = prefill_config(q.dtype, q.shape[2], device_arch(q.device))
     group, gsub, chunks, per_tile = gqa_tiling(q.shape[1], k.shape[1], cfg.block_m)
-    grid = (q.shape[0] // per_tile + batch, k.shape[1] * chunks)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    plan = block_plan(cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, use_tags, rule, batch,
+                      cfg.block_m, cfg.block_n, per_tile)
+    head_programs = k.shape[1] * chunks
+    tiles = plan.counts.shape[0]
     with device_guard(q):
-        prefill_attention_kernel[grid](
+        prefill_attention_kernel[(tiles * head_programs,)](
             q, k, v, out,
-            cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), q_pos.contiguous(), k_pos.contiguous(), q_tag, k_tag,
+            cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, plan.full, plan.partial, plan.counts,
+            plan.anchor_rows,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            batch, batch.bit_length(), group, gsub, rule, scale * LOG2_E,
+            batch, batch.bit_length(), group, gsub, head_programs, plan.max_blocks, rule, scale * LOG2_E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[2], HEAD_PAD=head_pad(q.shape[2]),
             USE_TAGS=use_tags,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+            ANCHOR_LIST=use_tags and bool(rule & int(Rule.ANCHORS)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
