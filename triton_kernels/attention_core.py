@@ -175,6 +175,26 @@ def attend_full_blocks(
 
 
 @triton.jit
+def fold_masked_keys(
+    acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, key_rows, k_pos, k_tag, k_valid, rule,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Folds the keys at packed rows ``key_rows`` (``[BLOCK_N]``; K of row ``j`` at ``k_ptr + j *
+    stride_k``, likewise V; metadata ``k_pos``, ``k_tag`` already loaded) into ``(acc, m_i, l_i)``,
+    with the predicate per (query, key) pair; keys not ``k_valid`` are neither read nor counted. The
+    step of the partial-block and anchor loops (``q`` pre-scaled); K/V masks from :func:`head_tile`."""
+    rows = key_rows.to(tl.int64)[:, None]
+    offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
+    k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
+    s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
+                    USE_TAGS)
+    p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
+    v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
+    return fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT), m_i, l_i
+
+
+@triton.jit
 def attend_partial_blocks(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
@@ -201,14 +221,10 @@ def attend_partial_blocks(
                 k_valid = k_valid & (anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS) == 0)
         else:
             k_tag = k_pos * 0
-        rows = offs_n.to(tl.int64)[:, None]
-        offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
-        k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
-        s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
-                        USE_TAGS)
-        p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
-        v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
-        acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
+        acc, m_i, l_i = fold_masked_keys(
+            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, offs_n, k_pos, k_tag, k_valid, rule,
+            HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+        )
     return acc, m_i, l_i
 
 
@@ -232,14 +248,10 @@ def attend_anchor_keys(
         k_pos = tl.load(k_pos_ptr + row, mask=in_range, other=INT32_MAX)
         k_tag = tl.load(k_tag_ptr + row, mask=in_range, other=0)
         k_valid = in_range & anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS)
-        rows = row.to(tl.int64)[:, None]
-        offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
-        k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
-        s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
-                        USE_TAGS)
-        p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
-        v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
-        acc = fold_values(acc, p, alpha, v, DOT_PRECISION, UPCAST_DOT)
+        acc, m_i, l_i = fold_masked_keys(
+            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, row, k_pos, k_tag, k_valid, rule,
+            HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
+        )
     return acc, m_i, l_i
 
 
