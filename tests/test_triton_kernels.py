@@ -12,6 +12,8 @@ Without a GPU the probe runs under the Triton interpreter (``TRITON_INTERPRET=1`
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import triton
@@ -314,6 +316,18 @@ def test_block_plan_is_reused_while_the_metadata_is_unchanged():
     assert launch_plan.stats["reused"] - before["reused"] == 1
     op_contract.assert_attention_close(first, case, reference.varlen_attention)
     op_contract.assert_attention_close(second, {**case, "q": case["q"] * 0.5}, reference.varlen_attention)
+
+
+def test_block_plans_are_freed_with_their_metadata():
+    """The cache holds no metadata tensor: once a forward's metadata is gone, so are its plans (they
+    would otherwise keep device memory after the forward)."""
+    launch_plan.clear_plan_cache()
+    case = _plan_case()
+    _attend(case)
+    assert len(launch_plan._cache) == 1
+    del case
+    gc.collect()
+    assert len(launch_plan._cache) == 0
 
 
 @pytest.mark.parametrize("change", ["pos in place", "tag in place", "cu_seqlens in place", "new pos tensor",

@@ -9,8 +9,11 @@ a launch per layer. How a stale plan is ruled out:
 * the key is each metadata tensor's *identity* and its ``_version`` (bumped by every in-place edit
   through torch, including through a view), plus the rule, the tag switch and the tile shape; an
   edited or new tensor misses the cache and gets a fresh plan;
-* each entry holds references to its metadata tensors, so while it lives no other tensor can take
-  the same ``id`` (or the same memory) and pass for it;
+* a plan lives as long as its query positions tensor (``q_pos``: the cache is keyed weakly by it,
+  ``torch.utils.weak.WeakIdKeyDictionary``), so the plans of a forward are freed with its metadata
+  instead of holding device memory (up to ~100 MB for a 128k-token prefill) after it; the other
+  metadata tensors are checked through weak references, so a tensor that died cannot pass for a new
+  one that took its ``id``;
 * inference tensors (made under ``torch.inference_mode``) keep no version counter, so an in-place
   edit of one cannot be seen: their plans are computed every call, never cached;
 * while a CUDA graph is being captured, the plan is computed inside the graph and not cached: a
@@ -24,18 +27,17 @@ a launch per layer. How a stale plan is ruled out:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from skiplayers.meta import TAG_ANCHOR, TAG_SINK, Rule
 
 from .block_plan import block_plan_kernel
 from .configs import PLAN_NUM_WARPS, plan_chunk
 from .host import cdiv, device_guard
-
-PLAN_CACHE_SIZE = 8  # plans kept (LRU): a forward's row subsets each have their own metadata
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,13 @@ def compute_block_plan(
 
 @dataclass
 class _Entry:
-    tensors: tuple  # the metadata tensors the plan was computed from (held: see the module docstring)
-    versions: tuple
+    others: tuple  # weak references to the metadata tensors other than q_pos (a strong one could be q_pos itself)
+    versions: tuple  # _version of q_pos and of the others when the plan was computed
     plan: BlockPlan
 
 
-_cache: OrderedDict[tuple, _Entry] = OrderedDict()
+# q_pos -> {(ids of the other metadata tensors, tag switch, rule, tile shape): _Entry}
+_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 stats = {"computed": 0, "reused": 0}  # for tests and benchmarks
 
 
@@ -130,22 +133,19 @@ def block_plan(
     tensors, unchanged since, were planned for the same rule and tiles; computed otherwise (see the
     module docstring). The tensors must be the kernel's arguments (contiguous int32); pass the tags
     actually read (``use_tags``), or anything when they are not."""
-    tensors = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos) + ((q_tag, k_tag) if use_tags else ())
+    others = (cu_seqlens_q, cu_seqlens_k, k_pos) + ((q_tag, k_tag) if use_tags else ())
     args = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_tag, k_tag, use_tags, rule, batch, block_m, block_n,
             queries_per_tile)
-    if _capturing(q_pos) or any(t.is_inference() for t in tensors):
+    if _capturing(q_pos) or any(t.is_inference() for t in (q_pos, *others)):
         return compute_block_plan(*args)
-    key = (tuple(id(t) for t in tensors), use_tags, rule if use_tags else 0, block_m, block_n, queries_per_tile)
-    versions = tuple(t._version for t in tensors)
-    entry = _cache.get(key)
-    if entry is not None and entry.versions == versions and all(a is b for a, b in zip(entry.tensors, tensors)):
-        _cache.move_to_end(key)
+    key = (tuple(id(t) for t in others), use_tags, rule if use_tags else 0, block_m, block_n, queries_per_tile)
+    versions = (q_pos._version, *(t._version for t in others))
+    plans = _cache.setdefault(q_pos, {})
+    entry = plans.get(key)
+    if entry is not None and entry.versions == versions and all(r() is t for r, t in zip(entry.others, others)):
         stats["reused"] += 1
         return entry.plan
     plan = compute_block_plan(*args)
     stats["computed"] += 1
-    _cache[key] = _Entry(tensors, versions, plan)
-    _cache.move_to_end(key)
-    while len(_cache) > PLAN_CACHE_SIZE:
-        _cache.popitem(last=False)
+    plans[key] = _Entry(tuple(weakref.ref(t) for t in others), versions, plan)
     return plan
