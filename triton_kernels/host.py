@@ -33,17 +33,18 @@ def _cuda_arch(index: int) -> int:
     return 10 * major + minor
 
 
+def _cuda_index(device: torch.device) -> int:
+    """A CUDA device's index (``cuda`` without one: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_arch(device: torch.device) -> int | None:
     """The compute capability as ``10 * major + minor`` (80, 90, ...); None off CUDA (interpreter)."""
-    if device.type == "cuda":
-        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-    return None
+    return _cuda_arch(_cuda_index(device)) if device.type == "cuda" else None
 
 
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRETER_SM_COUNT
+    return _cuda_sm_count(_cuda_index(device)) if device.type == "cuda" else INTERPRETER_SM_COUNT
 
 
 @functools.cache
