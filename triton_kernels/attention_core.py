@@ -6,8 +6,10 @@ query head) pair of that KV head's group: row ``r`` is query ``first + r // gsub
 queries per tile). The group's heads therefore share every K/V tile that is loaded, and one query
 with a GQA group of 8 fills 8 rows of a 16-row decode tile instead of 8 programs.
 
-Online softmax in base 2: scores are scaled by ``scale * log2(e)`` (the prefill kernel folds the
-factor into its query tile once, :func:`prescale_query`; the decode kernel scales the scores); ``m`` is the running row max and
+Online softmax in base 2: every kernel multiplies the fp32 scores by ``qk_scale = scale * log2(e)``
+(the query is *not* pre-scaled: rounding ``q * qk_scale`` back to 16 bits perturbs every score by
+up to 2^-11 of its size, which the fuzz caught as an fp16 error over the tolerance bound at
+``scale = 1``, head dim 128); ``m`` is the running row max and
 ``l`` the running sum of ``exp2(s - m)``. A row that has seen no visible key keeps ``m = -inf`` and
 ``l = 0`` (its accumulator stays 0), and :func:`normalise` outputs zeros for it.
 
@@ -105,7 +107,7 @@ def softmax_step(
     ``k_valid``) against the query tile, folded into the running softmax statistics: returns
     ``(p, alpha, m_new, l_new)``; the caller finishes with ``acc * alpha[:, None] + p @ v``
     (:func:`fold_values`). Invalid or invisible keys get probability 0. ``qk_scale`` multiplies the
-    scores (``scale * log2(e)``; 1 where q was scaled beforehand, see :func:`prescale_query`)."""
+    fp32 scores (``scale * log2(e)``, see the module docstring)."""
     s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     return online_softmax(m_i, l_i, mask_scores(s, rule, q_pos, q_tag, k_pos, k_tag, k_valid, USE_TAGS))
 
@@ -124,21 +126,13 @@ def fold_values(acc, p, alpha, v, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.co
 
 
 @triton.jit
-def prescale_query(q, qk_scale):
-    """``q * qk_scale`` in q's dtype: the softmax scale (``scale * log2(e)``) folded into the query tile
-    once, instead of one multiply per score and key block. In 16-bit this rounds the scaled query to
-    16 bits (the operand the tensor cores take either way), as FlashAttention's Triton kernels do."""
-    return (q.to(tl.float32) * qk_scale).to(q.dtype)
-
-
-@triton.jit
 def attend_full_blocks(
-    acc, m_i, l_i, q, k_ptr, v_ptr, stride_k, stride_v, list_ptr, count,
+    acc, m_i, l_i, q, k_ptr, v_ptr, stride_k, stride_v, list_ptr, count, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     """Folds the ``count`` *full* key blocks listed at ``list_ptr`` (the first packed key row of each,
-    ``block_plan.py``) into ``(acc, m_i, l_i)``; ``q`` is pre-scaled (:func:`prescale_query`).
+    ``block_plan.py``) into ``(acc, m_i, l_i)``; ``qk_scale`` scales the fp32 scores.
 
     Every (query, key) pair of a full block is visible and all its ``BLOCK_N`` keys exist, so the loop
     has no predicate, no masks and no branch around its loads: Triton's software pipeliner
@@ -164,7 +158,7 @@ def attend_full_blocks(
             k = tl.load(k_ptr + rows * stride_k + offs_d)
         else:
             k = tl.load(k_ptr + rows * stride_k + offs_d, mask=d_mask, other=0.0)
-        s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
+        s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
         p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
         if HEAD_PAD == HEAD_DIM:
             v = tl.load(v_ptr + rows * stride_v + offs_d)
@@ -176,18 +170,20 @@ def attend_full_blocks(
 
 @triton.jit
 def fold_masked_keys(
-    acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, key_rows, k_pos, k_tag, k_valid, rule,
+    acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, key_rows, k_pos, k_tag, k_valid, rule, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     """Folds the keys at packed rows ``key_rows`` (``[BLOCK_N]``; K of row ``j`` at ``k_ptr + j *
     stride_k``, likewise V; metadata ``k_pos``, ``k_tag`` already loaded) into ``(acc, m_i, l_i)``,
     with the predicate per (query, key) pair; keys not ``k_valid`` are neither read nor counted. The
-    step of the partial-block and anchor loops (``q`` pre-scaled); K/V masks from :func:`head_tile`."""
+    step of the partial-block and anchor loops; ``qk_scale`` scales the fp32 scores before the
+    predicate masks them (so a masked score is ``-inf`` whatever the scale's sign). K/V masks from
+    :func:`head_tile`."""
     rows = key_rows.to(tl.int64)[:, None]
     offs_d, kv_mask = head_tile(k_valid, HEAD_DIM, HEAD_PAD)
     k = tl.load(k_ptr + rows * stride_k + offs_d, mask=kv_mask, other=0.0)
-    s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT), rule, q_pos, q_tag, k_pos, k_tag, k_valid,
+    s = mask_scores(mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale, rule, q_pos, q_tag, k_pos, k_tag, k_valid,
                     USE_TAGS)
     p, alpha, m_i, l_i = online_softmax(m_i, l_i, s)
     v = tl.load(v_ptr + rows * stride_v + offs_d, mask=kv_mask, other=0.0)
@@ -198,12 +194,12 @@ def fold_masked_keys(
 def attend_partial_blocks(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, list_ptr, count, key_end, rule,
-    q_min_sentence, q_max_sentence,
+    q_min_sentence, q_max_sentence, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ANCHOR_LIST: tl.constexpr,
 ):
     """Folds the ``count`` *partial* key blocks listed at ``list_ptr`` into ``(acc, m_i, l_i)``,
-    evaluating the predicate per (query, key) pair; ``q`` is pre-scaled. The loads are unconditional,
+    evaluating the predicate per (query, key) pair. The loads are unconditional,
     masked only by the sequence's key range (``[start, key_end)``): the block may hold invisible
     keys, which get probability 0. Key ``j`` lives at ``k_ptr + j * stride_k`` (this KV head, head dim
     dense; likewise V) and its metadata at ``k_pos_ptr + j``, ``k_tag_ptr + j``. The K/V masks come
@@ -222,7 +218,7 @@ def attend_partial_blocks(
         else:
             k_tag = k_pos * 0
         acc, m_i, l_i = fold_masked_keys(
-            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, offs_n, k_pos, k_tag, k_valid, rule,
+            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, offs_n, k_pos, k_tag, k_valid, rule, qk_scale,
             HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
     return acc, m_i, l_i
@@ -232,13 +228,13 @@ def attend_partial_blocks(
 def attend_anchor_keys(
     acc, m_i, l_i, q, q_pos, q_tag,
     k_ptr, v_ptr, stride_k, stride_v, k_pos_ptr, k_tag_ptr, rows_ptr, begin, end, rule,
-    q_min_sentence, q_max_sentence,
+    q_min_sentence, q_max_sentence, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, USE_TAGS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Folds the anchor-handled keys among ``rows_ptr[begin:end]`` (packed key rows of anchor and sink
     keys, ``block_plan.py``) into ``(acc, m_i, l_i)``, ``BLOCK_N`` gathered keys per step, with the
-    predicate per pair; ``q`` is pre-scaled. Keys that are not anchor-handled (those of the tile's own
+    predicate per pair. Keys that are not anchor-handled (those of the tile's own
     sentences, read with their blocks) are masked off before their K/V are loaded. Called only for the
     ANCHORS rule (``ANCHOR_LIST``). K/V masks from :func:`head_tile`, as in the partial loop."""
     for first in range(begin, end, BLOCK_N):
@@ -249,7 +245,7 @@ def attend_anchor_keys(
         k_tag = tl.load(k_tag_ptr + row, mask=in_range, other=0)
         k_valid = in_range & anchor_handled(rule, k_tag, q_min_sentence, q_max_sentence, USE_TAGS)
         acc, m_i, l_i = fold_masked_keys(
-            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, row, k_pos, k_tag, k_valid, rule,
+            acc, m_i, l_i, q, q_pos, q_tag, k_ptr, v_ptr, stride_k, stride_v, row, k_pos, k_tag, k_valid, rule, qk_scale,
             HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
         )
     return acc, m_i, l_i

@@ -10,8 +10,8 @@ numbered *heaviest first*: program 0 takes the last virtual tile, with every hea
 each other, so under causal attention the tiles with the most key blocks start first and the short
 ones fill the tail of the launch.
 
-Per program: the query tile is loaded and pre-scaled by ``scale * log2(e)`` once
-(``attention_core.prescale_query``); then the tile's *full* key blocks are folded in by a loop with
+Per program: the query tile is loaded (in its own dtype; the fp32 scores are scaled by ``scale *
+log2(e)``, see ``attention_core``); then the tile's *full* key blocks are folded in by a loop with
 no predicate, no masks and no loads behind a branch (``attend_full_blocks``, which Triton's
 pipeliner multi-buffers), then its *partial* blocks with the predicate per pair
 (``attend_partial_blocks``), then, under ANCHORS, the anchor and sink keys of other sentences from
@@ -37,7 +37,6 @@ from .attention_core import (
     attend_partial_blocks,
     load_query_tile,
     normalise,
-    prescale_query,
     query_rows,
     store_rows,
 )
@@ -78,7 +77,6 @@ def prefill_attention_kernel(
         q, q_pos, q_tag = load_query_tile(
             q_ptr, q_pos_ptr, q_tag_ptr, stride_qm, stride_qh, query, head, valid, HEAD_DIM, HEAD_PAD, USE_TAGS
         )
-        q = prescale_query(q, qk_scale)
         n_full = tl.load(counts_ptr + 4 * virtual_tile)
         n_partial = tl.load(counts_ptr + 4 * virtual_tile + 1)
         if ANCHOR_LIST:  # the tile's sentence range decides which keys the anchor list serves
@@ -93,19 +91,19 @@ def prefill_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = attend_full_blocks(
-            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, full_ptr + lists, n_full,
+            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, full_ptr + lists, n_full, qk_scale,
             BLOCK_N, HEAD_DIM, HEAD_PAD, DOT_PRECISION, UPCAST_DOT,
         )
         acc, m_i, l_i = attend_partial_blocks(
             acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
-            partial_ptr + lists, n_partial, k_end, rule, q_min_sentence, q_max_sentence,
+            partial_ptr + lists, n_partial, k_end, rule, q_min_sentence, q_max_sentence, qk_scale,
             BLOCK_N, HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT, ANCHOR_LIST,
         )
         if ANCHOR_LIST:
             acc, m_i, l_i = attend_anchor_keys(
                 acc, m_i, l_i, q, q_pos, q_tag, k_head, v_head, stride_kn, stride_vn, k_pos_ptr, k_tag_ptr,
                 anchor_rows_ptr, tl.load(counts_ptr + 4 * virtual_tile + 2), tl.load(counts_ptr + 4 * virtual_tile + 3),
-                rule, q_min_sentence, q_max_sentence,
+                rule, q_min_sentence, q_max_sentence, qk_scale,
                 BLOCK_N, HEAD_DIM, HEAD_PAD, USE_TAGS, DOT_PRECISION, UPCAST_DOT,
             )
         store_rows(out_ptr, stride_om, stride_oh, query, head, valid, normalise(acc, l_i), HEAD_DIM, HEAD_PAD)
