@@ -7,6 +7,7 @@ compiled per case, flash-attn)."""
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -58,7 +59,25 @@ class Built:
     block_mask: object = None  # FlexAttention's, for the check that it equals our predicate's mask
 
 
-def _ours(backend: str) -> Callable[[Case, Env], Built]:
+def _with_cuda_generation(fn: Callable[[], torch.Tensor], generation: str) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``SKIPLAYERS_CUDA_KERNELS=generation`` (the CUDA launchers read it per call,
+    csrc/cuda/kernel_generation.h), so the stable and next columns time their own kernels in one
+    process whatever the caller's environment says."""
+    def call():
+        before = os.environ.get("SKIPLAYERS_CUDA_KERNELS")
+        os.environ["SKIPLAYERS_CUDA_KERNELS"] = generation
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["SKIPLAYERS_CUDA_KERNELS"]
+            else:
+                os.environ["SKIPLAYERS_CUDA_KERNELS"] = before
+
+    return call
+
+
+def _ours(backend: str, cuda_generation: str = "stable") -> Callable[[Case, Env], Built]:
     def factory(case: Case, env: Env) -> Built:
         if backend == "cuda":
             if case.device.type != "cuda":
@@ -78,6 +97,8 @@ def _ours(backend: str) -> Callable[[Case, Env], Built]:
         ops = sk_ops.get_ops(backend)
         op = ops.varlen_attention if case.kind == "prefill" else ops.cache_attention
         args = case.args
+        if backend == "cuda":
+            return Built(_with_cuda_generation(lambda: op(**args), cuda_generation))
         return Built(lambda: op(**args))
 
     return factory
@@ -371,6 +392,7 @@ def flash_attn(case: Case, env: Env) -> Built:
 IMPLEMENTATIONS: dict[str, Callable[[Case, Env], Built]] = {
     "triton": _ours("triton"),
     "cuda": _ours("cuda"),
+    "cuda_next": _ours("cuda", cuda_generation="next"),
     "cpu": _ours("cpu"),
     "ref": _ours("torch"),
     "sdpa": sdpa,

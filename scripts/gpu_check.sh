@@ -2,7 +2,7 @@
 # GPU checks for a machine with a CUDA GPU and a CUDA build of torch already installed (no .venv):
 # builds the extension in place against that torch, then runs the cuda-marked tests, the Triton
 # tests on the GPU, compute-sanitizer on a few kernels, and the kernel benchmarks.
-#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch|speed]
+#   OUT=/tmp/gpu scripts/gpu_check.sh [quick|dispatch|speed|next]
 # quick: only the cuda-marked tests. dispatch: after the build, only the dispatch checks, in about
 # 9 minutes on an H200 (build included): the cuda-marked tests of tests/test_dispatch_cuda.py,
 # `python -m skiplayers.dispatch.tune --out $OUT/dispatch_table.json` (each only if its file
@@ -12,6 +12,10 @@
 # build included): benchmarks/bench_kernels.py --quick --dtype bfloat16 (every output checked against the reference
 # before it is timed) with about half of what is left, then benchmarks/e2e_gpu.py (decode eager and
 # under CUDA graphs) with the rest; results copied to $OUT.
+# next: after the build, the CUDA backend's next kernel generation (csrc/cuda/kernel_generation.h,
+# SKIPLAYERS_CUDA_KERNELS=next): its op tests, model tests and sanitizer runs, then
+# benchmarks/bench_kernels.py --quick --dtype bfloat16 with the stable and next CUDA columns side by
+# side, within NEXT_TOTAL_S (default 540, build included).
 # Logs go to $OUT; the last lines printed are a summary. Exits non-zero when any step failed, or when
 # a sanitizer's marker (tests/sanitized.py) selects no test.
 set -uo pipefail
@@ -93,6 +97,21 @@ if [ "$MODE" = "speed" ]; then
 fi
 
 CUDA_OP_FILES="tests/test_ops.py tests/test_cuda_graphs_and_asserts.py"
+if [ "$MODE" = "next" ]; then
+  export SKIPLAYERS_CUDA_KERNELS=next  # the op tests and the model tests run the next generation
+  run next_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES
+  run next_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_static_decode.py
+  for tool in memcheck racecheck; do
+    sanitize "$tool"
+  done
+  unset SKIPLAYERS_CUDA_KERNELS  # the benchmark sets it per column (cuda: stable, cuda_next: next)
+  left=$(( ${NEXT_TOTAL_S:-540} - ($(date +%s) - begin) - 30 ))
+  [ "$left" -lt 60 ] && left=60
+  run bench_kernels "$PY" benchmarks/bench_kernels.py --quick --dtype bfloat16 --budget-s "$left"
+  cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null
+  printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+  exit "$failed"
+fi
 run cuda_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "not rejects and not device_side"
 run cuda_error_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES -k "rejects or device_side"
 # test_static_decode: the paged decode step captured in a CUDA graph and replayed.

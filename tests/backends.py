@@ -26,6 +26,9 @@ INTERPRETER, CPU, GPU = 0, 1, 2  # case sizes: run by the interpreter, by the CP
 HAS_GPU = torch.cuda.is_available()
 # tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton when there is no GPU.
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# SKIPLAYERS_CUDA_KERNELS=next: the CUDA backend runs its next kernel generation
+# (csrc/cuda/kernel_generation.h), which also takes head dims 96 and 256.
+CUDA_NEXT = os.environ.get("SKIPLAYERS_CUDA_KERNELS") == "next"
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,10 @@ BACKENDS = {
                 namespace="skiplayers_triton", host_value_checks=_VALUE_CHECKS),
         Backend("cuda", "cuda", GPU,
                 frozenset({"compared", "validates", "split_k", "registered", "refuses_host_tensors"}),
-                marks=(pytest.mark.cuda,), head_dims=(64, 128),
-                head_dim_refusal=r"head_dim must be 64 or 128, got {}", namespace="skiplayers",
+                marks=(pytest.mark.cuda,), head_dims=(64, 96, 128, 256) if CUDA_NEXT else (64, 128),
+                head_dim_refusal=(r"head_dim must be 64, 96, 128 or 256, got {}" if CUDA_NEXT
+                                  else r"head_dim must be 64 or 128, got {}"),
+                namespace="skiplayers",
                 # compact_rows reads its kept count back anyway (its output size); the paged cache
                 # ops never sync: lengths and block table entries are checked on the device.
                 host_value_checks=frozenset({"rows_cu_seqlens"})),

@@ -9,6 +9,7 @@
 
 #include "../common/op_checks.h"
 #include "decode_kernel.cuh"
+#include "kernel_generation.h"
 #include "launch_utils.h"
 
 namespace skiplayers::cuda {
@@ -57,7 +58,10 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
                                                  cache_seqlens_in, q_pos_in, pos_cache, q_tag_in, tag_cache, rule,
                                                  num_splits);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_head_dim(s.head_dim, kOp);
+  const KernelGeneration generation = kernel_generation();
+  check_head_dim(generation, s.head_dim, kOp);
+  TORCH_CHECK_NOT_IMPLEMENTED(generation == KernelGeneration::kStable, kOp,
+                              " (CUDA, SKIPLAYERS_CUDA_KERNELS=next): the tensor-core decode is not implemented");
   check_compute_capability(kOp);
   const int64_t capacity = slots_per_sequence(block_table, k_cache_in);
   const int64_t pool_slots = k_cache_in.size(0) * k_cache_in.size(1);
@@ -85,7 +89,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_head_dim(s.head_dim, kOp, [&](auto dim) {
+  dispatch_stable_head_dim(s.head_dim, kOp, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     dispatch_float(q.scalar_type(), kOp, [&](auto tag) {
       using T = typename decltype(tag)::type;

@@ -33,18 +33,6 @@ void dispatch_float(at::ScalarType dtype, const char* op, Fn&& fn) {
   }
 }
 
-// The attention kernels are instantiated for these head dims only (a bounded set of templates).
-inline void check_head_dim(int64_t head_dim, const char* op) {
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, op, " (CUDA): head_dim must be 64 or 128, got ", head_dim);
-}
-
-template <typename Fn>
-void dispatch_head_dim(int64_t head_dim, const char* op, Fn&& fn) {
-  check_head_dim(head_dim, op);
-  if (head_dim == 64) fn(std::integral_constant<int, 64>{});
-  else fn(std::integral_constant<int, 128>{});
-}
-
 // Largest power of two <= 16 that divides the address of every row of a tensor with a dense last
 // dimension: the data pointer, the byte strides of the other dims (those of size > 1) and the
 // byte size of a row.

@@ -1,13 +1,16 @@
 // CUDA launcher of skiplayers::varlen_attention (prefill over packed ragged batches).
-// fp16 / bf16 run the tensor-core kernel (prefill_mma_kernel.cuh), fp32 the FMA kernel
-// (prefill_fma_kernel.cuh). Metadata values (cu_seqlens) are checked on the device.
+// Stable generation (kernel_generation.h): fp16 / bf16 run the tensor-core kernel
+// (prefill_mma_kernel.cuh), fp32 the FMA kernel (prefill_fma_kernel.cuh). Next generation:
+// launch_prefill_next (prefill_next.h). Metadata values (cu_seqlens) are checked on the device.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../common/op_checks.h"
+#include "kernel_generation.h"
 #include "launch_utils.h"
 #include "prefill_fma_kernel.cuh"
 #include "prefill_mma_kernel.cuh"
+#include "prefill_next.h"
 
 namespace skiplayers::cuda {
 namespace {
@@ -55,7 +58,8 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const AttentionShape s =
       check_varlen_attention(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, q_pos_in, k_pos_in, q_tag_in, k_tag_in, rule);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_head_dim(s.head_dim, kOp);
+  const KernelGeneration generation = kernel_generation();
+  check_head_dim(generation, s.head_dim, kOp);
   check_compute_capability(kOp);
   TORCH_CHECK(s.batch < (1ll << 31) && s.num_queries < (1ll << 31) && k_in.size(0) < (1ll << 31), kOp,
               " (CUDA): at most 2^31 - 1 sequences and rows");
@@ -72,7 +76,18 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t group = s.heads / s.kv_heads;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_head_dim(s.head_dim, kOp, [&](auto dim) {
+  if (generation == KernelGeneration::kNext) {
+    dispatch_next_head_dim(s.head_dim, kOp, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      dispatch_float(q.scalar_type(), kOp, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        launch_prefill_next<T, D>(
+            prefill_params<T>(q, k, v, cu_q, cu_k, q_pos, k_pos, q_tag, k_tag, rule, scale, s, out), stream);
+      });
+    });
+    return out;
+  }
+  dispatch_stable_head_dim(s.head_dim, kOp, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     dispatch_float(q.scalar_type(), kOp, [&](auto tag) {
       using T = typename decltype(tag)::type;
