@@ -21,7 +21,8 @@ output as packed ``[Nq, H, D]`` rows, notes), or raises ``Unsupported(reason)``:
 the table.
 
 * ours: ``triton`` (``skiplayers_triton::*``; on the CPU run under ``TRITON_INTERPRET=1``),
-  ``cuda`` (``torch.ops.skiplayers``, when built with CUDA), ``cpu`` (the C++ CPU ops, CPU run
+  ``cuda`` and ``cuda_next`` (``torch.ops.skiplayers``, when built with CUDA: its stable and its
+  next kernel generation, ``SKIPLAYERS_CUDA_KERNELS`` set per call), ``cpu`` (the C++ CPU ops, CPU run
   only), ``ref`` (``skiplayers.reference``, the PyTorch truth, CPU run only);
 * peers: ``sdpa`` (the backend torch picks, ``torch._fused_sdp_choice``, confirmed by forcing it
   with ``sdpa_kernel``; the first of cuDNN / flash / efficient / math that runs when that fails;

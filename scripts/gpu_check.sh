@@ -99,7 +99,7 @@ fi
 CUDA_OP_FILES="tests/test_ops.py tests/test_cuda_graphs_and_asserts.py"
 if [ "$MODE" = "next" ]; then
   export SKIPLAYERS_CUDA_KERNELS=next  # the op tests and the model tests run the next generation
-  run next_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES
+  run next_op_tests "$PY" -m pytest -q -rs -m "cuda and not slow" $CUDA_OP_FILES tests/test_cuda_generation.py
   run next_model_tests "$PY" -m pytest -q -rs -m "cuda and not slow" tests/test_model_cuda.py tests/test_static_decode.py
   for tool in memcheck racecheck; do
     sanitize "$tool"
