@@ -101,6 +101,7 @@ from benchmarks.timing import interleaved_medians, timed
 from skiplayers.cache import DEFAULT_PAGE_SIZE
 from skiplayers.measure import greedy_step, token_layer_bound
 from skiplayers.ops import cuda_kernels_built
+from skiplayers.patching.graph_replay import GraphReplay
 
 STEM = "e2e_gpu"
 VARIANTS = ("unpatched", "auto", "ours")  # prefill and eager decode
@@ -400,9 +401,9 @@ class StaticCacheDecoder:
     ``prompt_length``: columns the prefill wrote (prompts without padding: every sequence's next
     position). ``decoder(tokens)`` runs one step and returns the logits ``[B, 1, vocab]`` (after
     :meth:`capture`, the graph's output buffer: read it before the next call). The protocol is
-    ``sk.StaticDecoder``'s, so that both sides are captured and timed alike: after :meth:`capture`
-    the first ``warmup`` calls run eagerly on a side stream, the next one records the step and replays
-    it, later ones replay.
+    ``sk.StaticDecoder``'s (both use ``GraphReplay``), so that both sides are captured and timed
+    alike: after :meth:`capture` the first ``warmup`` calls run eagerly on a side stream, the next
+    one records the step and replays it, later ones replay.
 
     Why ``torch.cuda.CUDAGraph`` of the eager forward and not ``torch.compile(mode="reduce-overhead")``:
     the patched side is captured this way (``StaticDecoder.capture``, no compiler), so the two sides
@@ -420,9 +421,7 @@ class StaticCacheDecoder:
         # transformers builds from the cache's counter hides the slots not written yet.
         self.attention_mask = torch.ones(batch, max_cache_len, dtype=torch.int64, device=device)
         self._remaining = max_cache_len - prompt_length
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None
-        self._warmup = 0
+        self._replay = GraphReplay()
 
     def step(self) -> torch.Tensor:
         """One decode step on the device over the static buffers: logits ``[B, 1, vocab]``."""
@@ -435,28 +434,16 @@ class StaticCacheDecoder:
         """Records the step in a CUDA graph at the call after ``warmup`` eager ones (CUDA only)."""
         if self.tokens.device.type != "cuda":
             raise NotImplementedError("a CUDA graph needs the model on a CUDA device")
-        self._graph, self._warmup, self._logits = torch.cuda.CUDAGraph(), warmup, None
+        self._replay.arm(warmup)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._remaining == 0:  # the cache's index_copy_ would write past its slots
             raise RuntimeError("StaticCacheDecoder: the StaticCache is full")
         self._remaining -= 1
         self.tokens.copy_(tokens)
-        if self._graph is None:
+        if not self._replay.armed:
             return self.step()
-        if self._warmup > 0:  # eager steps on a side stream before recording, as CUDA graphs need
-            self._warmup -= 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                logits = self.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            return logits
-        if self._logits is None:  # record the step; recording runs nothing, so replay it below
-            with torch.cuda.graph(self._graph):
-                self._logits = self.step()
-        self._graph.replay()
-        return self._logits
+        return self._replay(self.step)
 
 
 def skip_cache_slots(layers: int, stop: int, batch: int, context: int, query: int, new_tokens: int,

@@ -27,6 +27,7 @@ import torch
 from ..cache import SkipCache
 from .attention import packed
 from .decoder import _run_layer
+from .graph_replay import GraphReplay
 from .state import PatchState
 
 
@@ -104,9 +105,7 @@ class StaticDecoder:
         self.tag = torch.zeros(batch, dtype=torch.int32, device=device)  # generated tokens: no context, no anchor
         self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self._tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # the graph's input
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None
-        self._warmup = 0
+        self._replay = GraphReplay()
 
     def prepare(self) -> None:
         """Host work for the next step: pages for one more token per sequence at every layer that
@@ -155,26 +154,11 @@ class StaticDecoder:
             raise NotImplementedError("StaticDecoder.capture records a CUDA graph: the model must be on a CUDA device")
         if not self.cache.reserved:
             raise ValueError("capture needs a reserved pool: SkipCache(..., max_tokens=...) or max_bytes=...")
-        self._graph = torch.cuda.CUDAGraph()
-        self._warmup = warmup
-        self._logits = None
+        self._replay.arm(warmup)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.prepare()
-        if self._graph is None:
+        if not self._replay.armed:
             return self.step(tokens)
         self._tokens.copy_(tokens)
-        if self._warmup > 0:  # eager steps on a side stream before recording, as CUDA graphs need
-            self._warmup -= 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                eager = self.step(self._tokens)
-            torch.cuda.current_stream().wait_stream(stream)
-            return eager
-        logits = self._logits
-        if logits is None:  # record the step; recording runs nothing, so replay it below
-            with torch.cuda.graph(self._graph):
-                logits = self._logits = self.step(self._tokens)
-        self._graph.replay()
-        return logits
+        return self._replay(lambda: self.step(self._tokens))
