@@ -23,7 +23,9 @@
 //           comparison). The resolution is software-pipelined in registers over three stages, each
 //           step's loads landing while a stage is computed: stage i + S + 1's block table entry, stage
 //           i + S's pos / tag, stage i + S - 1's mask, published to shared memory (with its slot) for
-//           the copies and the compute of all warps.
+//           the copies and the compute of all warps. The prologue issues the first stages' block
+//           table loads, then their pos / tag loads, before the query rows are loaded, so a block's
+//           start costs about two dependent memory latencies before its first copies.
 //   skip    a key no row sees is not loaded: its 16-byte copies are zero-fill (cp.async src-size
 //           0: nothing read), so K / V bytes of invisible keys never leave memory, and its scores are
 //           masked (P = 0, selected, never -inf * 0).
@@ -134,6 +136,34 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
   const int32_t key_end = static_cast<int32_t>(work.key_end);
   const int n_stages = (key_end - key_begin + kKeys - 1) / kKeys;
 
+  // ---- key resolution (threads t < kKeys; key t of a stage), software-pipelined ---------------
+  const bool resolver = tid < kKeys;
+  auto key_of = [&](int stage) { return key_begin + stage * kKeys + tid; };
+  // (stage < n_stages first: key_of() of a later stage could pass 2^31 - 1 for the longest caches)
+  auto in_range = [&](int stage) { return resolver && stage < n_stages && key_of(stage) < key_end; };
+  struct Key {
+    int32_t slot;  // flat slot; -1: outside the split
+    int32_t pos, tag;
+  };
+  auto load_page = [&](int stage) { return in_range(stage) ? key_page(work.table_row, p.page_size, key_of(stage)) : 0; };
+  auto load_key = [&](int stage, int32_t page) {
+    Key k{-1, 0, 0};
+    if (in_range(stage)) {
+      k.slot = key_slot(page, p.page_size, p.pool_slots, key_of(stage));
+      k.pos = p.pos_cache[k.slot];
+      k.tag = p.tag_cache ? p.tag_cache[k.slot] : 0;
+    }
+    return k;
+  };
+  // The first stages' block table entries, then their pos / tag: in flight together, and with the
+  // loads of the query rows below.
+  int32_t first_pages[kStages + 1];
+#pragma unroll
+  for (int st = 0; st <= kStages; ++st) first_pages[st] = load_page(st);
+  Key first_keys[kStages];
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) first_keys[st] = load_key(st, first_pages[st]);
+
   // ---- the tile's rows: pos / tag, and Q (sign-flipped for a negative scale) in shared memory ----
   const bool negate = p.scale_log2 < 0.f;
   const float c = fabsf(p.scale_log2);
@@ -159,40 +189,26 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
   }
   __syncthreads();
 
-  // ---- key resolution (threads t < kKeys; key t of a stage), software-pipelined ---------------
-  const bool resolver = tid < kKeys;
+  // A key's rows: the bit mask of the tile's rows that see it (visibility.h), published to shared
+  // memory with its slot (-1: not loaded) for the copies and the compute of every warp.
   BlockSummary q_sum = block_summary_empty();  // of the valid rows: proves keys visible to all of them
   if (resolver)
     for (int r = 0; r < valid_rows; ++r) block_summary_add(q_sum, row_pos[r], row_tag[r]);
-  auto key_of = [&](int stage) { return key_begin + stage * kKeys + tid; };
-  // (stage < n_stages first: key_of() of a later stage could pass 2^31 - 1 for the longest caches)
-  auto in_range = [&](int stage) { return resolver && stage < n_stages && key_of(stage) < key_end; };
-  int32_t r_page = 0;                 // block table entry (one stage ahead of r_slot)
-  int32_t r_slot = -1, r_kp = 0, r_kt = 0;  // flat slot (-1: out of range), pos, tag
-  auto load_page = [&](int stage) { return in_range(stage) ? key_page(work.table_row, p.page_size, key_of(stage)) : 0; };
-  auto load_meta = [&](int stage, int32_t page) {
-    r_slot = -1;
-    if (in_range(stage)) {
-      r_slot = key_slot(page, p.page_size, p.pool_slots, key_of(stage));
-      r_kp = p.pos_cache[r_slot];
-      r_kt = p.tag_cache ? p.tag_cache[r_slot] : 0;
-    }
-  };
-  auto publish = [&](int stage) {
+  auto publish = [&](int stage, const Key& k) {
     if (!resolver) return;
     uint32_t rows = 0u;
-    if (r_slot >= 0) {
+    if (k.slot >= 0) {
       BlockSummary k_sum = block_summary_empty();
-      block_summary_add(k_sum, r_kp, r_kt);
+      block_summary_add(k_sum, k.pos, k.tag);
       if (block_fully_visible(p.rule, q_sum, k_sum)) {
         rows = valid_mask;
       } else {
         for (int r = 0; r < valid_rows; ++r)
-          if (key_visible(p.rule, row_pos[r], row_tag[r], r_kp, r_kt)) rows |= 1u << r;
+          if (key_visible(p.rule, row_pos[r], row_tag[r], k.pos, k.tag)) rows |= 1u << r;
       }
     }
     const int m = stage % kMeta;
-    meta_slot[m * kKeys + tid] = rows != 0u ? r_slot : -1;
+    meta_slot[m * kKeys + tid] = rows != 0u ? k.slot : -1;
     meta_mask[m * kKeys + tid] = rows;
   };
 
@@ -218,15 +234,12 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
     cp_async_commit();  // one group per stage, empty past the last: the wait counts stay uniform
   };
 
-  // Prologue: stages 0 .. S - 2 resolved and in flight, stage S - 1's pos / tag and stage S's block
-  // table entry in registers.
+  // Prologue: stages 0 .. S - 2 published and in flight; the pipeline registers hold stage S - 1's
+  // key (pos / tag loaded) and stage S's block table entry.
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    load_meta(st, load_page(st));
-    publish(st);
-  }
-  load_meta(kStages - 1, load_page(kStages - 1));
-  r_page = load_page(kStages);
+  for (int st = 0; st < kStages - 1; ++st) publish(st, first_keys[st]);
+  Key next_key = first_keys[kStages - 1];
+  int32_t next_page = first_pages[kStages];
   __syncthreads();
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) issue(st);
@@ -244,12 +257,12 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
   float l_run[2] = {0.f, 0.f};              // this thread's columns' share of the row sums
 
   for (int i = 0; i < n_stages; ++i) {
-    publish(i + kStages - 1);
+    publish(i + kStages - 1, next_key);
     cp_async_wait<kStages - 2>();
     __syncthreads();
     issue(i + kStages - 1);
-    load_meta(i + kStages, r_page);
-    r_page = load_page(i + kStages + 1);
+    next_key = load_key(i + kStages, next_page);  // lands while stage i is computed
+    next_page = load_page(i + kStages + 1);
 
     // ---- compute stage i: this warp's 16 keys -----------------------------------------------
     const int buf = i % kStages, m = i % kMeta;
