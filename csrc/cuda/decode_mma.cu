@@ -26,6 +26,10 @@ int decode_mma_blocks_per_sm() {
     if (const int blocks = cached[device].load(std::memory_order_relaxed)) return blocks;
   }
   constexpr int smem = decode_mma::Shape<D>::kBytes;
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(static_cast<size_t>(smem) <= optin, "skiplayers::cache_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next): ",
+              "the tensor-core decode at head dim ", D, " needs ", smem, " bytes of shared memory per block, this GPU ",
+              "offers ", optin);
   const auto kernel = decode_mma_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int blocks = 0;
