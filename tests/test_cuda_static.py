@@ -33,6 +33,7 @@ KERNELS = (
     "prefill_fma_kernel",
     "decode_split_kernel",
     "decode_combine_kernel",
+    "decode_mma_kernel",
     "compact_rows_scan_kernel",
     "cache_compact_kernel",
     "copy_rows_kernel",

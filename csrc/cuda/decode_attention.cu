@@ -1,11 +1,16 @@
-// CUDA launcher of skiplayers::cache_attention (decode over paged KV caches): split-K kernel +
-// combine kernel (decode_kernel.cuh). No host synchronisation, so a decode step can be captured in
-// a CUDA graph; cache lengths and the block table entries of the slots in use are checked on the
-// device.
+// CUDA launcher of skiplayers::cache_attention (decode over paged KV caches): a split-K kernel,
+// then the combine kernel when there are splits (decode_common.cuh). No host synchronisation, so a
+// decode step can be captured in a CUDA graph; cache lengths and the block table entries of the
+// slots in use are checked on the device.
+//
+//   stable                 decode_split_kernel (decode_kernel.cuh), head dims 64 / 128
+//   next, fp16 / bf16      decode_mma_kernel (tensor cores; decode_mma.cu), head dims 64 / 96 / 128 / 256
+//   next, fp32             decode_split_kernel (exact to the fp32 policy), head dims 64 / 96 / 128 / 256
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/op_checks.h"
 #include "decode_kernel.cuh"
@@ -17,8 +22,11 @@ namespace {
 
 constexpr const char* kOp = "skiplayers::cache_attention";
 
-// Automatic split-K: enough blocks for two per SM, but each split at least kMinKeysPerSplit keys
-// of the actual cache length (effective_splits() runs on the device, where the lengths are).
+// Automatic split-K: enough blocks to fill the GPU (SplitTarget), but each split at least
+// kMinKeysPerSplit keys of the actual cache length (effective_splits() runs on the device, where the
+// lengths are). An explicit num_splits is used as given, capped at one split per kDecodeSplitBlock
+// slots of capacity (more would be empty) and at kMaxSplits. The plan depends on host-known shapes
+// only (no synchronisation), and the result does not depend on it.
 constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int64_t kMaxSplits = 128;
 
@@ -27,25 +35,45 @@ struct SplitPlan {
   int64_t min_keys;
 };
 
-SplitPlan plan_splits(int64_t num_splits, int64_t blocks_per_split, int64_t capacity) {
+// How many blocks fill the GPU, and how to round: the stable kernel asks for at least `blocks`
+// (two per SM); the tensor-core kernel for at most `blocks` (those resident at once, whole waves:
+// its blocks each hold up to 3 stages of K/V in flight, and a partial second wave of equal blocks
+// would double the time of the first).
+struct SplitTarget {
+  int64_t blocks;
+  bool at_most;
+};
+
+SplitPlan plan_splits(int64_t num_splits, int64_t blocks_per_split, int64_t capacity, SplitTarget target) {
   const int64_t by_blocks = std::max<int64_t>(1, ceil_div(capacity, kDecodeSplitBlock));  // more would be empty
   if (num_splits > 0) return SplitPlan{std::min({num_splits, by_blocks, kMaxSplits}), 1};
-  const int64_t target = 2 * sm_count();
-  const int64_t want = blocks_per_split >= target ? 1 : ceil_div(target, std::max<int64_t>(blocks_per_split, 1));
+  blocks_per_split = std::max<int64_t>(blocks_per_split, 1);
+  const int64_t want = blocks_per_split >= target.blocks ? 1
+                       : target.at_most                  ? target.blocks / blocks_per_split
+                                                         : ceil_div(target.blocks, blocks_per_split);
   const int64_t by_length = std::max<int64_t>(1, ceil_div(capacity, kMinKeysPerSplit));
   return SplitPlan{std::min({want, by_length, kMaxSplits}), kMinKeysPerSplit};
 }
 
 template <typename T, int D, int ROWS>
-void launch(const DecodeParams<T>& p, int64_t kv_heads, cudaStream_t stream) {
+void launch_split(const DecodeParams<T>& p, int64_t kv_heads, cudaStream_t stream) {
   const dim3 grid(tiles_upper_bound(p.total_q, p.batch, p.group, ROWS), kv_heads, p.num_splits);
   decode_split_kernel<T, D, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.num_splits > 1) {
-    const int64_t rows = p.total_q * p.heads;
-    decode_combine_kernel<T, D><<<ceil_div(rows, kCombineWarps), kCombineWarps * 32, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+}
+
+template <typename T, int D>
+void launch_combine(const DecodeParams<T>& p, cudaStream_t stream) {
+  const int64_t rows = p.total_q * p.heads;
+  decode_combine_kernel<T, D><<<ceil_div(rows, kCombineWarps), kCombineWarps * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Query rows per block of decode_split_kernel: all G heads of a token when G <= 8; 4 for fp32 at
+// D = 256 (two 128-bit vectors per lane and row: 8 rows would not fit the registers).
+template <typename T, int D>
+constexpr bool split_kernel_takes_8_rows() {
+  return !(std::is_same_v<T, float> && D == 256);
 }
 
 at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
@@ -60,8 +88,6 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   const c10::cuda::CUDAGuard guard(q_in.device());
   const KernelGeneration generation = kernel_generation();
   check_head_dim(generation, s.head_dim, kOp);
-  TORCH_CHECK_NOT_IMPLEMENTED(generation == KernelGeneration::kStable, kOp,
-                              " (CUDA, SKIPLAYERS_CUDA_KERNELS=next): the tensor-core decode is not implemented");
   check_compute_capability(kOp);
   const int64_t capacity = slots_per_sequence(block_table, k_cache_in);
   const int64_t pool_slots = k_cache_in.size(0) * k_cache_in.size(1);
@@ -78,21 +104,34 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   at::Tensor out = at::empty({s.num_queries, s.heads, s.head_dim}, q.options());
   if (s.empty()) return out;
   const int64_t group = s.heads / s.kv_heads;
-  const int rows = group > 4 ? 8 : 4;  // query rows per block: all G heads of a token when G <= 8
-  const SplitPlan plan =
-      plan_splits(num_splits, tiles_upper_bound(s.num_queries, s.batch, group, rows) * s.kv_heads, capacity);
-  at::Tensor part_acc, part_ml;
-  if (plan.splits > 1) {
-    const at::TensorOptions f32 = q.options().dtype(at::kFloat);
-    part_acc = at::empty({plan.splits, s.num_queries, s.heads, s.head_dim}, f32);
-    part_ml = at::empty({2, plan.splits, s.num_queries, s.heads}, f32);
-  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_stable_head_dim(s.head_dim, kOp, [&](auto dim) {
+  auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     dispatch_float(q.scalar_type(), kOp, [&](auto tag) {
       using T = typename decltype(tag)::type;
+      // Which kernel: fp16 / bf16 under next on tensor cores, otherwise the FMA split kernel (its
+      // instances: every dtype at D = 64 / 128, fp32 also at 96 / 256).
+      constexpr bool kMmaBuilt = !std::is_same_v<T, float>;
+      constexpr bool kSplitBuilt = std::is_same_v<T, float> || D == 64 || D == 128;
+      const bool mma = kMmaBuilt && generation == KernelGeneration::kNext;
+      TORCH_INTERNAL_ASSERT(mma || kSplitBuilt);
+      int rows = kDecodeMmaRows;
+      SplitTarget target{2 * sm_count(), /*at_most=*/false};
+      if (mma) {
+        if constexpr (kMmaBuilt) target = SplitTarget{decode_mma_blocks_per_sm<T, D>() * sm_count(), true};
+      } else {
+        rows = group > 4 && split_kernel_takes_8_rows<T, D>() ? 8 : 4;
+      }
+      const SplitPlan plan =
+          plan_splits(num_splits, tiles_upper_bound(s.num_queries, s.batch, group, rows) * s.kv_heads, capacity, target);
+      at::Tensor part_acc, part_ml;
+      if (plan.splits > 1) {
+        const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+        part_acc = at::empty({plan.splits, s.num_queries, s.heads, s.head_dim}, f32);
+        part_ml = at::empty({2, plan.splits, s.num_queries, s.heads}, f32);
+      }
+
       DecodeParams<T> p;
       p.q = reinterpret_cast<const T*>(q.data_ptr());
       p.q_token_stride = q.stride(0);
@@ -126,10 +165,21 @@ at::Tensor cache_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
       p.scale_log2 = static_cast<float>(scale) * kLog2e;
       p.num_splits = static_cast<int32_t>(plan.splits);
       p.min_keys_per_split = static_cast<int32_t>(plan.min_keys);
-      if (rows == 8) launch<T, D, 8>(p, s.kv_heads, stream);
-      else launch<T, D, 4>(p, s.kv_heads, stream);
+
+      if (mma) {
+        if constexpr (kMmaBuilt) launch_decode_mma<T, D>(p, s.kv_heads, stream);
+      } else if constexpr (kSplitBuilt) {
+        if (rows == 8) {
+          if constexpr (split_kernel_takes_8_rows<T, D>()) launch_split<T, D, 8>(p, s.kv_heads, stream);
+        } else {
+          launch_split<T, D, 4>(p, s.kv_heads, stream);
+        }
+      }
+      if (p.num_splits > 1) launch_combine<T, D>(p, stream);
     });
-  });
+  };
+  if (generation == KernelGeneration::kStable) dispatch_stable_head_dim(s.head_dim, kOp, run);
+  else dispatch_next_head_dim(s.head_dim, kOp, run);
   return out;
 }
 
