@@ -12,7 +12,9 @@
 // it reads 4 bytes (8 with tags) per key of the sequence and loads K/V only for visible blocks.
 //
 // Rule classes: kRuleCausal (rule == 0) reduces only min / max position and tests k_pos > q_pos;
-// kRuleGeneral (context / anchors) reduces the full BlockSummary (visibility.h) with `rule`.
+// kRuleGeneral (context / anchors) reduces the full BlockSummary (visibility.h) with `rule`, plus
+// whether the block holds a context key, and marks blocks full by block_fully_visible_general (no
+// context key under hide-context; one common sentence under anchors).
 #pragma once
 
 #include "prefill_common.cuh"
@@ -87,6 +89,7 @@ struct KeyBlockCursor {
         const int j = j0 + u * kWarps;
         if (j >= count) break;  // uniform across the warp
         BlockSummary ks;
+        bool any_context = false;
         if constexpr (kRuleClass == kRuleCausal) {
           int32_t lo = 0x7fffffff, hi = -0x7fffffff - 1;
 #pragma unroll
@@ -98,15 +101,18 @@ struct KeyBlockCursor {
         } else {
           ks = block_summary_empty();
 #pragma unroll
-          for (int i = 0; i < kPerLane; ++i)
+          for (int i = 0; i < kPerLane; ++i) {
             if (in[u][i]) block_summary_add(ks, kp[u][i], kt[u][i]);
+            any_context = any_context || (in[u][i] && tag_is_context(kt[u][i]));
+          }
           ks = warp_summary(ks);
+          any_context = __any_sync(kFullMask, any_context);
         }
         const int64_t first_key = (begin + j) * kKeys;
         const bool short_block = keys - first_key < kKeys;
         if (lane == 0 && block_may_be_visible(rule, qs, ks)) {
           atomicOr(&visible[j / 32], 1u << (j % 32));
-          if (!short_block && block_fully_visible(rule, qs, ks)) atomicOr(&full[j / 32], 1u << (j % 32));
+          if (!short_block && block_fully_visible_general(rule, qs, ks, any_context)) atomicOr(&full[j / 32], 1u << (j % 32));
         }
       }
     }
