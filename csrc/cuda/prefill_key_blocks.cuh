@@ -17,6 +17,7 @@
 // context key under hide-context; one common sentence under anchors).
 #pragma once
 
+#include "key_block_bits.h"
 #include "prefill_common.cuh"
 
 namespace skiplayers::cuda {
@@ -124,14 +125,10 @@ struct KeyBlockCursor {
   __device__ __forceinline__ int64_t next(int64_t from, bool* is_full) {
     while (from < blocks) {
       if (from >= window_begin + kWindow) refill(from);
-      const int idx = static_cast<int>(from - window_begin);
-      int word = idx / 32;
-      uint32_t bits = visible[word] & (0xffffffffu << (idx % 32));
-      while (bits == 0u && ++word < kWords) bits = visible[word];
-      if (bits != 0u) {
-        const int bit = __ffs(bits) - 1;
-        *is_full = ((full[word] >> bit) & 1u) != 0u;
-        return window_begin + word * 32 + bit;
+      const int j = first_set_bit_from(visible, kWords, static_cast<int>(from - window_begin));
+      if (j >= 0) {
+        *is_full = ((full[j / 32] >> (j % 32)) & 1u) != 0u;
+        return window_begin + j;
       }
       from = window_begin + kWindow;
     }

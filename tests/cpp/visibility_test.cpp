@@ -4,12 +4,13 @@
 // block_fully_visible under the plain causal rule. Exhaustive over all blocks of one or two tokens
 // drawn from a small alphabet (positions 0..2, sentences 0..1, every combination of the CONTEXT,
 // ANCHOR and SINK bits), for every rule; then random larger blocks. Built and run by
-// tests/test_index_math.py.
+// tests/test_index_math.py. Also the key-block bit scan of csrc/cuda/key_block_bits.h.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
+#include "../../csrc/cuda/key_block_bits.h"
 #include "skiplayers/visibility.h"
 
 using namespace skiplayers;
@@ -100,9 +101,29 @@ static void random_blocks() {
   EXPECT(claims > 0);
 }
 
+// first_set_bit_from (the key-block scan of the next-generation prefill) against a naive scan.
+static void bit_scan() {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int n_words = 1 + rng() % 8;
+    std::vector<uint32_t> w(n_words);
+    for (auto& x : w) {
+      const int kind = rng() % 4;  // empty, one bit, sparse, dense
+      x = kind == 0 ? 0u : kind == 1 ? 1u << (rng() % 32) : kind == 2 ? (rng() & rng() & rng()) : rng();
+    }
+    for (int from = 0; from < 32 * n_words; ++from) {
+      int expect = -1;
+      for (int i = from; i < 32 * n_words && expect < 0; ++i)
+        if ((w[i / 32] >> (i % 32)) & 1u) expect = i;
+      EXPECT(first_set_bit_from(w.data(), n_words, from) == expect);
+    }
+  }
+}
+
 int main() {
   exhaustive();
   random_blocks();
+  bit_scan();
   if (failures) return 1;
   std::printf("visibility: all checks passed\n");
   return 0;
