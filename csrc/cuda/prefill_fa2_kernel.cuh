@@ -62,6 +62,9 @@ struct Fa2Config {
   static constexpr int kTileElems = 2 * kStageElems + (kQInRegisters ? 0 : kQElems);
   static constexpr size_t kSharedBytes = size_t{2} * kTileElems + sizeof(int64_t) * kRows +
                                          sizeof(int32_t) * 4 * kKeys + sizeof(uint32_t) * 2 * Cursor::kWords;
+  // cuobjdump (tests/test_cuda_static.py) sees only static shared memory: the dynamic part is bounded
+  // here, under the sm_80 per-block opt-in maximum (163 KB) with room for the static few hundred bytes.
+  static_assert(kSharedBytes <= 160 * 1024, "dynamic shared memory over the sm_80 per-block maximum");
   static_assert(kThreads == 4 * kKeys && kRows % (kThreads / 4) == 0 && kChunks % 4 == 0,
                 "copies: 4 threads per K/V row, one row each; Q rows in whole passes");
   static_assert(D % 32 == 0 && (D / 8) % 2 == 0, "k-steps of 32 dims (S) and pairs of 8-column tiles (P V)");
