@@ -45,12 +45,12 @@ __device__ __forceinline__ void cp_async_4(void* dst_smem, const void* src, int 
 
 // Closes the group of this thread's cp.async copies issued since the last commit (an empty group
 // when there were none, which completes at once).
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most `kPending` of this thread's committed groups are still in flight (the most
 // recent ones). Other threads' copies need a barrier after it to be visible.
 template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
+__device__ __forceinline__ void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 

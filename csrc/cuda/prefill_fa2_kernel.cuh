@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(Fa2Config<D>::kThreads, 1)
   bool cur_full = false;
   int64_t cur = cursor.next(0, &cur_full);
   if (cur < cursor.blocks) issue_block(0, cur);
-  cp_async_commit();  // group: Q tile + first block
-  cp_async_wait<0>();
+  cp_async_commit_group();  // group: Q tile + first block
+  cp_async_wait_group<0>();
   __syncthreads();
 
   // Q as A fragments: lanes 0-15 address rows 0-15 of the warp at column k0, lanes 16-31 the same
@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(Fa2Config<D>::kThreads, 1)
     bool nxt_full = false;
     const int64_t nxt = cursor.next(cur + 1, &nxt_full);
     if (nxt < cursor.blocks) issue_block(stage ^ 1, nxt);
-    cp_async_commit();
-    cp_async_wait<1>();  // this block's group is complete, the next one stays in flight
+    cp_async_commit_group();
+    cp_async_wait_group<1>();  // this block's group is complete, the next one stays in flight
     __syncthreads();
 
     const T* const k_tile = kv_s + stage * Cfg::kStageElems;
