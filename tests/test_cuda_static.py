@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
 KERNELS = (
     "prefill_mma_kernel",
     "prefill_fma_kernel",
+    "prefill_fa2_kernel",
     "decode_split_kernel",
     "decode_combine_kernel",
     "decode_mma_kernel",

@@ -1,4 +1,4 @@
-// Thin wrappers over the sm_80+ instructions the tensor-core prefill kernel uses: cp.async
+// Thin wrappers over the sm_80+ instructions the tensor-core prefill kernels use: cp.async
 // (global -> shared without registers), ldmatrix (shared -> mma fragments) and
 // mma.sync.m16n8k16 with fp16 / bf16 inputs and fp32 accumulators.
 //
@@ -37,7 +37,25 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+// 4-byte asynchronous copy (through L1); `src_bytes` = 0 writes 4 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_4(void* dst_smem, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst_smem)), "l"(src),
+               "r"(src_bytes));
+}
+
+// Closes the group of this thread's cp.async copies issued since the last commit (an empty group
+// when there were none, which completes at once).
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `kPending` of this thread's committed groups are still in flight (the most
+// recent ones). Other threads' copies need a barrier after it to be visible.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i. Lane l receives, of
+// each matrix, row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 (the A / B fragment layout above).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

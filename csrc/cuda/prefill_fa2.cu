@@ -1,21 +1,66 @@
-// The next generation's sm_80 prefill and fp32 prefill (prefill_next.h). Not written yet: the
-// launchers refuse.
+// The next generation's sm_80 prefill and fp32 prefill (prefill_next.h):
+//   launch_prefill_fa2<T, D>   fp16 / bf16, FlashAttention-2-class mma.sync kernel (prefill_fa2_kernel.cuh),
+//                              one instance per rule class (causal only / general)
+//   launch_prefill_fp32<D>     fp32 FMA kernel (prefill_fma_kernel.cuh) with the tile of FmaTile<D>
+// No host synchronisation: both launch on `stream` and are capturable in a CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
+
+#include "prefill_fa2_kernel.cuh"
+#include "prefill_fma_kernel.cuh"
 #include "prefill_next.h"
 
 namespace skiplayers::cuda {
+namespace {
+
+constexpr const char* kOp = "skiplayers::varlen_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next)";
+
+// Dynamic shared memory above the 48 KB default needs the per-kernel opt-in; refuse clearly where
+// the device's per-block maximum is smaller (e.g. sm_86 / sm_89 at 99 KB for D = 256).
+template <typename Kernel>
+void set_dynamic_shared(Kernel kernel, size_t bytes, int head_dim) {
+  if (bytes <= 48 * 1024) return;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK_NOT_IMPLEMENTED(bytes <= prop->sharedMemPerBlockOptin, kOp, ": head_dim ", head_dim, " needs ", bytes,
+                              " bytes of shared memory per block, this GPU offers ", prop->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <typename T, int D, int kRuleClass>
+void launch_fa2_instance(const PrefillParams<T>& p, cudaStream_t stream) {
+  using Cfg = Fa2Config<D>;
+  const auto kernel = prefill_fa2_kernel<T, D, kRuleClass>;
+  set_dynamic_shared(kernel, Cfg::kSharedBytes, D);
+  const dim3 grid(static_cast<unsigned>(tiles_upper_bound(p.total_q, p.batch, p.group, Cfg::kRows)),
+                  static_cast<unsigned>(p.heads / p.group));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSharedBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
 
 template <typename T, int D>
-void launch_prefill_fa2(const PrefillParams<T>&, cudaStream_t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "skiplayers::varlen_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next): the sm_80 prefill is not implemented");
+void launch_prefill_fa2(const PrefillParams<T>& p, cudaStream_t stream) {
+  // The row maximum is taken on the raw scores and scaled once (softmax_sm80.cuh): exact for a
+  // positive scale only.
+  TORCH_CHECK_NOT_IMPLEMENTED(p.scale_log2 > 0.f && std::isfinite(p.scale_log2), kOp,
+                              ": the fp16 / bf16 prefill needs a positive, finite softmax scale");
+  if (p.rule == 0) launch_fa2_instance<T, D, kRuleCausal>(p, stream);
+  else launch_fa2_instance<T, D, kRuleGeneral>(p, stream);
 }
 
 template <int D>
-void launch_prefill_fp32(const PrefillParams<float>&, cudaStream_t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "skiplayers::varlen_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next): the fp32 prefill is not implemented");
+void launch_prefill_fp32(const PrefillParams<float>& p, cudaStream_t stream) {
+  using Tile = FmaTile<D>;
+  const dim3 grid(static_cast<unsigned>(tiles_upper_bound(p.total_q, p.batch, p.group, Tile::kRows)),
+                  static_cast<unsigned>(p.heads / p.group));
+  prefill_fma_kernel<D, Tile::kRows, Tile::kKeys><<<grid, Tile::kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define SKIPLAYERS_FA2_INSTANCES(D)                                                      \

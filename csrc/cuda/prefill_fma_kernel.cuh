@@ -2,11 +2,13 @@
 // skipping and online softmax as the tensor-core kernel, with fp32 FMA arithmetic throughout so
 // the result stays within the fp32 tolerance (tensor cores would round inputs to tf32).
 //
-// Block: 128 threads, kRows = 32 query rows (4 lanes per row), key blocks of kKeys = 16.
-//   scores  lane t of a row computes keys t, t + 4, t + 8, t + 12 from Q and K in shared memory
+// Block: 4 lanes per query row, kRows rows (4 kRows threads), key blocks of kKeys keys; the
+// stable generation uses 32 rows x 16 keys (128 threads), the next one FmaTile<D> below.
+//   scores  lane t of a row computes keys t, t + 4, .., t + kKeys - 4 from Q and K in shared memory
 //   P V     the row's probabilities go through shared memory; lane t owns output columns
 //           4t + 16c .. 4t + 16c + 3 (c < D / 16)
-// Rows of the shared tiles are padded by 16 bytes against bank conflicts.
+// Rows of the shared tiles are padded by 16 bytes against bank conflicts. Static shared memory:
+// 4 (kRows + 2 kKeys) (D + 4) bytes + small, so D = 256 takes 16 rows x 8 keys to stay under 48 KB.
 #pragma once
 
 #include "mma_sm80.cuh"  // cp_async_16
@@ -18,22 +20,33 @@ constexpr int kPrefillFmaThreads = 128;
 constexpr int kPrefillFmaRows = 32;
 constexpr int kPrefillFmaKeys = 16;
 
+// The next generation's fp32 tile per head dim (prefill_fa2.cu): the stable one, except D = 256,
+// whose 32 x 16 tile would need 66 KB of shared memory.
 template <int D>
-__global__ void __launch_bounds__(kPrefillFmaThreads) prefill_fma_kernel(const PrefillParams<float> p) {
+struct FmaTile {
+  static constexpr int kRows = D == 256 ? 16 : kPrefillFmaRows;
+  static constexpr int kKeys = D == 256 ? 8 : kPrefillFmaKeys;
+  static constexpr int kThreads = 4 * kRows;
+};
+
+template <int D, int kRows = kPrefillFmaRows, int kKeys = kPrefillFmaKeys>
+__global__ void __launch_bounds__(4 * kRows) prefill_fma_kernel(const PrefillParams<float> p) {
+  constexpr int kThreads = 4 * kRows;
   constexpr int kStride = D + 4;
-  constexpr int kN = kPrefillFmaKeys;
+  constexpr int kN = kKeys;
   constexpr int kChunks = D / 4;  // float4 per row
   constexpr int kCols = D / 16;   // float4 output groups per lane
-  __shared__ alignas(16) float q_tile[kPrefillFmaRows * kStride];
+  static_assert(D % 16 == 0 && kN % 4 == 0 && kN <= kThreads && kThreads % 32 == 0, "fp32 tile shape");
+  __shared__ alignas(16) float q_tile[kRows * kStride];
   __shared__ alignas(16) float k_tile[kN * kStride];
   __shared__ alignas(16) float v_tile[kN * kStride];
-  __shared__ float p_tile[kPrefillFmaRows][kN + 1];
+  __shared__ float p_tile[kRows][kN + 1];
   __shared__ int32_t key_pos[kN];
   __shared__ int32_t key_tag[kN];
-  __shared__ BlockSummary warp_sums[kPrefillFmaThreads / 32];
+  __shared__ BlockSummary warp_sums[kThreads / 32];
 
   PrefillTile tile;
-  if (!prefill_tile(p, kPrefillFmaRows, &tile)) return;
+  if (!prefill_tile(p, kRows, &tile)) return;
   const int tid = threadIdx.x, lane = tid & 31;
   const int row = tid / 4, t = tid % 4;
 
@@ -47,7 +60,7 @@ __global__ void __launch_bounds__(kPrefillFmaThreads) prefill_fma_kernel(const P
   }
   BlockSummary q_sum = block_summary_empty();
   if (qr.valid) block_summary_add(q_sum, q_pos, q_tag);
-  q_sum = block_summary_reduce<kPrefillFmaThreads / 32>(q_sum, warp_sums);  // barrier: q_tile is ready
+  q_sum = block_summary_reduce<kThreads / 32>(q_sum, warp_sums);  // barrier: q_tile is ready
 
   float4 acc[kCols];
 #pragma unroll
@@ -67,7 +80,7 @@ __global__ void __launch_bounds__(kPrefillFmaThreads) prefill_fma_kernel(const P
     const bool full = n == kN && block_fully_visible(p.rule, q_sum, k_sum);
 
     __syncthreads();  // previous block's tiles fully consumed
-    for (int c = tid; c < kN * kChunks; c += kPrefillFmaThreads) {
+    for (int c = tid; c < kN * kChunks; c += kThreads) {
       const int key = c / kChunks, ch = c % kChunks;
       const bool in = key < n;
       const int64_t r = kb + (in ? key : 0);

@@ -128,4 +128,22 @@ SKIPLAYERS_HD bool block_fully_visible(int64_t rule, const BlockSummary& q, cons
   return rule == 0 && k.max_pos <= q.min_pos;
 }
 
+// A sharper form of block_fully_visible for any rule, given whether the key block holds a CONTEXT
+// key (`k_any_context`; BlockSummary does not record it). Every pair is visible when the block is
+// entirely in the queries' past and
+//   RULE_HIDE_CONTEXT  no key of the block is a context key, and
+//   RULE_ANCHORS       all queries and all keys lie in one and the same sentence (ks == qs: visible
+//                      whatever the anchor and sink bits).
+// Equal to block_fully_visible for rule 0. Host-tested exhaustively on small blocks against
+// key_visible (tests/cpp/visibility_test.cpp).
+SKIPLAYERS_HD bool block_fully_visible_general(int64_t rule, const BlockSummary& q, const BlockSummary& k,
+                                               bool k_any_context) {
+  if (k.max_pos > q.min_pos) return false;
+  if ((rule & kRuleHideContext) && k_any_context) return false;
+  if (rule & kRuleAnchors) {
+    return q.min_sentence == q.max_sentence && k.min_sentence == k.max_sentence && q.min_sentence == k.min_sentence;
+  }
+  return true;
+}
+
 }  // namespace skiplayers
