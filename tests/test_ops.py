@@ -168,15 +168,34 @@ def test_cache_attention_gqa_multi_query(ops, backend, heads, head_dim, dtype, r
     op_contract.check_cache_attention(ops, case)
 
 
-# Every head dim, one query per sequence: one split (the decode kernel writes the output) and three
-# (partials, then the combine kernel), so the head-dim padding of each path is exercised; caches of
+# Every head dim, one query per sequence: one split (the decode kernel writes the output; in fp32
+# and, past the interpreter, bf16) and three (partials, then the combine kernel), so the head-dim
+# padding of each path is exercised; caches of
 # several key tiles of each configuration (fp32 tiles are small, and slow in the interpreter).
 @over_backends("head_dim,dtype,num_splits,lengths",
-               grid(HEAD_DIMS, [together(torch.float32, 1, [1, 0, 40, 150]), together(torch.float16, 3, [1, 0, 150, 300])]))
+               grid(HEAD_DIMS, [together(torch.float32, 1, [1, 0, 40, 150]), together(torch.float16, 3, [1, 0, 150, 300]),
+                                *sized(CPU, together(torch.bfloat16, 1, [1, 0, 150, 300]))]))
 def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits, lengths):
     case = cases.make_cache_attention(lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
                                       rule=Rule.ANCHORS, num_splits=num_splits, seed=head_dim, device=backend.device)
     op_contract.check_cache_attention(ops, case)
+
+
+# A softmax scale of any sign: the kernels that fold the scale into one FMA per score with the row
+# max taken before scaling flip Q's sign for a negative scale and zero Q for a zero one (uniform
+# attention over the visible keys).
+@over_backends("op,scale,dtype", grid(["varlen_attention", "cache_attention"], [-0.3, 0.0],
+                                      [torch.float16, *sized(CPU, torch.bfloat16, torch.float32)]))
+def test_attention_takes_a_negative_or_zero_scale(ops, backend, op, scale, dtype):
+    if op == "varlen_attention":
+        case = cases.make_varlen_attention([19, 0, 70], heads=6, kv_heads=2, head_dim=64, dtype=dtype,
+                                           rule=Rule.ANCHORS, seed=5, device=backend.device)
+    else:
+        case = cases.make_cache_attention([1, 0, 150], heads=6, kv_heads=2, head_dim=64, dtype=dtype,
+                                          rule=Rule.ANCHORS, num_splits=2, seed=5, device=backend.device)
+    case["scale"] = scale
+    check = op_contract.check_varlen_attention if op == "varlen_attention" else op_contract.check_cache_attention
+    check(ops, case)
 
 
 @over_backends("dtype,lengths", grid(F32_THEN_LOW, [[5, 130], *sized(CPU, [5, 260])]))

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
 
 // ---- the next generation's tensor-core kernel (decode_mma.cu), for the launcher ----------------
 
-// Blocks of decode_mma_kernel<T, D> resident on one SM of the current device (occupancy from its
+// Blocks of the tensor-core decode at head dim D resident on one SM of the current device (occupancy from its
 // registers and dynamic shared memory; also opts the kernel in to that shared memory). Cached per
 // device: the first call, outside any graph capture, queries the runtime.
 template <typename T, int D>

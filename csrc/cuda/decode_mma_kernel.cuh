@@ -8,8 +8,9 @@
 //           past the sequence's G * tokens are zeros and never written), so each K/V row is read
 //           once for all the heads that share it, and S = Q K^T, O += P V run on tensor cores.
 //   stages  the split's keys in stages of kKeys = 64 (split boundaries are multiples of 64, so only
-//           a split's last stage is partial); kStages stage buffers of K and V in shared memory
-//           (3 for D <= 128, 2 for D = 256), filled by 16-byte cp.async: while a stage is computed,
+//           a split's last stage is partial); STAGES stage buffers of K and V in shared memory
+//           (3 for D <= 128 where the GPU's shared memory per block takes them, else 2; decode_mma.cu
+//           picks), filled by 16-byte cp.async: while a stage is computed,
 //           the next kStages - 1 are in flight.
 //   warps   warp w takes keys 16w .. 16w + 15 of every stage: S (16 rows x 16 keys) = Q K^T over D / 16
 //           k-steps, the mask, its own online softmax (m, l, O: 16 x D fp32 in mma accumulators),
@@ -46,6 +47,7 @@
 
 #include "decode_common.cuh"
 #include "mma_sm80.cuh"
+#include "softmax_sm80.cuh"
 
 namespace skiplayers::cuda {
 
@@ -58,27 +60,12 @@ static_assert(kDecodeMmaRows == 16, "the rows are one mma.m16n8k16 row tile");
 
 namespace decode_mma {
 
-// cp.async groups (mma_sm80.cuh has cp_async_16 and a wait for all): commit, and wait until at most
-// N of this thread's groups are pending.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// 2^x on the SFU (MUFU.EX2), denormals flushed; exp2(-inf) = +0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Shared memory of one block (dynamic; bytes). Rows of K, V, Q are padded by 16 bytes so that the
 // ldmatrix row addresses of 8 consecutive rows fall in distinct bank groups.
-template <int D>
+template <int D, int STAGES>
 struct Shape {
-  static constexpr int kStages = D <= 128 ? 3 : 2;
+  static_assert(STAGES >= 2, "the pipeline keeps STAGES - 1 stages in flight while one is computed");
+  static constexpr int kStages = STAGES;
   static constexpr int kMeta = kStages + 1;  // slots of the published key metadata (see above)
   static constexpr int kStride = D + 8;      // elements of a padded 16-bit row
   static constexpr int kChunks = D / 8;      // 16-byte chunks of a row
@@ -105,11 +92,11 @@ struct Shape {
 }  // namespace decode_mma
 
 // grid: (query tiles upper bound for kDecodeMmaRows, kv_heads, num_splits); dynamic shared memory
-// decode_mma::Shape<D>::kBytes.
-template <typename T, int D>
+// decode_mma::Shape<D, STAGES>::kBytes.
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const DecodeParams<T> p) {
   using namespace decode_mma;
-  using S = Shape<D>;
+  using S = Shape<D, STAGES>;
   constexpr int kStages = S::kStages, kMeta = S::kMeta, kStride = S::kStride, kKeys = kDecodeMmaKeys;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const k_s = reinterpret_cast<T*>(smem + S::kK);  // [kStages][kKeys][kStride]
@@ -134,7 +121,8 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
   const uint32_t valid_mask = (1u << valid_rows) - 1u;
   const int32_t key_begin = static_cast<int32_t>(work.key_begin);  // < capacity < 2^31
   const int32_t key_end = static_cast<int32_t>(work.key_end);
-  const int n_stages = (key_end - key_begin + kKeys - 1) / kKeys;
+  // int64: a split of nearly 2^31 keys (num_splits = 1, the largest capacity) must not wrap.
+  const int n_stages = static_cast<int>((int64_t{key_end} - key_begin + kKeys - 1) / kKeys);
 
   // ---- key resolution (threads t < kKeys; key t of a stage), software-pipelined ---------------
   const bool resolver = tid < kKeys;
@@ -231,7 +219,7 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
         cp_async_16(v_s + at, v_head + row * p.v_slot_stride + col, bytes);
       }
     }
-    cp_async_commit();  // one group per stage, empty past the last: the wait counts stay uniform
+    cp_async_commit_group();  // one group per stage, empty past the last: the wait counts stay uniform
   };
 
   // Prologue: stages 0 .. S - 2 published and in flight; the pipeline registers hold stage S - 1's
@@ -258,7 +246,7 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
 
   for (int i = 0; i < n_stages; ++i) {
     publish(i + kStages - 1, next_key);
-    cp_async_wait<kStages - 2>();
+    cp_async_wait_group<kStages - 2>();
     __syncthreads();
     issue(i + kStages - 1);
     next_key = load_key(i + kStages, next_page);  // lands while stage i is computed
@@ -356,7 +344,7 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
   }
 
   // ---- merge the 4 warps (shared memory over the drained stage buffers) and write -------------
-  cp_async_wait<0>();  // only empty groups can be left; the buffers are reused below
+  cp_async_wait_group<0>();  // only empty groups can be left; the buffers are reused below
   __syncthreads();
   float* const o_s = reinterpret_cast<float*>(smem);  // [warps][16][kOStride]
   float* const m_s = reinterpret_cast<float*>(smem + S::kM);  // [warps][16]

@@ -46,10 +46,9 @@ void launch_fa2_instance(const PrefillParams<T>& p, cudaStream_t stream) {
 
 template <typename T, int D>
 void launch_prefill_fa2(const PrefillParams<T>& p, cudaStream_t stream) {
-  // The row maximum is taken on the raw scores and scaled once (softmax_sm80.cuh): exact for a
-  // positive scale only.
-  TORCH_CHECK_NOT_IMPLEMENTED(p.scale_log2 > 0.f && std::isfinite(p.scale_log2), kOp,
-                              ": the fp16 / bf16 prefill needs a positive, finite softmax scale");
+  // A scale <= 0 is folded into Q by the kernel (softmax_sm80.cuh needs c > 0); a non-finite one
+  // has no meaningful softmax.
+  TORCH_CHECK(std::isfinite(p.scale_log2), kOp, ": the softmax scale must be finite");
   if (p.rule == 0) launch_fa2_instance<T, D, kRuleCausal>(p, stream);
   else launch_fa2_instance<T, D, kRuleGeneral>(p, stream);
 }

@@ -165,6 +165,28 @@ __global__ void __launch_bounds__(Fa2Config<D>::kThreads, 1)
   cp_async_commit_group();  // group: Q tile + first block
   cp_async_wait_group<0>();
   __syncthreads();
+  // A softmax scale <= 0 (the op takes any finite scale; softmax_sm80.cuh needs c > 0): for a
+  // negative one, Q's sign bits are flipped (exact) and the scores scaled by |c|; a zero one zeroes
+  // Q, so every visible score is 0 whatever c > 0 scales it by. Each thread rewrites the chunks it
+  // copied; the barrier publishes them before the fragments are read.
+  if (p.scale_log2 <= 0.f) {
+    const uint32_t keep = p.scale_log2 < 0.f ? 0xffffffffu : 0u, flip = p.scale_log2 < 0.f ? 0x80008000u : 0u;
+#pragma unroll
+    for (int i = 0; i < kRows / (kThreads / 4); ++i) {
+      const int r = copy_row + i * (kThreads / 4);
+#pragma unroll
+      for (int j = 0; j < kChunks / 4; ++j) {
+        uint4* const chunk = reinterpret_cast<uint4*>(q_s + r * kStride + (c4 + 4 * j) * 8);
+        uint4 v = *chunk;
+        v.x = (v.x & keep) ^ flip;
+        v.y = (v.y & keep) ^ flip;
+        v.z = (v.z & keep) ^ flip;
+        v.w = (v.w & keep) ^ flip;
+        *chunk = v;
+      }
+    }
+    __syncthreads();
+  }
 
   // Q as A fragments: lanes 0-15 address rows 0-15 of the warp at column k0, lanes 16-31 the same
   // rows at k0 + 8, so ldmatrix.x4 returns a0..a3 of mma_sm80.cuh.
@@ -180,7 +202,7 @@ __global__ void __launch_bounds__(Fa2Config<D>::kThreads, 1)
 #pragma unroll
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // l: this thread's columns only
-  const float c = p.scale_log2;
+  const float c = p.scale_log2 < 0.f ? -p.scale_log2 : (p.scale_log2 == 0.f ? 1.f : p.scale_log2);  // > 0 (above)
   int stage = 0;
 
   while (cur < cursor.blocks) {
