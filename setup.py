@@ -11,7 +11,8 @@ pyproject.toml).
   Hopper prefill, csrc/cuda/prefill_sm90_kernel.cuh, needs the "a" feature wgmma,
   and is a trap stub in other builds).
 * The CUDA build needs the CUTLASS / CuTe C++ headers of the pinned ``nvidia-cutlass`` wheel
-  (requirements.txt; installed with ``--no-deps``: only its ``cutlass_library/source/include`` is used).
+  (requirements-build.txt, installed with ``--no-deps``: only its ``cutlass_library/source/include``
+  is used; ``SKIPLAYERS_CUTLASS_INCLUDE`` may name another copy of that directory).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
 installed (build isolation would download another torch into a temporary environment).
@@ -60,7 +61,14 @@ def nvidia_wheel_includes() -> list[str]:
 
 def cutlass_include() -> str:
     """The CUTLASS / CuTe headers shipped in the nvidia-cutlass wheel (cutlass_library/source/include),
-    found without importing the package (its __init__ pulls in Python dependencies we do not install)."""
+    found without importing the package (its __init__ pulls in Python dependencies we do not install).
+    ``SKIPLAYERS_CUTLASS_INCLUDE`` names another copy of that include directory (a machine without the
+    wheel installed)."""
+    override = os.environ.get("SKIPLAYERS_CUTLASS_INCLUDE")
+    if override:
+        if not os.path.isfile(os.path.join(override, "cute", "tensor.hpp")):
+            raise RuntimeError(f"SKIPLAYERS_CUTLASS_INCLUDE={override} holds no cute/tensor.hpp")
+        return override
     spec = importlib.util.find_spec("cutlass_library")
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
