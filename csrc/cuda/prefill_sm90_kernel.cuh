@@ -37,10 +37,7 @@
 
 #include <cuda.h>  // CUtensorMap (types only: the driver is reached through cudaGetDriverEntryPoint*)
 
-#include <cute/tensor.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
-#include <cute/arch/mma_sm90.hpp>
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
@@ -49,6 +46,7 @@
 
 #include "mma_sm80.cuh"  // pack2
 #include "prefill_common.cuh"
+#include "sm90_layouts.cuh"
 #include "sm90_plan.h"
 
 namespace skiplayers::cuda::sm90 {
@@ -58,13 +56,6 @@ using skiplayers::sm90::key_block_base;
 
 // ---- configuration ----------------------------------------------------------------------------------
 
-template <typename T>
-using CuteElem = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
-
-constexpr int kRows = 128;  // query rows per CTA
-constexpr int kKeys = 128;  // keys per block (one stage)
-constexpr int kConsumerWarpgroups = 2;
-constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
 constexpr int kThreads = 128 + kConsumerThreads;  // warpgroup 0: the producer (one warp of it works)
 constexpr int kWarps = kThreads / 32;
 // Registers per thread after setmaxnreg: 128 x 40 + 256 x 232 = 64512 <= 65536 (the launch gives 168
@@ -73,7 +64,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
-constexpr int kBoxCols = 64;                      // head dims per TMA box: 128 bytes (SWIZZLE_128B)
 constexpr int kStageEnd = 2;                      // StageMeta::kind: no more blocks
 constexpr int kStagePartial = 0, kStageFull = 1;  // the predicate runs per element / not at all
 
@@ -85,32 +75,18 @@ struct StageMeta {
   int32_t tag[kKeys];
 };
 
+// The layouts (sm90_layouts.cuh) and the shared memory of the kernel.
 template <typename T, int D>
-struct Sm90Config {
-  static_assert(D == 64 || D == 128, "the sm_90a prefill takes head dims 64 and 128");
-  using Elem = CuteElem<T>;
-  static_assert(sizeof(Elem) == 2 && sizeof(Elem) == sizeof(T));
-  // Two stages of 64 KiB at D = 128 (+ Q 32 KiB); three of 32 KiB at D = 64 (+ Q 16 KiB).
-  static constexpr int kStages = D == 64 ? 3 : 2;
-
-  // Q: (kRows, D), K and V: (kKeys, D, stage), all K-major (head dim contiguous) with the 128-byte
-  // swizzle atom (8 rows x 64 elements). tile_to_shape stacks the atoms down the rows first, so each
-  // 64-column slab of a tile is kRows (kKeys) x 128 bytes contiguous: exactly one TMA box.
-  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<Int<kRows>, Int<D>>{}));
-  using SmemLayoutKV =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));
-  // V^T (D, kKeys, stage): the same bytes, indexed (d, key): the B operand of O += P V, MN-major.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<kKeys>, Int<kStages>>{}, Step<_2, _1, _3>{})));
-
-  // S = Q K^T: one 64 x kKeys x 16 wgmma atom per warpgroup, the two warpgroups stacked along M.
-  using MmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kKeys>, Int<D>>, GMMA::Major::K, GMMA::Major::K>(),
-      Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
-  // O += P V: P from registers (A, K-major), V^T from shared memory (B, MN-major).
-  using MmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<D>, Int<kKeys>>, GMMA::Major::K, GMMA::Major::MN>(),
-      Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
+struct Sm90Config : Sm90Layouts<CuteElem<T>, D> {
+  using L = Sm90Layouts<CuteElem<T>, D>;
+  using Elem = typename L::Elem;
+  using SmemLayoutQ = typename L::SmemLayoutQ;
+  using SmemLayoutKV = typename L::SmemLayoutKV;
+  using SmemLayoutVt = typename L::SmemLayoutVt;
+  using MmaS = typename L::MmaS;
+  using MmaO = typename L::MmaO;
+  static constexpr int kStages = L::kStages;
+  static_assert(sizeof(Elem) == sizeof(T));
 
   static constexpr int kTileElems = kKeys * D;
   static constexpr uint32_t kStageBytes = 2u * kTileElems * sizeof(Elem);  // K + V: the TMA transaction bytes
@@ -133,51 +109,8 @@ struct Sm90Config {
     BlockSummary scratch[kWarps];
   };
 
-  // Layout facts the kernel relies on.
-  static_assert(cosize_v<SmemLayoutQ> == kRows * D);
-  static_assert(cosize_v<SmemLayoutKV> == kStages * kTileElems);
-  static_assert(size(MmaS{}) == kConsumerThreads && size(MmaO{}) == kConsumerThreads);
-  static_assert(D % kBoxCols == 0 && kBoxCols * sizeof(Elem) == 128);
   static_assert(sizeof(Tiles) + sizeof(Small) + 1024 <= 227 * 1024, "over the sm_90 shared memory limit");
 };
-
-// Layout checks (compile time). A swizzled shared-memory layout of CuTe is Swizzle o ptr-flag o L: the
-// swizzle acts on the byte address (where the tensor's pointer is), L maps coordinates to element
-// offsets. TMA's SWIZZLE_128B XORs bits 4-6 of the byte address (16-byte chunk) with bits 7-9 (row
-// within the 1024-byte period): that is Swizzle<3, 4, 3> on bytes. So a tile matches the TMA boxes when
-// its swizzle is Swizzle<3, 4, 3> and L places (row r, column slab * 64 + c, stage s) at
-//   s * Rows * Cols + slab * Rows * 64 + r * 64 + c     (box = 64 columns x Rows rows, 128-byte rows).
-template <class Layout>
-constexpr bool has_sw128_swizzle() {
-  return std::is_same_v<std::remove_cv_t<decltype(get_swizzle_portion(Layout{}))>, Swizzle<3, 4, 3>>;
-}
-
-template <class Layout, int Rows, int Cols, int Stages>
-constexpr bool layout_matches_tma_boxes() {
-  if (!has_sw128_swizzle<Layout>()) return false;
-  constexpr auto inner = get_nonswizzle_portion(Layout{});
-  for (int s = 0; s < Stages; ++s)
-    for (int slab = 0; slab < Cols / kBoxCols; ++slab)
-      for (int r = 0; r < Rows; r += (r < 16 ? 1 : 37))
-        for (int c = 0; c < kBoxCols; c += 3) {
-          const int got = inner(make_coord(r, slab * kBoxCols + c, s));
-          if (got != s * Rows * Cols + slab * Rows * kBoxCols + r * kBoxCols + c) return false;
-        }
-  return true;
-}
-
-// The Q tile: the same arrangement (one stage), which also keeps every 16-byte chunk (8 elements
-// from a multiple of 8) contiguous, so the Q loads store it as one vector.
-template <class Layout, int Rows, int Cols>
-constexpr bool q_layout_matches_rows() {
-  if (!has_sw128_swizzle<Layout>()) return false;
-  constexpr auto inner = get_nonswizzle_portion(Layout{});
-  for (int slab = 0; slab < Cols / kBoxCols; ++slab)
-    for (int r = 0; r < Rows; r += (r < 16 ? 1 : 29))
-      for (int c = 0; c < kBoxCols; ++c)
-        if (inner(make_coord(r, slab * kBoxCols + c)) != slab * Rows * kBoxCols + r * kBoxCols + c) return false;
-  return true;
-}
 
 template <typename T, int D>
 struct Sm90Args {
