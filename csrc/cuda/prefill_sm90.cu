@@ -110,8 +110,7 @@ void launch_prefill_sm90(const PrefillParams<T>& p, cudaStream_t stream) {
     TORCH_CHECK_NOT_IMPLEMENTED(false, kOp, ": head_dim ", D, " is not built (64 and 128 only)");
   } else {
     using Config = sm90::Sm90Config<T, D>;
-    TORCH_CHECK(std::isfinite(p.scale_log2) && p.scale_log2 > 0.f, kOp,
-                ": the softmax scale must be a positive finite number (the row max is taken before scaling)");
+    TORCH_CHECK(std::isfinite(p.scale_log2), kOp, ": the softmax scale must be finite");
     TORCH_CHECK(p.total_k < (int64_t{1} << 31) && p.total_q * p.group < (int64_t{1} << 31), kOp,
                 ": at most 2^31 - 1 key rows and query rows x group (32-bit tile row math)");
     TORCH_CHECK(p.heads % p.group == 0 && p.heads / p.group <= 65535, kOp, ": at most 65535 KV heads");
@@ -141,6 +140,13 @@ void launch_prefill_sm90(const PrefillParams<T>& p, cudaStream_t stream) {
     args.tma_v = rows_tensor_map(p.v, p.total_k, kv_heads, D, p.v_token_stride, p.v_head_stride);
     args.tiles = tile_coords;
     args.key_blocks = sums;
+    // The kernel takes the row max before scaling, so it needs a positive scale: fold a negative
+    // scale's sign into Q (flipping 16-bit sign bits is exact: S -> -S), and for a zero scale zero Q
+    // (S = 0 exactly, scale 1): the same scores s * scale for every finite scale.
+    const float scale = p.scale_log2;
+    args.scale_log2 = scale == 0.f ? 1.f : std::fabs(scale);
+    args.q_and = scale == 0.f ? 0u : 0xffffffffu;
+    args.q_xor = scale < 0.f ? 0x80008000u : 0u;
     auto* kernel = sm90::prefill_sm90_kernel<T, D>;
     // Opt in to more than 48 KiB of dynamic shared memory (per device: set on every launch, no sync).
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kDynamicSmem));

@@ -119,6 +119,12 @@ struct Sm90Args {
   CUtensorMap tma_v;
   const TileCoord* tiles;          // [query tiles upper bound]: (sequence, tile) of each tile (sm90_plan_kernel)
   const BlockSummary* key_blocks;  // [key_block_slots]: summary of each key block (sm90_plan.h slots)
+  // The softmax scale as the kernel applies it: scale_log2 > 0, and Q's 16-bit words transformed
+  // exactly on load, (q & q_and) ^ q_xor. The row max is taken on the raw scores before scaling, which
+  // needs a positive scale: a negative one flips Q's sign bits (S -> -S) and uses |scale|, a zero one
+  // zeroes Q (S = 0) and uses 1 (sm90_scale_args, prefill_sm90.cu).
+  float scale_log2;
+  uint32_t q_and, q_xor;
 };
 
 // Fast base-2 exponential (MUFU.EX2): ex2(-inf) = +0, relative error ~2^-22, denormals flushed.
@@ -244,7 +250,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
     for (int c = ctid; c < kRows * kChunks; c += kConsumerThreads) {
       const int row = c / kChunks, ch = c % kChunks;
       const QueryRow r = tile_row(tile, row, group);
-      const uint4 v = load16_if(p.q + r.token * p.q_token_stride + r.head * p.q_head_stride + ch * 8, r.valid);
+      uint4 v = load16_if(p.q + r.token * p.q_token_stride + r.head * p.q_head_stride + ch * 8, r.valid);
+      v.x = (v.x & args.q_and) ^ args.q_xor;
+      v.y = (v.y & args.q_and) ^ args.q_xor;
+      v.z = (v.z & args.q_and) ^ args.q_xor;
+      v.w = (v.w & args.q_and) ^ args.q_xor;
       *reinterpret_cast<uint4*>(&sQ(row, ch * 8)) = v;  // 16-byte chunk: contiguous (q_layout_matches_rows)
     }
     if (ctid < kRows) {
@@ -372,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
   clear(tOrO);
   float m_scaled[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled scores
   float l[2] = {0.f, 0.f};                     // this thread's columns of the running sum
-  const float scale_log2 = p.scale_log2;       // > 0 (checked by the launcher)
+  const float scale_log2 = args.scale_log2;    // > 0 (the sign is folded into Q)
 
   for (int it = 0;; ++it) {
     const int s = it % kStages;
