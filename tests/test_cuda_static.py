@@ -193,8 +193,8 @@ def test_sm90_prefill_sass(sm90_sass):
         assert re.search(r"\bHGMMA\.64x\d+x16\.F32\S* R\d+, R\d+, gdesc\[\w+\]\.tnspB", sass), (
             f"{name}: no register-A, transposed-B wgmma (O += P V)"
         )
-        # One wait per product and key block: serialised chains would wait after every wgmma.
-        assert count["WARPGROUP.DEPBAR"] <= 2, f"{name}: wgmma serialised ({count['WARPGROUP.DEPBAR']} waits)"
+        # A few waits (the prologue's, one per key block): serialised chains would wait after every wgmma.
+        assert count["WARPGROUP.DEPBAR"] <= 4, f"{name}: wgmma serialised ({count['WARPGROUP.DEPBAR']} waits)"
         assert count["CALL"] == 0, f"{name}: a subroutine call (serialises wgmma, ptxas C7510)"
     # The other builds hold only the trap stub: no wgmma outside sm_90a.
     for (arch, name), sass in sm90_sass.items():

@@ -63,8 +63,8 @@ CUtensorMap rows_tensor_map(const T* base, int64_t total_k, int64_t kv_heads, in
 }
 
 // Whether the loaded binary holds the sm_90a build of the kernel for the current device: only that
-// build declares the static shared memory Sm90Config::Small (the other builds are a trap stub with
-// none; ptxas may pad the figure by a few bytes).
+// build declares the static shared memory Sm90Config::Small, over 1 KiB (the other builds are a trap
+// stub with none, or only sm_90's 1 KiB reservation; the figure may be padded).
 template <typename T, int D>
 bool sm90_kernel_loaded() {
   cudaFuncAttributes attr{};

@@ -18,21 +18,31 @@
 //                     (box: 64 head dims x 128 keys, SWIZZLE_128B) completing on the stage's full
 //                     mbarrier. After the last visible block it sends an end marker through the ring:
 //                     the consumers' loop ends there (the causal loop is bounded by the summaries).
-//   consumers         per stage: S = Q K^T (wgmma SS, 64 x 128 x D per warpgroup), the predicate per
-//                     element on partial blocks only, online softmax in registers (base 2, the scale
-//                     folded into one FMA per score: exp2(s * scale_log2 - m_scaled)), P converted to
-//                     16 bits in registers, O += P V (wgmma RS, P as the register A operand, V^T a
-//                     transposed view of the same swizzled tile), then release the stage (every
-//                     consumer thread arrives on its empty mbarrier).
+//   consumers         per key block: S = Q K^T (wgmma SS, 64 x 128 x D per warpgroup), the predicate
+//                     per element on partial blocks only, online softmax in registers (base 2, the
+//                     scale folded into one FMA per score: exp2(s * scale_log2 - m_scaled)), P
+//                     converted to 16 bits in registers, O += P V (wgmma RS, P as the register A
+//                     operand, V^T a transposed view of the same swizzled tile). Software-pipelined:
+//                     S of block j + 1 is issued before the softmax of block j, so the tensor cores
+//                     compute it meanwhile; K and V have separate rings, so K(j + 1) can land while
+//                     V(j) is still in use (two stages suffice at D = 128).
 //   epilogue          O / l (zeros for rows that saw no visible key), converted, stored row by row.
 //
-// Barrier protocol (stage s, use number u = it / kStages of the ring slot, parity u & 1):
-//   full[s]   count 1: the producer's arrive.expect_tx (K + V bytes; a plain arrive for the end
-//             marker) + the TMA transactions. Consumers wait parity (u & 1).
-//   empty[s]  count kConsumerThreads: every consumer thread arrives after its O += P V completed.
-//             The producer waits parity (u & 1) ^ 1 (the first use of a slot passes at once).
-// The metadata of a stage is written (generic stores) before the producer's arrive (release) and read
-// after the consumers' wait (acquire); Q is written before fence.proxy.async + __syncthreads.
+// Barrier protocol: two rings of kStages slots, K and V; block j uses slot s = j % kStages of both,
+// for the u-th time, u = j / kStages, phase parity u & 1:
+//   k_full[s]   count 1: the producer's arrive.expect_tx (K bytes; a plain arrive for the end marker)
+//               + the TMA transactions. Consumers wait parity (u & 1).
+//   v_full[s]   the same for V.
+//   k_empty[s]  count kConsumerThreads: every consumer thread arrives once S = Q K^T of block j has
+//               completed. The producer waits parity (u & 1) ^ 1 (a slot's first use passes at once).
+//   v_empty[s]  the same once O += P V of block j has completed.
+// Per block the producer fills K(j) then V(j); the consumers take K(j + 1) before V(j). Deadlock-free
+// with kStages >= 2: K(j + 1) needs k_empty of block j + 1 - kStages <= j - 1, whose S completed
+// before the consumers looked ahead to j + 1; V(j) needs v_empty of block j - kStages <= j - 2.
+// Metadata: kind and key count travel with K (KMeta, read right after k_full), the keys' pos / tag
+// of partial blocks with V (VMeta, read in the softmax, before v_empty). Generic stores before the
+// producer's arrive (release), reads after the consumers' wait (acquire). Q is written before
+// fence.proxy.async + __syncthreads.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (types only: the driver is reached through cudaGetDriverEntryPoint*)
@@ -58,20 +68,23 @@ using skiplayers::sm90::key_block_base;
 
 constexpr int kThreads = 128 + kConsumerThreads;  // warpgroup 0: the producer (one warp of it works)
 constexpr int kWarps = kThreads / 32;
-// Registers per thread after setmaxnreg: 128 x 40 + 256 x 232 = 64512 <= 65536 (the launch gives 168
+// Registers per thread after setmaxnreg: 128 x 24 + 256 x 240 = 64512 <= 65536 (the launch gives 168
 // each; ptxas allocates registers per warpgroup on sm_90, so a 9-warp CTA would get no more than a
-// 12-warp one). The producer's walk over block summaries needs more than the minimum 24.
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+// 12-warp one). ptxas allocates each region within its setmaxnreg budget: the consumers need more
+// than 232 at D = 128 (two score buffers, O and P: 224 values), the producer fits in 24.
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
-constexpr int kStageEnd = 2;                      // StageMeta::kind: no more blocks
+constexpr int kStageEnd = 2;                      // KMeta::kind: no more blocks
 constexpr int kStagePartial = 0, kStageFull = 1;  // the predicate runs per element / not at all
 
-// What travels with a stage besides K and V (written by the producer warp, read by the consumers).
-struct StageMeta {
+// What travels with a block besides K and V (written by the producer warp, read by the consumers).
+struct KMeta {  // with K: needed when the consumers look ahead
   int32_t kind;  // kStagePartial / kStageFull / kStageEnd
   int32_t keys;  // valid keys of the block (1..kKeys); columns >= keys are masked (partial blocks)
-  int32_t pos[kKeys];  // the keys' positions and tags: partial blocks only
+};
+struct VMeta {  // with V: needed in the softmax, partial blocks only
+  int32_t pos[kKeys];
   int32_t tag[kKeys];
 };
 
@@ -89,7 +102,7 @@ struct Sm90Config : Sm90Layouts<CuteElem<T>, D> {
   static_assert(sizeof(Elem) == sizeof(T));
 
   static constexpr int kTileElems = kKeys * D;
-  static constexpr uint32_t kStageBytes = 2u * kTileElems * sizeof(Elem);  // K + V: the TMA transaction bytes
+  static constexpr uint32_t kTileBytes = kTileElems * sizeof(Elem);  // K or V of a block: TMA transaction bytes
 
   // Dynamic shared memory: the tiles, each 1024-byte aligned (the period of the 128-byte swizzle,
   // which TMA and wgmma both compute from the address bits).
@@ -103,13 +116,19 @@ struct Sm90Config : Sm90Layouts<CuteElem<T>, D> {
   // Static shared memory: barriers, stage metadata, reduction scratch. Only the sm_90a build of the
   // kernel declares it, so its size tells the host which build was loaded (prefill_sm90.cu).
   struct Small {
-    alignas(8) uint64_t full[kStages];
-    uint64_t empty[kStages];
-    StageMeta meta[kStages];
+    alignas(8) uint64_t k_full[kStages];
+    uint64_t k_empty[kStages];
+    uint64_t v_full[kStages];
+    uint64_t v_empty[kStages];
+    KMeta kmeta[kStages];
+    VMeta vmeta[kStages];
     BlockSummary scratch[kWarps];
   };
 
   static_assert(sizeof(Tiles) + sizeof(Small) + 1024 <= 227 * 1024, "over the sm_90 shared memory limit");
+  // The host tells the sm_90a build from a stub by its static shared memory: more than the 1 KiB that
+  // sm_90 reserves per CTA (which cuobjdump / cudaFuncGetAttributes may count for any kernel).
+  static_assert(sizeof(Small) > 1024);
 };
 
 template <typename T, int D>
@@ -220,8 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
   __shared__ typename C::Small small;
   extern __shared__ char smem_raw[];
   auto& tiles = *reinterpret_cast<typename C::Tiles*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  auto full_bar = [&](int s) -> Barrier& { return *reinterpret_cast<Barrier*>(&small.full[s]); };
-  auto empty_bar = [&](int s) -> Barrier& { return *reinterpret_cast<Barrier*>(&small.empty[s]); };
+  auto bar = [](uint64_t& word) -> Barrier& { return *reinterpret_cast<Barrier*>(&word); };
 
   const PrefillParams<T>& p = args.p;
   PrefillTile tile;
@@ -234,8 +252,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      full_bar(s).init(1);
-      empty_bar(s).init(kConsumerThreads);
+      bar(small.k_full[s]).init(1);
+      bar(small.v_full[s]).init(1);
+      bar(small.k_empty[s]).init(kConsumerThreads);
+      bar(small.v_empty[s]).init(kConsumerThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -274,12 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
     const BlockSummary* sums = args.key_blocks + key_block_base(tile.key_begin, seq, kKeys);
     const int32_t* kpos = p.k_pos + tile.key_begin;
     const int32_t* ktag = p.k_tag ? p.k_tag + tile.key_begin : nullptr;
-    int it = 0;
-    auto take_stage = [&]() {
-      const int s = it % kStages;
-      empty_bar(s).wait(((it / kStages) & 1) ^ 1);
-      return s;
-    };
+    constexpr uint64_t kEvictLast = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_LAST);  // K/V: reread by other tiles
+    int it = 0;  // blocks sent
     for (int64_t chunk = 0; chunk < nblocks; chunk += 32) {
       const int64_t j = chunk + lane;
       bool may = false, full = false;
@@ -296,40 +312,49 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
         const int64_t first = (chunk + b) * kKeys;  // first key of the block, within the sequence
         const int n = static_cast<int>(tile.keys - first < kKeys ? tile.keys - first : kKeys);
         const bool is_full = (full_bits >> b) & 1u;
-        const int s = take_stage();
-        StageMeta& meta = small.meta[s];
+        const int s = it % kStages;
+        const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
+        const int32_t row = static_cast<int32_t>(tile.key_begin + first);
+        // K(j) and its kind / key count.
+        bar(small.k_empty[s]).wait(free_parity);
+        if (lane == 0) {
+          small.kmeta[s].kind = is_full ? kStageFull : kStagePartial;
+          small.kmeta[s].keys = n;
+          bar(small.k_full[s]).arrive_and_expect_tx(C::kTileBytes);  // release: orders the stores above
+#pragma unroll
+          for (int slab = 0; slab < D / kBoxCols; ++slab)
+            SM90_TMA_LOAD_3D::copy(&args.tma_k, &small.k_full[s], kEvictLast,
+                                   &tiles.k[s * C::kTileElems + slab * kKeys * kBoxCols], slab * kBoxCols,
+                                   tile.kv_head, row);
+        }
+        // V(j) and, for a partial block, its keys' pos / tag.
+        bar(small.v_empty[s]).wait(free_parity);
         if (!is_full) {
+          VMeta& vm = small.vmeta[s];
 #pragma unroll
           for (int i = lane; i < kKeys; i += 32) {
-            meta.pos[i] = i < n ? kpos[first + i] : 0;
-            meta.tag[i] = i < n && ktag ? ktag[first + i] : 0;
+            vm.pos[i] = i < n ? kpos[first + i] : 0;
+            vm.tag[i] = i < n && ktag ? ktag[first + i] : 0;
           }
         }
+        __syncwarp();  // the lanes' stores happen before lane 0's arrive (a release)
         if (lane == 0) {
-          meta.kind = is_full ? kStageFull : kStagePartial;
-          meta.keys = n;
-        }
-        __syncwarp();  // the lanes' metadata stores happen before lane 0's arrive (a release)
-        if (lane == 0) {
-          full_bar(s).arrive_and_expect_tx(C::kStageBytes);
-          const int32_t row = static_cast<int32_t>(tile.key_begin + first);
-          uint64_t* bar = &small.full[s];
+          bar(small.v_full[s]).arrive_and_expect_tx(C::kTileBytes);
 #pragma unroll
-          for (int slab = 0; slab < D / kBoxCols; ++slab) {
-            const int off = s * C::kTileElems + slab * kKeys * kBoxCols;
-            SM90_TMA_LOAD_3D::copy(&args.tma_k, bar, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_LAST),
-                                   &tiles.k[off], slab * kBoxCols, tile.kv_head, row);
-            SM90_TMA_LOAD_3D::copy(&args.tma_v, bar, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_LAST),
-                                   &tiles.v[off], slab * kBoxCols, tile.kv_head, row);
-          }
+          for (int slab = 0; slab < D / kBoxCols; ++slab)
+            SM90_TMA_LOAD_3D::copy(&args.tma_v, &small.v_full[s], kEvictLast,
+                                   &tiles.v[s * C::kTileElems + slab * kKeys * kBoxCols], slab * kBoxCols,
+                                   tile.kv_head, row);
         }
         ++it;
       }
     }
-    const int s = take_stage();  // the end marker
+    // The end marker, through the K ring (the consumers never wait for its V).
+    const int s = it % kStages;
+    bar(small.k_empty[s]).wait(((it / kStages) & 1) ^ 1);
     if (lane == 0) {
-      small.meta[s].kind = kStageEnd;
-      full_bar(s).arrive();
+      small.kmeta[s].kind = kStageEnd;
+      bar(small.k_full[s]).arrive();
     }
     return;
   }
@@ -346,7 +371,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D / 16): wgmma descriptors
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D / 16, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, kKeys / 16, stage)
-  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kKeys>>{});  // fp32 scores
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kKeys>>{});  // fp32 scores (softmax)
+  Tensor tSrS2 = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kKeys>>{});  // wgmma destination
   Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kRows>, Int<D>>{});      // fp32 output
   // P (16-bit): the register A operand of O += P V, shaped as the tiled MMA partitions A.
   Tensor tOrP = make_tensor<Elem>(Shape<Shape<_2, _2, _2>, _1, Int<kKeys / 16>>{});
@@ -384,34 +410,51 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
   float l[2] = {0.f, 0.f};                     // this thread's columns of the running sum
   const float scale_log2 = args.scale_log2;    // > 0 (the sign is folded into Q)
 
-  for (int it = 0;; ++it) {
-    const int s = it % kStages;
-    full_bar(s).wait((it / kStages) & 1);
-    const int kind = small.meta[s].kind;
-    if (kind == kStageEnd) break;
-
-    // S = Q K^T
-    warpgroup_fence_operand(tSrS);
+  // Key block j = it: its scores were issued into tSrS2 (one wgmma group) before the iteration, and O +=
+  // P V of block it - 1 after it. Per iteration: wait for both, release K(it) and V(it - 1), take the
+  // scores, look ahead (K(it + 1): issue its scores into tSrS2), softmax of block it, issue O += P V.
+  int it = 0;
+  bar(small.k_full[0]).wait(0);
+  int kind = small.kmeta[0].kind;
+  int keys = small.kmeta[0].keys;
+  auto issue_scores = [&](int st) {  // S = Q K^T of K slot st into tSrS2, one committed wgmma group
+    warpgroup_fence_operand(tSrS2);
     warpgroup_arrive();
     mma_s.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
     for (int k = 0; k < size<2>(tSrQ); ++k) {
-      cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k, s), tSrS);
+      cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k, st), tSrS2);
       mma_s.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
+  };
+  if (kind != kStageEnd) issue_scores(0);
+  while (kind != kStageEnd) {
+    const int st = it % kStages;
+    warpgroup_wait<0>();  // S of block it, and O += P V of block it - 1
+    warpgroup_fence_operand(tSrS2);
+    warpgroup_fence_operand(tOrO);
+    bar(small.k_empty[st]).arrive();                               // K(it) no longer read
+    if (it > 0) bar(small.v_empty[(it - 1) % kStages]).arrive();  // V(it - 1) no longer read
+#pragma unroll
+    for (int i = 0; i < size(tSrS); ++i) tSrS(i) = tSrS2(i);
 
+    // Look ahead: the next block's K (or the end marker); its scores computed during this softmax.
+    const int it_next = it + 1, st_next = it_next % kStages;
+    bar(small.k_full[st_next]).wait((it_next / kStages) & 1);
+    const int kind_next = small.kmeta[st_next].kind;
+    const int keys_next = small.kmeta[st_next].keys;
+    if (kind_next != kStageEnd) issue_scores(st_next);
+
+    bar(small.v_full[st]).wait((it / kStages) & 1);  // V(it) and the keys' pos / tag
     // The predicate, on partially visible blocks only (positions and tags, never row indices).
     if (kind == kStagePartial) {
-      const StageMeta& meta = small.meta[s];
-      const int keys = meta.keys;
+      const VMeta& vm = small.vmeta[st];
 #pragma unroll
       for (int i = 0; i < size(tSrS); ++i) {
         const int b = (i >> 1) & 1;
         const int key = get<1>(tScS(i));
-        const bool visible = key < keys && q_valid[b] && key_visible(p.rule, q_pos[b], q_tag[b], meta.pos[key], meta.tag[key]);
+        const bool visible = key < keys && q_valid[b] && key_visible(p.rule, q_pos[b], q_tag[b], vm.pos[key], vm.tag[key]);
         tSrS(i) = visible ? tSrS(i) : -INFINITY;
       }
     }
@@ -431,32 +474,34 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
       m_scaled[b] = new_m;
     }
     float sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < size(tSrS); ++i) {
-      const int b = (i >> 1) & 1;
-      const float pv = exp2_approx(fmaf(tSrS(i), scale_log2, -shift[b]));
-      sum[b] += pv;
-      tSrS(i) = pv;
-    }
     uint32_t* p_pairs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
-    for (int i = 0; i < size(tSrS) / 2; ++i) p_pairs[i] = pack2<T>(tSrS(2 * i), tSrS(2 * i + 1));
+    for (int i = 0; i < size(tSrS); i += 2) {
+      const int b = (i >> 1) & 1;  // elements i and i + 1: the same row
+      const float p0 = exp2_approx(fmaf(tSrS(i), scale_log2, -shift[b]));
+      const float p1 = exp2_approx(fmaf(tSrS(i + 1), scale_log2, -shift[b]));
+      sum[b] += p0 + p1;
+      p_pairs[i / 2] = pack2<T>(p0, p1);  // P element i = S element i (sm90_fragments_test)
+    }
 #pragma unroll
     for (int b = 0; b < 2; ++b) l[b] = l[b] * alpha[b] + sum[b];
 #pragma unroll
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i >> 1) & 1];
 
-    // O += P V
+    // O += P V, waited for at the top of the next iteration (or after the loop).
     warpgroup_fence_operand(tOrP);
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
 #pragma unroll
-    for (int k = 0; k < size<2>(tOrP); ++k) cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k, s), tOrO);
+    for (int k = 0; k < size<2>(tOrP); ++k) cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k, st), tOrO);
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
-    empty_bar(s).arrive();  // this thread is done with the stage's K, V and metadata
+
+    it = it_next;
+    kind = kind_next;
+    keys = keys_next;
   }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
 
   // Epilogue: O / l, zeros for rows that saw no visible key; each thread stores pairs of columns.
   float inv[2];
