@@ -191,6 +191,11 @@ __global__ void __launch_bounds__(kPlanWarps * 32)
   }
   if (w < num_tiles) {  // warp-uniform: locate_tile needs the whole warp
     const TileCoord tc = locate_tile(cu_seqlens_q, batch, group, kRows, w, total_q);
+    if (tc.seq >= 0) {  // the key range of the tile's sequence, as prefill_tile checks it
+      const int64_t key_begin = cu_seqlens_k[tc.seq], keys = cu_seqlens_k[tc.seq + 1] - key_begin;
+      SKIPLAYERS_DEVICE_CHECK(key_begin >= 0 && keys >= 0 && key_begin + keys <= total_k,
+                              "skiplayers::varlen_attention: cu_seqlens_k must be non-decreasing");
+    }
     if (lane == 0) tiles[w] = tc;
   }
   if (w < slots) {
