@@ -141,7 +141,7 @@ struct Sm90Args {
   // The softmax scale as the kernel applies it: scale_log2 > 0, and Q's 16-bit words transformed
   // exactly on load, (q & q_and) ^ q_xor. The row max is taken on the raw scores before scaling, which
   // needs a positive scale: a negative one flips Q's sign bits (S -> -S) and uses |scale|, a zero one
-  // zeroes Q (S = 0) and uses 1 (sm90_scale_args, prefill_sm90.cu).
+  // zeroes Q (S = 0) and uses 1 (launch_prefill_sm90, prefill_sm90.cu).
   float scale_log2;
   uint32_t q_and, q_xor;
 };
