@@ -7,7 +7,12 @@ pyproject.toml).
   toolkit on disk. ``SKIPLAYERS_NO_CUDA=1`` forces a CPU-only build.
 * ``SKIPLAYERS_SANITIZE=1``: a CPU-only build instrumented with AddressSanitizer and
   UndefinedBehaviorSanitizer (used by scripts/sanitize.sh, which builds it out of tree).
-* Architectures: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
+* Architectures: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0a": every file for sm_80 and sm_90a; the
+  Hopper prefill, csrc/cuda/prefill_sm90_kernel.cuh, needs the "a" feature wgmma,
+  and is a trap stub in other builds).
+* The CUDA build needs the CUTLASS / CuTe C++ headers of the pinned ``nvidia-cutlass`` wheel
+  (requirements-build.txt, installed with ``--no-deps``: only its ``cutlass_library/source/include``
+  is used; ``SKIPLAYERS_CUTLASS_INCLUDE`` may name another copy of that directory).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
 installed (build isolation would download another torch into a temporary environment).
@@ -16,6 +21,7 @@ installed (build isolation would download another torch into a temporary environ
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sysconfig
 
@@ -23,7 +29,7 @@ import sysconfig
 # so point CUDA_HOME at the toolkit's standard root before that import if the user has not.
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
 
 import torch
 from setuptools import setup
@@ -51,6 +57,31 @@ def nvidia_wheel_includes() -> list[str]:
     """Headers such as cusparse.h, which ATen/cuda/CUDAContext.h pulls in, ship in the nvidia-* wheels."""
     site = sysconfig.get_paths()["purelib"]
     return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
+def cutlass_include() -> str:
+    """The CUTLASS / CuTe headers shipped in the nvidia-cutlass wheel (cutlass_library/source/include),
+    found without importing the package (its __init__ pulls in Python dependencies we do not install).
+    ``SKIPLAYERS_CUTLASS_INCLUDE`` names another copy of that include directory (a machine without the
+    wheel installed)."""
+    override = os.environ.get("SKIPLAYERS_CUTLASS_INCLUDE")
+    if override:
+        if not os.path.isfile(os.path.join(override, "cute", "tensor.hpp")):
+            raise RuntimeError(f"SKIPLAYERS_CUTLASS_INCLUDE={override} holds no cute/tensor.hpp")
+        return override
+    spec = importlib.util.find_spec("cutlass_library")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        include = os.path.join(location, "source", "include")
+        if os.path.isfile(os.path.join(include, "cute", "tensor.hpp")):
+            return include
+    raise RuntimeError(
+        "building the CUDA kernels needs the CUTLASS/CuTe headers of the nvidia-cutlass wheel "
+        f"(cutlass_library/source/include; looked in {locations or 'no installed cutlass_library'}). "
+        "Install the pinned version without its dependencies: "
+        "pip install --no-deps -r requirements-build.txt (scripts/run.sh does), or build without CUDA: "
+        "SKIPLAYERS_NO_CUDA=1"
+    )
 
 
 def extension():
@@ -81,7 +112,7 @@ def extension():
     return cpp_extension.CUDAExtension(
         "skiplayers._C",
         sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
-        include_dirs=include_dirs + nvidia_wheel_includes(),
+        include_dirs=include_dirs + nvidia_wheel_includes() + [cutlass_include()],
         extra_compile_args={"cxx": cxx_flags + ["-DSKIPLAYERS_WITH_CUDA"], "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )

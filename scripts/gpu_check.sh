@@ -25,7 +25,7 @@ MODE="${1:-}"
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 # Build host code with the system compiler whose libstdc++ the process loads. (On the lent GPU
 # image, CC points to /opt/gcc, a different gcc: torch passes it to nvcc as -ccbin, and host code of

