@@ -36,6 +36,19 @@ summary=()
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
+# The CUTLASS / CuTe headers (requirements-build.txt) for the sm_90a prefill. The GPU machine has no
+# package registry: carry the pinned wheel in wheels/ (on a machine with one:
+# `pip download --no-deps -r requirements-build.txt -d wheels`); its include directory is unpacked
+# into $OUT and named by SKIPLAYERS_CUTLASS_INCLUDE (setup.py), so nothing is installed.
+if [ -z "${SKIPLAYERS_CUTLASS_INCLUDE:-}" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
+  whl=$(ls wheels/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -z "$whl" ]; then
+    echo "BUILD FAILED: no CUTLASS headers (no cutlass_library installed, no wheels/nvidia_cutlass-*.whl carried)"; exit 1
+  fi
+  "$PY" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" "$whl" "$OUT/cutlass"
+  export SKIPLAYERS_CUTLASS_INCLUDE="$OUT/cutlass/cutlass_library/source/include"
+fi
+
 start=$(date +%s)
 if ! "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -40
