@@ -59,11 +59,19 @@ def make_varlen_attention(
     with_tags: bool = True,
     seed: int = 0,
 ) -> dict:
-    """Queries are the last ``q_lengths[b]`` keys of sequence b (self-attention when equal)."""
+    """Queries are the last ``q_lengths[b]`` keys of sequence b (self-attention when equal); a
+    sequence with queries and no keys gets query metadata of its own (its rows see nothing)."""
     gen = torch.Generator().manual_seed(seed)
     k_lengths = list(q_lengths) if k_lengths is None else k_lengths
     q_pos, k_pos, q_tag, k_tag = [], [], [], []
     for nq, nk in zip(q_lengths, k_lengths):
+        if nk == 0:
+            pos, tag = sequence_metadata(nq, gen, rule, gapped)
+            k_pos.append(pos[:0])
+            k_tag.append(tag[:0])
+            q_pos.append(pos)
+            q_tag.append(tag)
+            continue
         assert nq <= nk, "queries are a suffix of the keys"
         pos, tag = sequence_metadata(nk, gen, rule, gapped)
         k_pos.append(pos)
@@ -84,6 +92,36 @@ def make_varlen_attention(
         rule=rule,
         scale=head_dim**-0.5,
     )
+
+
+def shuffle_metadata(case: dict, seed: int) -> dict:
+    """``case`` (from :func:`make_varlen_attention`) with each sequence's keys stored in a random order
+    (every key's (pos, tag) pair moves together) and its queries at positions drawn from the
+    sequence's whole range (many early: they see few keys), with the tags of the keys at those
+    positions; a sequence with queries but no keys keeps its query metadata.
+    Kernels must then compare positions, never rows, and the causal limit of a query tile is no
+    longer the end of the sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(case)
+    cu_q, cu_k = case["cu_seqlens_q"].tolist(), case["cu_seqlens_k"].tolist()
+    k_pos, q_pos = case["k_pos"].cpu().clone(), case["q_pos"].cpu().clone()
+    k_tag = case["k_tag"].cpu().clone() if case["k_tag"] is not None else None
+    q_tag = case["q_tag"].cpu().clone() if case["q_tag"] is not None else None
+    for b in range(len(cu_q) - 1):
+        ks, ke, qs, qe = cu_k[b], cu_k[b + 1], cu_q[b], cu_q[b + 1]
+        if ke > ks:
+            order = ks + torch.randperm(ke - ks, generator=gen)
+            pick = order[torch.randint(0, ke - ks, (qe - qs,), generator=gen)]
+            q_pos[qs:qe] = k_pos[pick]
+            if k_tag is not None and q_tag is not None:
+                q_tag[qs:qe] = k_tag[pick]
+                k_tag[ks:ke] = k_tag[order]
+            k_pos[ks:ke] = k_pos[order]
+    device = case["q"].device
+    out.update(k_pos=k_pos.to(device), q_pos=q_pos.to(device))
+    if k_tag is not None:
+        out.update(k_tag=k_tag.to(device), q_tag=q_tag.to(device))
+    return out
 
 
 def page_table(slots: list[int], page_size: int, gen: torch.Generator, max_pages: int | None = None,

@@ -181,6 +181,22 @@ def test_cache_attention_head_dims(ops, backend, head_dim, dtype, num_splits, le
     op_contract.check_cache_attention(ops, case)
 
 
+# Keys stored in a random order, queries anywhere in their sequence (many early) and a sequence of
+# queries over no keys: kernels must compare positions, not rows, and may not stop a query tile's
+# loop at the sequence's end. The GPU cases run past 16,384 keys (and 8,192 at head dim 256), so a
+# kernel that classifies key blocks a window at a time (the CUDA sm_80 prefill: 256 blocks) refills
+# its window.
+@over_backends("q_lengths,k_lengths,head_dim,dtype,rule", grid(
+    [together([5, 0, 3, 2], [70, 0, 33, 0]),
+     *sized(GPU, together([5, 0, 3, 2], [16500, 0, 8300, 0]), together([40, 7], [9000, 20000]))],
+    [64, 256], [torch.float16, *sized(CPU, torch.bfloat16, torch.float32)],
+    [Rule.CAUSAL, Rule.ANCHORS | Rule.HIDE_CONTEXT]))
+def test_varlen_attention_shuffled_keys_and_early_queries(ops, backend, q_lengths, k_lengths, head_dim, dtype, rule):
+    case = cases.make_varlen_attention(q_lengths, k_lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=dtype,
+                                       rule=rule, seed=sum(k_lengths), device=backend.device)
+    op_contract.check_varlen_attention(ops, cases.shuffle_metadata(case, seed=head_dim))
+
+
 # A softmax scale of any sign: the kernels that fold the scale into one FMA per score with the row
 # max taken before scaling flip Q's sign for a negative scale and zero Q for a zero one (uniform
 # attention over the visible keys).

@@ -34,7 +34,7 @@ __device__ __forceinline__ void cp_async_16(void* dst_smem, const void* src, int
 
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // shared-memory reads stay after the wait
 }
 
 // 4-byte asynchronous copy (through L1); `src_bytes` = 0 writes 4 zero bytes and reads nothing.
