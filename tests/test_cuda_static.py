@@ -202,3 +202,13 @@ def test_sm90_prefill_sass(sm90_sass):
     for (arch, name), sass in sm90_sass.items():
         if arch != "sm_90a":
             assert "HGMMA" not in sass, f"{name} has wgmma in the {arch} build"
+
+
+def test_sm90_prefill_launches_with_the_registers_setmaxnreg_redistributes(resource_usage):
+    """The producer / consumer split of the sm_90a prefill (setmaxnreg 24 / 240 over 128 + 256 threads)
+    redistributes the registers the launch gives each thread: 168 (65536 / 384 rounded down to a
+    multiple of 8). A build that gives fewer would leave the consumers spinning in setmaxnreg."""
+    rows = [r for r in resource_usage if r["arch"] == "sm_90a" and "prefill_sm90_kernel" in r["kernel"]]
+    assert rows, "no sm_90a prefill in the build"
+    for r in rows:
+        assert r["registers"] == 168, f"{r['kernel']}: launched with {r['registers']} registers, not 168"

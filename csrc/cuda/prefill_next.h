@@ -17,10 +17,11 @@
 
 namespace skiplayers::cuda {
 
-// True when this call runs the sm_90a kernel: the current device is sm_90 and the kernel is built
-// for head dim D (prefill_sm90.cu).
-template <int D>
-bool prefill_sm90_applies();
+// True when this call runs the sm_90a kernel: the current device is sm_90, the kernel is built for
+// head dim D, and TMA can describe p's K and V rows (e.g. not a zero stride of an expanded view)
+// (prefill_sm90.cu).
+template <typename T, int D>
+bool prefill_sm90_applies(const PrefillParams<T>& p);
 
 template <typename T, int D>
 void launch_prefill_sm90(const PrefillParams<T>& p, cudaStream_t stream);
@@ -35,7 +36,7 @@ template <typename T, int D>
 void launch_prefill_next(const PrefillParams<T>& p, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
     launch_prefill_fp32<D>(p, stream);
-  } else if (prefill_sm90_applies<D>()) {
+  } else if (prefill_sm90_applies<T, D>(p)) {
     launch_prefill_sm90<T, D>(p, stream);
   } else {
     launch_prefill_fa2<T, D>(p, stream);

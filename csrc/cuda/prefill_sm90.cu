@@ -90,17 +90,31 @@ bool sm90_built_for_current_device() {
   return built[device];
 }
 
+// Whether TMA can describe the K and V rows of p (sm90_plan.h tma_rows_params): not, e.g., a view
+// that repeats one KV head with a zero stride, which the other kernels take.
+template <typename T, int D>
+bool rows_describable(const PrefillParams<T>& p) {
+  if (p.total_k == 0) return true;
+  const int64_t kv_heads = p.heads / p.group;
+  auto ok = [&](const T* base, int64_t token_stride, int64_t head_stride) {
+    return skiplayers::sm90::tma_rows_params(reinterpret_cast<uintptr_t>(base), p.total_k, kv_heads, D,
+                                             token_stride, head_stride, sizeof(T), sm90::kKeys)
+               .error == nullptr;
+  };
+  return ok(p.k, p.k_token_stride, p.k_head_stride) && ok(p.v, p.v_token_stride, p.v_head_stride);
+}
+
 }  // namespace
 
 // The sm_90a kernel takes head dims 64 and 128 on a device of compute capability exactly 9.0 whose
-// binary holds the sm_90a build (TORCH_CUDA_ARCH_LIST with "9.0a"); 96 and 256 go to the sm_80-class
-// kernel (prefill_fa2.cu).
-template <int D>
-bool prefill_sm90_applies() {
+// binary holds the sm_90a build (TORCH_CUDA_ARCH_LIST with "9.0a"), when TMA can describe K and V;
+// the rest go to the sm_80-class kernel (prefill_fa2.cu).
+template <typename T, int D>
+bool prefill_sm90_applies(const PrefillParams<T>& p) {
   if constexpr (D != 64 && D != 128) {
     return false;
   } else {
-    return sm90_built_for_current_device<D>();
+    return sm90_built_for_current_device<D>() && rows_describable<T, D>(p);
   }
 }
 
@@ -157,7 +171,8 @@ void launch_prefill_sm90(const PrefillParams<T>& p, cudaStream_t stream) {
 }
 
 #define SKIPLAYERS_SM90_INSTANCES(D)                                                      \
-  template bool prefill_sm90_applies<D>();                                                \
+  template bool prefill_sm90_applies<__half, D>(const PrefillParams<__half>&);            \
+  template bool prefill_sm90_applies<__nv_bfloat16, D>(const PrefillParams<__nv_bfloat16>&); \
   template void launch_prefill_sm90<__half, D>(const PrefillParams<__half>&, cudaStream_t); \
   template void launch_prefill_sm90<__nv_bfloat16, D>(const PrefillParams<__nv_bfloat16>&, cudaStream_t);
 SKIPLAYERS_SM90_INSTANCES(64)

@@ -74,7 +74,10 @@ constexpr int kWarps = kThreads / 32;
 // than 232 at D = 128 (two score buffers, O and P: 224 values), the producer fits in 24.
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
-static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
+// What setmaxnreg redistributes is what the launch gave the CTA: kThreads x the per-thread count
+// (65536 / kThreads rounded down to a multiple of 8: 168), not the whole register file; asking for
+// more leaves the consumers spinning in their allocation forever.
+static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * ((65536 / kThreads) & ~7));
 constexpr int kStageEnd = 2;                      // KMeta::kind: no more blocks
 constexpr int kStagePartial = 0, kStageFull = 1;  // the predicate runs per element / not at all
 
@@ -244,7 +247,26 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
   __shared__ typename C::Small small;
   extern __shared__ char smem_raw[];
   auto& tiles = *reinterpret_cast<typename C::Tiles*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  auto bar = [](uint64_t& word) -> Barrier& { return *reinterpret_cast<Barrier*>(&word); };
+  // The mbarriers, with a compiler barrier on the side where plain shared-memory data crosses them
+  // (CUTLASS's wait / arrive asm has no "memory" clobber): the stage metadata the producer stores
+  // before an arrive, and the consumers read after a wait, must not be moved across it by the compiler.
+  struct Mbar {
+    Barrier& b;
+    __device__ void init(uint32_t count) { b.init(count); }
+    __device__ void wait(uint32_t parity) {
+      b.wait(parity);
+      asm volatile("" ::: "memory");
+    }
+    __device__ void arrive() {
+      asm volatile("" ::: "memory");
+      b.arrive();
+    }
+    __device__ void arrive_and_expect_tx(uint32_t bytes) {
+      asm volatile("" ::: "memory");
+      b.arrive_and_expect_tx(bytes);
+    }
+  };
+  auto bar = [](uint64_t& word) { return Mbar{*reinterpret_cast<Barrier*>(&word)}; };
 
   const PrefillParams<T>& p = args.p;
   PrefillTile tile;
@@ -521,7 +543,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
     if (!q_valid[b]) continue;
     const int col = get<1>(tOcO(i));
     T* dst = p.out + (qrow[b].token * p.heads + qrow[b].head) * static_cast<int64_t>(D) + col;
-    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(tOrO(i) * inv[b], tOrO(i + 1) * inv[b]);
+    // inv 0 (no visible key): zeros, even where O holds 0 * inf from a neighbour's V in a partial box
+    *reinterpret_cast<uint32_t*>(dst) =
+        inv[b] == 0.f ? pack2<T>(0.f, 0.f) : pack2<T>(tOrO(i) * inv[b], tOrO(i + 1) * inv[b]);
   }
 #else
   // Built for an architecture without sm_90a features: never launched (prefill_sm90_applies).

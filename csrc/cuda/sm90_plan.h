@@ -43,7 +43,7 @@ SKIPLAYERS_HD KeyBlock key_block_of_slot(const int32_t* cu_seqlens, int32_t batc
   // The largest s with base(s) <= slot: base is non-decreasing in s.
   int32_t lo = 0, hi = batch;  // invariant: base(lo) <= slot (base(0) = 0), answer < hi
   while (hi - lo > 1) {
-    const int32_t mid = (lo + hi) / 2;
+    const int32_t mid = lo + (hi - lo) / 2;  // no int32 overflow past 2^30 sequences
     if (key_block_base(cu_seqlens[mid], mid, block) <= slot) lo = mid; else hi = mid;
   }
   KeyBlock kb{-1, 0};

@@ -23,7 +23,7 @@ SKIPLAYERS_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b
 SKIPLAYERS_HD int32_t sequence_of_row(const int32_t* cu_seqlens, int32_t batch, int64_t row) {
   int32_t lo = 0, hi = batch;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
   while (hi - lo > 1) {
-    const int32_t mid = (lo + hi) / 2;
+    const int32_t mid = lo + (hi - lo) / 2;  // no int32 overflow past 2^30 sequences
     if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
   }
   return lo;
