@@ -197,6 +197,18 @@ def test_varlen_attention_shuffled_keys_and_early_queries(ops, backend, q_length
     op_contract.check_varlen_attention(ops, cases.shuffle_metadata(case, seed=head_dim))
 
 
+# K / V as views that repeat one KV head (stride 0 over the heads): legal, and not describable by a
+# TMA descriptor (the CUDA sm_90a prefill hands such calls to its sm_80 kernel).
+@over_backends("dtype", [torch.float16, *sized(CPU, torch.bfloat16, torch.float32)])
+def test_varlen_attention_kv_heads_repeated_by_a_zero_stride(ops, backend, dtype):
+    case = cases.make_varlen_attention([7, 0, 40], heads=6, kv_heads=3, head_dim=64, dtype=dtype, seed=11,
+                                       device=backend.device)
+    for name in ("k", "v"):
+        case[name] = case[name][:, :1].expand(-1, 3, -1)
+        assert case[name].stride(1) == 0
+    op_contract.check_varlen_attention(ops, case)
+
+
 # A softmax scale of any sign: the kernels that fold the scale into one FMA per score with the row
 # max taken before scaling flip Q's sign for a negative scale and zero Q for a zero one (uniform
 # attention over the visible keys).
