@@ -322,25 +322,10 @@ __global__ void __launch_bounds__(kDecodeMmaThreads) decode_mma_kernel(const Dec
       }
 #pragma unroll
     for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + psum[h];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      o[nd][0] *= alpha[0];
-      o[nd][1] *= alpha[0];
-      o[nd][2] *= alpha[1];
-      o[nd][3] *= alpha[1];
-    }
+    scale_accumulator_rows(o, alpha[0], alpha[1]);
 
-    // O += P V: P (16 rows x 16 keys) is one A fragment, V's 16 rows via ldmatrix.trans.
-    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
-                            pack2<T>(s[1][2], s[1][3])};
-    const T* const v_w = v_s + (buf * kKeys + warp * 16) * kStride;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd += 2) {
-      uint32_t bf[4];  // keys 0-7 / 8-15 of columns 8 nd .. 8 nd + 7, then of 8 nd + 8 .. 8 nd + 15
-      ldmatrix_x4_trans(bf, v_w + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + nd * 8 + (lane >> 4) * 8);
-      mma_16816<T>(o[nd], pa, bf[0], bf[1]);
-      mma_16816<T>(o[nd + 1], pa, bf[2], bf[3]);
-    }
+    // O += P V: P (16 rows x the warp's 16 keys) is one A fragment, V's 16 rows via ldmatrix.trans.
+    mma_pv_16_keys<T, D>(o, s[0], s[1], v_s + (buf * kKeys + warp * 16) * kStride, kStride, lane);
   }
 
   // ---- merge the 4 warps (shared memory over the drained stage buffers) and write -------------

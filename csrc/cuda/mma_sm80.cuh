@@ -108,4 +108,35 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// The online softmax's rescale of a warp's 16-row accumulator tile (acc[i] = c0..c3, the C layout
+// above): rows g (c0, c1) times `a`, rows g + 8 (c2, c3) times `b`.
+template <int N>
+__device__ __forceinline__ void scale_accumulator_rows(float (&acc)[N][4], float a, float b) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    acc[i][0] *= a;
+    acc[i][1] *= a;
+    acc[i][2] *= b;
+    acc[i][3] *= b;
+  }
+}
+
+// O += P V over 16 keys, for a warp's 16 rows: `p0` / `p1` the fp32 probabilities of keys 0-7 / 8-15
+// (two S tiles in the C layout), repacked to T as the A operand; `v` the first of the 16 V rows in
+// shared memory (D elements each, `stride` elements apart), read as B fragments by ldmatrix.trans
+// (matrices: keys 0-7 / 8-15 of columns 8 nd .. 8 nd + 7, then of 8 nd + 8 .. 8 nd + 15).
+template <typename T, int D>
+__device__ __forceinline__ void mma_pv_16_keys(float (&o)[D / 8][4], const float (&p0)[4], const float (&p1)[4],
+                                               const T* v, int stride, int lane) {
+  const uint32_t pa[4] = {pack2<T>(p0[0], p0[1]), pack2<T>(p0[2], p0[3]), pack2<T>(p1[0], p1[1]),
+                          pack2<T>(p1[2], p1[3])};
+#pragma unroll
+  for (int nd = 0; nd < D / 8; nd += 2) {
+    uint32_t bf[4];
+    ldmatrix_x4_trans(bf, v + ((lane & 7) + ((lane >> 3) & 1) * 8) * stride + nd * 8 + (lane >> 4) * 8);
+    mma_16816<T>(o[nd], pa, bf[0], bf[1]);
+    mma_16816<T>(o[nd + 1], pa, bf[2], bf[3]);
+  }
+}
+
 }  // namespace skiplayers::cuda

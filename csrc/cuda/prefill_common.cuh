@@ -57,4 +57,26 @@ __device__ __forceinline__ bool prefill_tile(const PrefillParams<T>& p, int32_t 
   return true;
 }
 
+// A thread's two rows of its warp's 16-row mma tile (mma_sm80.cuh: rows warp * 16 + g and + 8, g =
+// lane / 4): (token, head, valid) of each, and its token's position and tag (0 without tags). Rows
+// past the sequence read token 0's metadata and are not valid.
+struct FragmentRows {
+  QueryRow a, b;
+  int32_t pos_a, pos_b, tag_a, tag_b;
+};
+
+template <typename T>
+__device__ __forceinline__ FragmentRows fragment_rows(const PrefillParams<T>& p, const PrefillTile& tile, int warp,
+                                                      int g) {
+  FragmentRows r;
+  const int64_t row_a = tile.row0 + warp * 16 + g;
+  r.a = query_row(tile.first_token, tile.rows_in_seq, row_a, p.group, tile.kv_head);
+  r.b = query_row(tile.first_token, tile.rows_in_seq, row_a + 8, p.group, tile.kv_head);
+  r.pos_a = p.q_pos[r.a.token];
+  r.pos_b = p.q_pos[r.b.token];
+  r.tag_a = p.q_tag ? p.q_tag[r.a.token] : 0;
+  r.tag_b = p.q_tag ? p.q_tag[r.b.token] : 0;
+  return r;
+}
+
 }  // namespace skiplayers::cuda

@@ -46,11 +46,7 @@ __global__ void __launch_bounds__(kPrefillMmaThreads) prefill_mma_kernel(const P
   const int g = lane >> 2, t = lane & 3;
 
   // This thread's two rows of the mma fragments: warp * 16 + g and + 8.
-  const int64_t row_a = tile.row0 + warp * 16 + g;
-  const QueryRow ra = query_row(tile.first_token, tile.rows_in_seq, row_a, p.group, tile.kv_head);
-  const QueryRow rb = query_row(tile.first_token, tile.rows_in_seq, row_a + 8, p.group, tile.kv_head);
-  const int32_t pos_a = p.q_pos[ra.token], tag_a = p.q_tag ? p.q_tag[ra.token] : 0;
-  const int32_t pos_b = p.q_pos[rb.token], tag_b = p.q_tag ? p.q_tag[rb.token] : 0;
+  const auto [ra, rb, pos_a, pos_b, tag_a, tag_b] = fragment_rows(p, tile, warp, g);
 
   // Q as A fragments, straight from global memory (read once per tile).
   uint32_t qf[D / 16][4];
@@ -156,28 +152,11 @@ __global__ void __launch_bounds__(kPrefillMmaThreads) prefill_mma_kernel(const P
     }
     l_a = l_a * alpha_a + sum_a;
     l_b = l_b * alpha_b + sum_b;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      o[nd][0] *= alpha_a;
-      o[nd][1] *= alpha_a;
-      o[nd][2] *= alpha_b;
-      o[nd][3] *= alpha_b;
-    }
+    scale_accumulator_rows(o, alpha_a, alpha_b);
 
     // O += P V, 16 keys per k-step; P's A fragment is two adjacent S column tiles.
 #pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < D / 8; nd += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, &v_tile[(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + nd * 8 + (lane >> 4) * 8]);
-        mma_16816<T>(o[nd], pa, bf[0], bf[1]);
-        mma_16816<T>(o[nd + 1], pa, bf[2], bf[3]);
-      }
-    }
+    for (int kk = 0; kk < kN / 16; ++kk) mma_pv_16_keys<T, D>(o, s[2 * kk], s[2 * kk + 1], &v_tile[kk * 16 * kStride], kStride, lane);
   }
 
   l_a = group_sum<4>(l_a);

@@ -7,18 +7,10 @@
 #include <random>
 #include <vector>
 
+#include "expect.h"
 #include "skiplayers/ragged.h"
 
 using namespace skiplayers;
-
-static int failures = 0;
-#define EXPECT(cond)                                                  \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      if (++failures > 20) std::exit(1);                              \
-    }                                                                 \
-  } while (0)
 
 static void tiles() {
   std::mt19937 rng(1);
@@ -137,7 +129,7 @@ int main() {
   splits();
   summaries();
   merging();
-  if (failures) return 1;
+  if (expect_failures) return 1;
   std::printf("index math: all checks passed\n");
   return 0;
 }

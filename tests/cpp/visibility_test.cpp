@@ -11,18 +11,10 @@
 #include <vector>
 
 #include "../../csrc/cuda/key_block_bits.h"
+#include "expect.h"
 #include "skiplayers/visibility.h"
 
 using namespace skiplayers;
-
-static long failures = 0;
-#define EXPECT(cond)                                                         \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      if (++failures > 20) std::exit(1);                                     \
-    }                                                                        \
-  } while (0)
 
 struct Token {
   int32_t pos, tag;
@@ -124,7 +116,7 @@ int main() {
   exhaustive();
   random_blocks();
   bit_scan();
-  if (failures) return 1;
+  if (expect_failures) return 1;
   std::printf("visibility: all checks passed\n");
   return 0;
 }
