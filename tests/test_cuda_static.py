@@ -9,10 +9,12 @@
   pipeline not serialised, and no subroutine call.
 
 cuobjdump has no spill counter: spilled registers go to the stack frame (STACK) in local memory
-(LOCAL), so both must be 0. Every kernel but the sm_90a prefill uses static shared memory only, so
-SHARED is its whole per-block figure; the sm_90a prefill adds its tiles as dynamic shared memory
-(SM90_DYNAMIC_SHARED, checked against the limit with its static part). Run with ``-s`` to see the
-tables.
+(LOCAL), so both must be 0. The stable kernels use static shared memory only, so SHARED is their
+whole per-block figure. The next generation's kernels add their tiles as dynamic shared memory: the
+sm_90a prefill's (SM90_DYNAMIC_SHARED) is checked here against the limit with its static part; the
+sm_80 prefill's and the tensor-core decode's are bounded at compile time (``Fa2Config``,
+``decode_mma::Shape``) and checked against the device's limit by their launchers, so their SHARED
+column is the static part only. Run with ``-s`` to see the tables.
 """
 
 from __future__ import annotations
