@@ -12,13 +12,14 @@
 #include <atomic>
 
 #include "decode_mma_kernel.cuh"
+#include "launch_utils.h"
 
 namespace skiplayers::cuda {
 
 namespace {
 
 constexpr int kMaxDevices = 64;  // devices past this index query every call (correct, slower)
-constexpr const char* kWho = "skiplayers::cache_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next): ";
+constexpr const char* kOp = "skiplayers::cache_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next)";
 
 // Stage buffers of the pipeline at head dim D: 3 for D <= 128 (two stages in flight while one is
 // computed), 2 for D = 256 (its stages are twice the bytes). A GPU whose shared memory per block
@@ -34,15 +35,13 @@ struct MmaConfig {
 
 // Opts the instance in to its dynamic shared memory and returns its resident blocks per SM.
 template <typename T, int D, int STAGES>
-int opt_in(size_t optin) {
+int opt_in() {
   constexpr int smem = decode_mma::Shape<D, STAGES>::kBytes;
-  TORCH_CHECK(static_cast<size_t>(smem) <= optin, kWho, "the tensor-core decode at head dim ", D, " needs ", smem,
-              " bytes of shared memory per block, this GPU offers ", optin);
   const auto kernel = decode_mma_kernel<T, D, STAGES>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  opt_in_dynamic_shared(kernel, smem, kOp, D);
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kDecodeMmaThreads, smem));
-  TORCH_CHECK(blocks > 0, kWho, "the decode kernel for head dim ", D, " does not fit an SM of this GPU (", smem,
+  TORCH_CHECK(blocks > 0, kOp, ": the decode kernel for head dim ", D, " does not fit an SM of this GPU (", smem,
               " bytes of shared memory)");
   return blocks;
 }
@@ -51,9 +50,9 @@ template <typename T, int D>
 MmaConfig query_config() {
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   if constexpr (kPreferredStages<D> == 3) {
-    if (static_cast<size_t>(decode_mma::Shape<D, 3>::kBytes) <= optin) return MmaConfig{3, opt_in<T, D, 3>(optin)};
+    if (static_cast<size_t>(decode_mma::Shape<D, 3>::kBytes) <= optin) return MmaConfig{3, opt_in<T, D, 3>()};
   }
-  return MmaConfig{2, opt_in<T, D, 2>(optin)};
+  return MmaConfig{2, opt_in<T, D, 2>()};
 }
 
 // The current device's configuration, queried once per device (the first call, outside any graph

@@ -78,6 +78,18 @@ inline void check_compute_capability(const char* op) {
               prop->major, ".", prop->minor);
 }
 
+// Opts `kernel` in to `bytes` of dynamic shared memory per block (a launch above the 48 KiB default
+// needs it), after checking the current device's per-block maximum: a GPU with less is refused with
+// a NotImplementedError naming what needs the memory (`op` at `head_dim`).
+template <typename Kernel>
+void opt_in_dynamic_shared(Kernel kernel, size_t bytes, const char* op, int64_t head_dim) {
+  if (bytes <= 48 * 1024) return;
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK_NOT_IMPLEMENTED(bytes <= optin, op, ": head_dim ", head_dim, " needs ", bytes,
+                              " bytes of shared memory per block, this GPU offers ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 }  // namespace skiplayers::cuda

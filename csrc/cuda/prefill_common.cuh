@@ -37,6 +37,18 @@ struct PrefillTile {
   int32_t kv_head;
 };
 
+// The query tile at coordinate `tc` (locate_tile; tc.seq >= 0) of tile_rows rows, for KV head
+// blockIdx.y, with its sequence's keys. No checks: prefill_tile makes them, or a plan kernel did.
+template <typename T>
+__device__ __forceinline__ void tile_at(const PrefillParams<T>& p, TileCoord tc, int32_t tile_rows, PrefillTile* t) {
+  t->first_token = p.cu_seqlens_q[tc.seq];
+  t->rows_in_seq = (p.cu_seqlens_q[tc.seq + 1] - t->first_token) * p.group;
+  t->row0 = static_cast<int64_t>(tc.tile) * tile_rows;
+  t->key_begin = p.cu_seqlens_k[tc.seq];
+  t->keys = p.cu_seqlens_k[tc.seq + 1] - t->key_begin;
+  t->kv_head = blockIdx.y;
+}
+
 // Blocks take tiles in reverse order: under causality a sequence's later tiles see more keys, so
 // the heaviest start first (and the blocks past the last tile, which exit at once, come first).
 template <typename T>
@@ -44,16 +56,11 @@ __device__ __forceinline__ bool prefill_tile(const PrefillParams<T>& p, int32_t 
   const int64_t tile = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const TileCoord tc = locate_tile(p.cu_seqlens_q, p.batch, p.group, tile_rows, tile, p.total_q);
   if (tc.seq < 0) return false;
-  t->first_token = p.cu_seqlens_q[tc.seq];
-  t->rows_in_seq = (p.cu_seqlens_q[tc.seq + 1] - t->first_token) * p.group;
-  t->row0 = static_cast<int64_t>(tc.tile) * tile_rows;
-  t->key_begin = p.cu_seqlens_k[tc.seq];
-  t->keys = p.cu_seqlens_k[tc.seq + 1] - t->key_begin;
+  tile_at(p, tc, tile_rows, t);
   SKIPLAYERS_DEVICE_CHECK(p.cu_seqlens_k[0] == 0 && p.cu_seqlens_k[p.batch] == p.total_k,
                           "skiplayers::varlen_attention: cu_seqlens_k must start at 0 and end at total_k");
   SKIPLAYERS_DEVICE_CHECK(t->key_begin >= 0 && t->keys >= 0 && t->key_begin + t->keys <= p.total_k,
                           "skiplayers::varlen_attention: cu_seqlens_k must be non-decreasing");
-  t->kv_head = blockIdx.y;
   return true;
 }
 

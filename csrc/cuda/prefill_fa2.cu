@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "launch_utils.h"
 #include "prefill_fa2_kernel.cuh"
 #include "prefill_fma_kernel.cuh"
 #include "prefill_next.h"
@@ -20,22 +21,11 @@ namespace {
 
 constexpr const char* kOp = "skiplayers::varlen_attention (CUDA, SKIPLAYERS_CUDA_KERNELS=next)";
 
-// Dynamic shared memory above the 48 KB default needs the per-kernel opt-in; refuse clearly where
-// the device's per-block maximum is smaller (e.g. sm_86 / sm_89 at 99 KB for D = 256).
-template <typename Kernel>
-void set_dynamic_shared(Kernel kernel, size_t bytes, int head_dim) {
-  if (bytes <= 48 * 1024) return;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK_NOT_IMPLEMENTED(bytes <= prop->sharedMemPerBlockOptin, kOp, ": head_dim ", head_dim, " needs ", bytes,
-                              " bytes of shared memory per block, this GPU offers ", prop->sharedMemPerBlockOptin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 template <typename T, int D, int kRuleClass>
 void launch_fa2_instance(const PrefillParams<T>& p, cudaStream_t stream) {
   using Cfg = Fa2Config<D>;
   const auto kernel = prefill_fa2_kernel<T, D, kRuleClass>;
-  set_dynamic_shared(kernel, Cfg::kSharedBytes, D);
+  opt_in_dynamic_shared(kernel, Cfg::kSharedBytes, kOp, D);  // refused where smaller (sm_86 / sm_89 at D = 256)
   const dim3 grid(static_cast<unsigned>(tiles_upper_bound(p.total_q, p.batch, p.group, Cfg::kRows)),
                   static_cast<unsigned>(p.heads / p.group));
   kernel<<<grid, Cfg::kThreads, Cfg::kSharedBytes, stream>>>(p);

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "launch_utils.h"
 #include "prefill_next.h"
 #include "prefill_sm90_kernel.cuh"
 
@@ -163,7 +164,7 @@ void launch_prefill_sm90(const PrefillParams<T>& p, cudaStream_t stream) {
     args.q_xor = scale < 0.f ? 0x80008000u : 0u;
     auto* kernel = sm90::prefill_sm90_kernel<T, D>;
     // Opt in to more than 48 KiB of dynamic shared memory (per device: set on every launch, no sync).
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kDynamicSmem));
+    opt_in_dynamic_shared(kernel, Config::kDynamicSmem, kOp, D);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(kv_heads));
     kernel<<<grid, sm90::kThreads, Config::kDynamicSmem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

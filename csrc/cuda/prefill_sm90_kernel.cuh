@@ -58,6 +58,7 @@
 #include "prefill_common.cuh"
 #include "sm90_layouts.cuh"
 #include "sm90_plan.h"
+#include "softmax_sm80.cuh"  // fast_exp2
 
 namespace skiplayers::cuda::sm90 {
 
@@ -149,13 +150,6 @@ struct Sm90Args {
   uint32_t q_and, q_xor;
 };
 
-// Fast base-2 exponential (MUFU.EX2): ex2(-inf) = +0, relative error ~2^-22, denormals flushed.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Row `r` of the tile (ragged.h): query_row of device_common.cuh with 32-bit index math. A 64-bit
 // division is a subroutine call in SASS, and a call anywhere in a kernel makes ptxas serialise its
 // wgmma pipeline (warning C7510); the launcher checks total_q * group < 2^31 so 32 bits suffice.
@@ -216,18 +210,13 @@ __global__ void __launch_bounds__(kPlanWarps * 32)
 }
 
 // The query tile of this CTA (grid: (query tiles upper bound, kv_heads)) from the plan: prefill_tile
-// of prefill_common.cuh without its checks (the plan kernel made them). Tiles are taken in reverse
-// order, the heaviest (latest under causality) first.
+// of prefill_common.cuh without its search and checks (the plan kernel made them). Tiles are taken
+// in reverse order, the heaviest (latest under causality) first.
 template <typename T>
 __device__ __forceinline__ bool planned_tile(const PrefillParams<T>& p, const TileCoord* tiles, PrefillTile* t) {
   const TileCoord tc = tiles[gridDim.x - 1 - blockIdx.x];
   if (tc.seq < 0) return false;
-  t->first_token = p.cu_seqlens_q[tc.seq];
-  t->rows_in_seq = (p.cu_seqlens_q[tc.seq + 1] - t->first_token) * p.group;
-  t->row0 = static_cast<int64_t>(tc.tile) * kRows;
-  t->key_begin = p.cu_seqlens_k[tc.seq];
-  t->keys = p.cu_seqlens_k[tc.seq + 1] - t->key_begin;
-  t->kv_head = blockIdx.y;
+  tile_at(p, tc, kRows, t);
   return true;
 }
 
@@ -497,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
       const float row_max = group_max<4>(mx[b]) * scale_log2;  // the 4 lanes of a quad hold a row
       const float new_m = fmaxf(m_scaled[b], row_max);
       shift[b] = new_m == -INFINITY ? 0.f : new_m;
-      alpha[b] = exp2_approx(m_scaled[b] - shift[b]);
+      alpha[b] = fast_exp2(m_scaled[b] - shift[b]);
       m_scaled[b] = new_m;
     }
     float sum[2] = {0.f, 0.f};
@@ -505,8 +494,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const __grid_
 #pragma unroll
     for (int i = 0; i < size(tSrS); i += 2) {
       const int b = (i >> 1) & 1;  // elements i and i + 1: the same row
-      const float p0 = exp2_approx(fmaf(tSrS(i), scale_log2, -shift[b]));
-      const float p1 = exp2_approx(fmaf(tSrS(i + 1), scale_log2, -shift[b]));
+      const float p0 = fast_exp2(fmaf(tSrS(i), scale_log2, -shift[b]));
+      const float p1 = fast_exp2(fmaf(tSrS(i + 1), scale_log2, -shift[b]));
       sum[b] += p0 + p1;
       p_pairs[i / 2] = pack2<T>(p0, p1);  // P element i = S element i (sm90_fragments_test)
     }
